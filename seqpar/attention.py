@@ -1,0 +1,168 @@
+"""`seqpar.attention`: argument checks, the strategy registry, and "auto".
+
+Every exact strategy enters through `run_strategy`, which validates the call locally,
+agrees on it across ranks (`comm.groups.agree`: bad input on any rank raises on every
+rank, nobody waits), resolves the backend and hands over to the strategy.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Dict, FrozenSet
+
+import torch
+
+from .comm.groups import agree, describe
+from .kernels.block import BACKENDS, resolve_backend
+from .layout import SeqLayout, group_rank_and_size
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# the contract's exact strategies; those not registered yet are named in the error
+KNOWN_STRATEGIES = ("ring", "ulysses", "usp", "allgather", "token_ring")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    apply: Callable  # (q, k, v, layout, causal, scale, backend, options) -> out
+    options: FrozenSet[str] = frozenset()
+
+
+_REGISTRY: Dict[str, Strategy] = {}
+
+
+def register_strategy(name: str, apply: Callable, options=()) -> None:
+    _REGISTRY[name] = Strategy(apply, frozenset(options))
+
+
+def registered_strategies():
+    return tuple(_REGISTRY)
+
+
+def _resolve_strategy(strategy: str) -> str:
+    if not isinstance(strategy, str):
+        raise TypeError(f"strategy: expected a str, got {type(strategy).__name__}")
+    if strategy == "auto":
+        # the dispatcher (cost model) is not built yet: ring serves every configuration
+        return "ring"
+    if strategy in _REGISTRY:
+        return strategy
+    if strategy in KNOWN_STRATEGIES:
+        raise ValueError(
+            f"strategy: {strategy!r} is not available in this version; available: {registered_strategies() + ('auto',)}"
+        )
+    raise ValueError(f"strategy: expected one of {KNOWN_STRATEGIES + ('auto',)}, got {strategy!r}")
+
+
+def _check_tensors(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"q: expected dtype in {[str(d) for d in DTYPES]}, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected dtype {q.dtype} (that of q), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (that of q), got {t.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k: expected batch {q.shape[0]} (that of q), got {k.shape[0]}")
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"k: expected local seqlen {q.shape[1]} (that of q), got {k.shape[1]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k: expected head_dim {q.shape[3]} (that of q), got {k.shape[3]}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"k: expected a number of KV heads that divides q's {q.shape[2]} heads, got {k.shape[2]}")
+
+
+def _layout_for(layout, q, group_of_default):
+    if layout is None:
+        _, world = group_rank_and_size(None)
+        return SeqLayout(q.shape[1] * world, group=group_of_default, scheme="contiguous")
+    if not isinstance(layout, SeqLayout):
+        raise TypeError(f"layout: expected a seqpar.SeqLayout or None, got {type(layout).__name__}")
+    return layout
+
+
+def _signature(strategy, backend, causal, scale, layout, q, k, v, options):
+    def no_seq(t):
+        d = describe(t)
+        if d[0] == "tensor" and len(d[1]) == 4:
+            return (d[0], d[1][:1] + d[1][2:]) + d[2:]
+        return d
+
+    return (
+        ("strategy", strategy),
+        ("backend", backend),
+        ("causal", causal),
+        ("softmax_scale", scale),
+        ("seq_len", getattr(layout, "seq_len", None)),
+        ("scheme", getattr(layout, "scheme", None)),
+        ("q [batch, heads, head_dim], dtype, device", no_seq(q)),
+        ("k [batch, heads, head_dim], dtype, device", no_seq(k)),
+        ("v [batch, heads, head_dim], dtype, device", no_seq(v)),
+        ("options", tuple(sorted((key, describe(val)) for key, val in options.items()))),
+    )
+
+
+def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto", **options):
+    group = layout.group if isinstance(layout, SeqLayout) else None
+    error = None
+    name = concrete_backend = scale = None
+    try:
+        _check_tensors(q, k, v)
+        layout = _layout_for(layout, q, group)
+        if q.shape[1] != layout.local_len:
+            raise ValueError(
+                f"q: expected local seqlen {layout.local_len} (layout.local_len on rank {layout.rank}), got {q.shape[1]}"
+            )
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+        if softmax_scale is None:
+            scale = q.shape[-1] ** -0.5
+        elif isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool) and math.isfinite(softmax_scale):
+            scale = float(softmax_scale)
+        else:
+            raise ValueError(f"softmax_scale: expected a finite float or None, got {softmax_scale!r}")
+        name = _resolve_strategy(strategy)
+        unknown = sorted(set(options) - _REGISTRY[name].options)
+        if unknown:
+            raise ValueError(
+                f"options: strategy {name!r} takes {sorted(_REGISTRY[name].options) or 'no options'}, got {unknown}"
+            )
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        concrete_backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    except (ValueError, TypeError) as exc:
+        error = exc
+    _, world = group_rank_and_size(group)
+    signature = _signature(strategy, backend, causal, scale, layout, q, k, v, options)
+    agree(group, world, signature, error, what=f"seqpar.attention(strategy={strategy!r})")
+    return _REGISTRY[name].apply(q, k, v, layout, causal, scale, concrete_backend, options)
+
+
+def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, strategy="auto", backend="auto", **options):
+    """Exact softmax attention over a sequence split across the ranks of `layout.group`.
+
+    `q` `[B, S/P, H, D]`, `k`/`v` `[B, S/P, H_kv, D]` (`H % H_kv == 0`): this rank's tokens
+    of `layout` (default: contiguous, equal lengths, default group). Returns this rank's
+    rows of dense attention over the global sequence, `[B, S/P, H, D]`, input dtype.
+    `causal`: query at global position i sees keys j <= i. `softmax_scale`: default
+    `D ** -0.5`. `strategy`: "ring" or "auto"; `backend`: "auto", "torch", "sdpa",
+    "flash_attn" (per-block kernel). Differentiable in q, k, v.
+    """
+    return run_strategy(strategy, q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
+                        backend=backend, **options)
+
+
+def _register_builtin() -> None:
+    from .strategies import ring
+
+    register_strategy("ring", ring._apply)
+
+
+_register_builtin()

@@ -1,0 +1,360 @@
+"""Block attention: a query block over a key block, returning `(out, lse)`, and its backward.
+
+Every exact strategy is built from these two calls. Shapes: `q` `[B, nq, H, D]`,
+`k`/`v` `[B, nk, H_kv, D]` with `H % H_kv == 0` (GQA by head groups; K/V are never
+repeated per query head). `lse` is `[B, H, nq]` in fp32 (fp64 for fp64 inputs).
+
+The mask of a block is `offset`: `None` (every key visible) or an int (key j visible to
+query i iff `j <= i + offset`). Fused kernels only know "no mask" and "square causal",
+so `square_pieces` cuts any offset block into at most three such pieces, exactly.
+
+The backward takes the *final* `out` and `lse` of the query rows (after all blocks were
+merged): then `exp(s - lse)` are the global probabilities and the block's gradients are
+its exact share of the dense gradients (the flash-attention backward identity).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .merge import merge_
+
+BACKENDS = ("auto", "torch", "sdpa", "triton", "flash_attn", "cuda")
+
+Piece = Tuple[int, int, int, int, bool]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def square_pieces(nq: int, nk: int, offset: Optional[int]) -> List[Piece]:
+    """Cut an offset-masked `[nq, nk]` block into unmasked and square-causal pieces.
+
+    Returns `(q0, q1, k0, k1, causal)`; `causal` pieces are square (`q1-q0 == k1-k0`)
+    with key j visible to query i iff `j <= i`. Rows that see no key are in no piece.
+    """
+    if nq == 0 or nk == 0:
+        return []
+    if offset is None or offset >= nk - 1:
+        return [(0, nq, 0, nk, False)]
+    first_row = max(0, -offset)
+    if first_row >= nq:
+        return []
+    # keys [0, shared) are visible to every row from first_row on
+    shared = first_row + offset
+    stair = min(nq - first_row, nk - shared)
+    pieces: List[Piece] = []
+    if shared > 0:
+        pieces.append((first_row, first_row + stair, 0, shared, False))
+    pieces.append((first_row, first_row + stair, shared, shared + stair, True))
+    if first_row + stair < nq:
+        pieces.append((first_row + stair, nq, 0, nk, False))
+    return pieces
+
+
+# -- torch: reference math, any device and dtype, any offset ----------------------------
+
+_ROW_CHUNK_ELEMENTS = 1 << 25  # scores per chunk (128 MiB in fp32)
+
+
+def _row_chunks(q: torch.Tensor, nk: int):
+    b, nq, h, _ = q.shape
+    rows = max(1, _ROW_CHUNK_ELEMENTS // max(1, b * h * nk))
+    for start in range(0, nq, rows):
+        yield start, min(nq, start + rows)
+
+
+def _scores(q, k, scale, offset, row0, acc):
+    # q [B, r, H_kv, G, D], k [B, nk, H_kv, D] -> [B, H_kv, G, r, nk]
+    s = torch.einsum("bihgd,bjhd->bhgij", q.to(acc), k.to(acc)) * scale
+    if offset is not None:
+        i = torch.arange(row0, row0 + q.shape[1], device=q.device)[:, None]
+        j = torch.arange(k.shape[1], device=q.device)[None, :]
+        s = s.masked_fill(j > i + offset, float("-inf"))
+    return s
+
+
+def _safe(lse):
+    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+
+
+def torch_forward(q, k, v, scale, offset):
+    b, nq, h, d = q.shape
+    h_kv = k.shape[2]
+    acc = acc_dtype(q.dtype)
+    qg = q.reshape(b, nq, h_kv, h // h_kv, d)
+    out = torch.empty(b, nq, h_kv, h // h_kv, d, dtype=acc, device=q.device)
+    lse = torch.empty(b, h_kv, h // h_kv, nq, dtype=acc, device=q.device)
+    vv = v.to(acc)
+    for r0, r1 in _row_chunks(q, k.shape[1]):
+        s = _scores(qg[:, r0:r1], k, scale, offset, r0, acc)
+        l = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - _safe(l)[..., None])
+        out[:, r0:r1] = torch.einsum("bhgij,bjhd->bihgd", p, vv)
+        lse[..., r0:r1] = l
+    return out.reshape(b, nq, h, d), lse.reshape(b, h, nq)
+
+
+def torch_backward(do, q, k, v, out, lse, scale, offset):
+    b, nq, h, d = q.shape
+    h_kv = k.shape[2]
+    g = h // h_kv
+    acc = acc_dtype(q.dtype)
+    qg = q.reshape(b, nq, h_kv, g, d)
+    dog = do.reshape(b, nq, h_kv, g, d).to(acc)
+    # delta = rowsum(dO * O): [B, H_kv, G, nq]
+    delta = (dog * out.reshape(b, nq, h_kv, g, d).to(acc)).sum(-1).permute(0, 2, 3, 1)
+    lse = _safe(lse.reshape(b, h_kv, g, nq).to(acc))
+    kk, vv = k.to(acc), v.to(acc)
+    dq = torch.empty(b, nq, h_kv, g, d, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    for r0, r1 in _row_chunks(q, k.shape[1]):
+        s = _scores(qg[:, r0:r1], k, scale, offset, r0, acc)
+        p = torch.exp(s - lse[..., r0:r1, None])
+        dp = torch.einsum("bihgd,bjhd->bhgij", dog[:, r0:r1], vv)
+        ds = p * (dp - delta[..., r0:r1, None])
+        dq[:, r0:r1] = torch.einsum("bhgij,bjhd->bihgd", ds, kk) * scale
+        dk += torch.einsum("bhgij,bihgd->bjhd", ds, qg[:, r0:r1].to(acc)) * scale
+        dv += torch.einsum("bhgij,bihgd->bjhd", p, dog[:, r0:r1])
+    return dq.reshape(b, nq, h, d), dk, dv
+
+
+# -- sdpa: PyTorch's fused ops that return the log-sum-exp ------------------------------
+
+
+def _bhsd(x):
+    return x.transpose(1, 2)
+
+
+def _fold_groups(q, h_kv):
+    """[B, n, H, D] -> [B, H_kv, G*n, D]: a GQA group becomes extra query rows."""
+    b, n, h, d = q.shape
+    g = h // h_kv
+    return q.reshape(b, n, h_kv, g, d).permute(0, 2, 3, 1, 4).reshape(b, h_kv, g * n, d)
+
+
+def _unfold_groups(x, n, h):
+    """[B, H_kv, G*n, D] -> [B, n, H, D]."""
+    b, h_kv, _, d = x.shape
+    return x.reshape(b, h_kv, h // h_kv, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, h, d)
+
+
+def _cpu_flash_fwd(q, k, v, scale, causal):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=None, scale=scale
+    )
+    return out, lse
+
+
+def _cpu_flash_bwd(do, q, k, v, out, lse, scale, causal):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do, q, k, v, out, lse, 0.0, causal, attn_mask=None, scale=scale
+    )
+
+
+def _cuda_flash_fwd(q, k, v, scale, causal):
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return res[0], res[1]
+
+
+def _cuda_flash_bwd(do, q, k, v, out, lse, scale, causal):
+    empty = torch.empty(0, dtype=torch.int64, device=q.device)
+    seed = torch.zeros(2, dtype=torch.int64, device=q.device)
+    offset = torch.zeros((), dtype=torch.int64, device=q.device)
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        do, q, k, v, out, lse, empty, empty, q.shape[2], k.shape[2], 0.0, causal, seed, offset, scale=scale
+    )
+
+
+def _sdpa_ops(device: torch.device):
+    return (_cpu_flash_fwd, _cpu_flash_bwd) if device.type == "cpu" else (_cuda_flash_fwd, _cuda_flash_bwd)
+
+
+def _sdpa_piece_forward(q, k, v, scale, causal):
+    """One unmasked or square-causal piece through the fused op; bshd in and out."""
+    fwd, _ = _sdpa_ops(q.device)
+    b, n, h, d = q.shape
+    h_kv = k.shape[2]
+    if h == h_kv:
+        out, lse = fwd(_bhsd(q), _bhsd(k), _bhsd(v), scale, causal)
+        return _bhsd(out), lse
+    if not causal:
+        out, lse = fwd(_fold_groups(q, h_kv), _bhsd(k), _bhsd(v), scale, False)
+        return _unfold_groups(out, n, h), lse.reshape(b, h, n)
+    # causal GQA: the mask depends on the row, so one call per member of the group
+    g = h // h_kv
+    qg = q.reshape(b, n, h_kv, g, d)
+    outs, lses = zip(*(fwd(_bhsd(qg[:, :, :, i]), _bhsd(k), _bhsd(v), scale, True) for i in range(g)))
+    out = torch.stack([_bhsd(o) for o in outs], dim=3).reshape(b, n, h, d)
+    return out, torch.stack(lses, dim=2).reshape(b, h, n)
+
+
+def _sdpa_piece_backward(do, q, k, v, out, lse, scale, causal):
+    _, bwd = _sdpa_ops(q.device)
+    b, n, h, d = q.shape
+    h_kv = k.shape[2]
+    kb, vb = _bhsd(k), _bhsd(v)
+    if h == h_kv:
+        dq, dk, dv = bwd(_bhsd(do), _bhsd(q), kb, vb, _bhsd(out), lse.contiguous(), scale, causal)
+        return _bhsd(dq), _bhsd(dk), _bhsd(dv)
+    if not causal:
+        dq, dk, dv = bwd(
+            _fold_groups(do, h_kv), _fold_groups(q, h_kv), kb, vb, _fold_groups(out, h_kv),
+            lse.reshape(b, h_kv, -1).contiguous(), scale, False,
+        )
+        return _unfold_groups(dq, n, h), _bhsd(dk), _bhsd(dv)
+    g = h // h_kv
+    shape = (b, n, h_kv, g, d)
+    qg, dog, outg = q.reshape(shape), do.reshape(shape), out.reshape(shape)
+    lseg = lse.reshape(b, h_kv, g, n)
+    dqs, dk, dv = [], None, None
+    for i in range(g):
+        dq_i, dk_i, dv_i = bwd(
+            _bhsd(dog[:, :, :, i]), _bhsd(qg[:, :, :, i]), kb, vb, _bhsd(outg[:, :, :, i]),
+            lseg[:, :, i].contiguous(), scale, True,
+        )
+        dqs.append(_bhsd(dq_i))
+        dk = _bhsd(dk_i).to(acc_dtype(q.dtype)) if dk is None else dk + _bhsd(dk_i)
+        dv = _bhsd(dv_i).to(acc_dtype(q.dtype)) if dv is None else dv + _bhsd(dv_i)
+    return torch.stack(dqs, dim=3).reshape(b, n, h, d), dk, dv
+
+
+def pieces_forward(piece_fwd: Callable, q, k, v, scale, offset):
+    """Forward of an offset block through a kernel that knows only unmasked/square causal."""
+    b, nq, h, d = q.shape
+    pieces = square_pieces(nq, k.shape[1], offset)
+    if len(pieces) == 1 and pieces[0][:2] == (0, nq):
+        _, _, k0, k1, causal = pieces[0]
+        return piece_fwd(q, k[:, k0:k1], v[:, k0:k1], scale, causal)
+    acc = acc_dtype(q.dtype)
+    out = torch.zeros(b, nq, h, d, dtype=acc, device=q.device)
+    lse = torch.full((b, h, nq), float("-inf"), dtype=acc, device=q.device)
+    for q0, q1, k0, k1, causal in pieces:
+        part_out, part_lse = piece_fwd(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], scale, causal)
+        merge_(out[:, q0:q1], lse[:, :, q0:q1], part_out, part_lse)
+    return out, lse
+
+
+def pieces_backward(piece_bwd: Callable, do, q, k, v, out, lse, scale, offset):
+    nq, nk = q.shape[1], k.shape[1]
+    pieces = square_pieces(nq, nk, offset)
+    if len(pieces) == 1 and pieces[0][:4] == (0, nq, 0, nk):
+        return piece_bwd(do, q, k, v, out, lse, scale, pieces[0][4])
+    acc = acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    for q0, q1, k0, k1, causal in pieces:
+        dq_p, dk_p, dv_p = piece_bwd(
+            do[:, q0:q1], q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], out[:, q0:q1], lse[:, :, q0:q1], scale, causal
+        )
+        dq[:, q0:q1] += dq_p
+        dk[:, k0:k1] += dk_p
+        dv[:, k0:k1] += dv_p
+    return dq, dk, dv
+
+
+def sdpa_forward(q, k, v, scale, offset):
+    return pieces_forward(_sdpa_piece_forward, q, k, v, scale, offset)
+
+
+def sdpa_backward(do, q, k, v, out, lse, scale, offset):
+    return pieces_backward(_sdpa_piece_backward, do, q, k, v, out, lse, scale, offset)
+
+
+# -- registry and selection -----------------------------------------------------------
+
+ForwardFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
+BackwardFn = Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _flash_attn_fns():
+    from . import flash_adapter
+
+    return flash_adapter.forward, flash_adapter.backward
+
+
+_KERNELS: Dict[str, Callable[[], Tuple[ForwardFn, BackwardFn]]] = {
+    "torch": lambda: (torch_forward, torch_backward),
+    "sdpa": lambda: (sdpa_forward, sdpa_backward),
+    "flash_attn": _flash_attn_fns,
+}
+
+
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """Why `backend` cannot serve this case on this machine, or None when it can."""
+    if backend == "torch":
+        return None
+    if backend == "sdpa":
+        if device.type == "cpu":
+            return None
+        if device.type == "cuda":
+            if dtype not in (torch.float16, torch.bfloat16):
+                return f"sdpa on CUDA needs float16 or bfloat16 (the flash op), got {dtype}"
+            return None
+        return f"sdpa supports cpu and cuda devices, got {device.type}"
+    if backend == "flash_attn":
+        from . import flash_adapter
+
+        return flash_adapter.unavailable_reason(device, dtype, head_dim)
+    if backend in ("triton", "cuda"):
+        return f"backend {backend!r} is not built yet in this version of seqpar (issue: Triton and CUDA kernels)"
+    return f"unknown backend {backend!r}"
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The concrete backend for `backend` ("auto" picks the fastest one that can serve)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        reason = unavailable_reason(backend, device, dtype, head_dim)
+        if reason is not None:
+            raise ValueError(f"backend: {reason}")
+        return backend
+    for candidate in ("flash_attn", "sdpa", "torch"):
+        if unavailable_reason(candidate, device, dtype, head_dim) is None:
+            return candidate
+    return "torch"
+
+
+_verified: set = set()
+
+
+def _verify_once(name: str, fwd: ForwardFn, bwd: BackwardFn, q: torch.Tensor, k: torch.Tensor) -> None:
+    """First use of a backend not exercised by the CPU test suite on a device: compare a
+    tiny GQA block (forward and backward, square causal and offset) with the torch math,
+    so a changed private kernel API raises instead of returning wrong numbers."""
+    key = (name, q.device, q.dtype)
+    if key in _verified or (name == "sdpa" and q.device.type == "cpu") or name == "torch":
+        return
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    h_kv = 2
+    shape_q, shape_k = (1, 37, 2 * h_kv, q.shape[-1]), (1, 37, h_kv, q.shape[-1])
+    tq, tk, tv, tdo = (
+        torch.randn(s, generator=gen).to(device=q.device, dtype=q.dtype) for s in (shape_q, shape_k, shape_k, shape_q)
+    )
+    scale = q.shape[-1] ** -0.5
+    for offset in (0, 5, None):
+        out, lse = fwd(tq, tk, tv, scale, offset)
+        ref_out, ref_lse = torch_forward(tq, tk, tv, scale, offset)
+        grads = bwd(tdo, tq, tk, tv, ref_out.to(q.dtype), ref_lse, scale, offset)
+        ref_grads = torch_backward(tdo, tq, tk, tv, ref_out.to(q.dtype), ref_lse, scale, offset)
+        tol = 5e-2 if q.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        pairs = [(out, ref_out), (lse, ref_lse)] + list(zip(grads, ref_grads))
+        for got, want in pairs:
+            if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
+                raise RuntimeError(
+                    f"backend {name!r} disagrees with the reference math on {q.device} {q.dtype} "
+                    f"(offset={offset}); use backend='torch' and report this"
+                )
+    _verified.add(key)
+
+
+def kernels(backend: str, q: torch.Tensor, k: torch.Tensor) -> Tuple[ForwardFn, BackwardFn]:
+    """(forward, backward) of a concrete backend name, checked once per device and dtype."""
+    fwd, bwd = _KERNELS[backend]()
+    _verify_once(backend, fwd, bwd, q, k)
+    return fwd, bwd

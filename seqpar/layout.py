@@ -1,0 +1,256 @@
+"""Which global token positions each rank holds.
+
+A layout is a list of *runs* per rank: arithmetic progressions of global positions
+(`start, start + stride, ...`) stored one after the other in the local tensor. Contiguous
+has one run of stride 1, zigzag two runs of stride 1, stripe one run of stride P. Every
+mask in seqpar is derived from these positions (`visible_blocks`), never from assumptions
+about which rank comes "before" which; that is what lets every strategy serve every scheme.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+SCHEMES = ("contiguous", "zigzag", "stripe")
+
+
+@dataclass(frozen=True)
+class Run:
+    """`length` global positions `start + stride * i`, at local offset `local_start`."""
+
+    start: int
+    length: int
+    stride: int
+    local_start: int
+
+
+@dataclass(frozen=True)
+class Block:
+    """A query slice against a key slice (local offsets) and its mask.
+
+    `offset=None`: every key visible. Otherwise key j is visible to query i iff
+    `j <= i + offset` (indices relative to the slices).
+    """
+
+    q_start: int
+    q_len: int
+    k_start: int
+    k_len: int
+    offset: Optional[int]
+
+
+def split_sizes(n: int, parts: int) -> List[int]:
+    """Sizes of `torch.tensor_split(range(n), parts)`: the first `n % parts` get one more."""
+    base, extra = divmod(n, parts)
+    return [base + 1 if i < extra else base for i in range(parts)]
+
+
+def group_rank_and_size(group) -> tuple:
+    """(rank, world size) of `group`; a process without torch.distributed is a world of one."""
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group: a process group was given but torch.distributed is not initialized")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class SeqLayout:
+    """Which global positions of a `seq_len`-token sequence each rank of `group` holds.
+
+    `scheme`: "contiguous" (rank r holds the r-th of P runs), "zigzag" (2P chunks; rank r
+    holds chunks r and 2P-1-r) or "stripe" (token i on rank i mod P). Any
+    `seq_len >= world_size` is valid; unequal chunks differ by at most one token, as
+    `torch.tensor_split` makes them.
+    """
+
+    def __init__(self, seq_len: int, *, group=None, scheme: str = "contiguous"):
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int):
+            raise TypeError(f"seq_len: expected an int, got {type(seq_len).__name__}")
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
+        rank, world = group_rank_and_size(group)
+        if seq_len < world:
+            raise ValueError(
+                f"seq_len: expected at least the world size ({world}) so every rank holds a token, got {seq_len}"
+            )
+        self.seq_len = seq_len
+        self.scheme = scheme
+        self.group = group
+        self.world_size = world
+        self.rank = rank
+        self._runs = [self._make_runs(r) for r in range(world)]
+        self._lens = [sum(run.length for run in runs) for runs in self._runs]
+
+    def _make_runs(self, r: int) -> List[Run]:
+        n, p = self.seq_len, self.world_size
+        if self.scheme == "stripe":
+            return [Run(r, len(range(r, n, p)), p, 0)]
+        if self.scheme == "contiguous":
+            sizes = split_sizes(n, p)
+            return [Run(sum(sizes[:r]), sizes[r], 1, 0)]
+        sizes = split_sizes(n, 2 * p)
+        first, second = r, 2 * p - 1 - r
+        return [
+            Run(sum(sizes[:first]), sizes[first], 1, 0),
+            Run(sum(sizes[:second]), sizes[second], 1, sizes[first]),
+        ]
+
+    # -- queries about any rank ------------------------------------------------------------
+    def runs(self, rank: Optional[int] = None) -> List[Run]:
+        return self._runs[self.rank if rank is None else rank]
+
+    def local_len_of(self, rank: int) -> int:
+        return self._lens[rank]
+
+    @property
+    def local_lens(self) -> List[int]:
+        return list(self._lens)
+
+    @property
+    def local_len(self) -> int:
+        return self._lens[self.rank]
+
+    def positions_of(self, rank: int, device=None) -> torch.Tensor:
+        parts = [
+            torch.arange(run.start, run.start + run.stride * run.length, run.stride, device=device)
+            for run in self._runs[rank]
+        ]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def positions(self, device=None) -> torch.Tensor:
+        """`LongTensor[local_len]`: global positions of this rank's tokens, in local order."""
+        return self.positions_of(self.rank, device)
+
+    # -- moving data ---------------------------------------------------------------------
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's tokens of the global tensor `x` (its `dim` has `seq_len` entries)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        dim = dim % x.dim() if x.dim() else dim
+        if x.dim() == 0 or x.shape[dim] != self.seq_len:
+            raise ValueError(
+                f"x: expected dim {dim} of size seq_len={self.seq_len}, got shape {tuple(x.shape)}"
+            )
+        pieces = []
+        for run in self.runs():
+            if run.stride == 1:
+                pieces.append(x.narrow(dim, run.start, run.length))
+            else:
+                index = [slice(None)] * x.dim()
+                index[dim] = slice(run.start, None, run.stride)
+                pieces.append(x[tuple(index)])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+    def unshard(self, x_local: torch.Tensor, dim: int = 1, *, reduce_grad: bool = False) -> torch.Tensor:
+        """The global tensor, rebuilt on every rank from each rank's `x_local`; differentiable.
+
+        The backward gives each rank the gradient of its own rows. With the default
+        `reduce_grad=False` that is right when every rank computes the same loss from the
+        global tensor; with `reduce_grad=True` the gradients of all ranks are summed first
+        (right when each rank's loss differs), as `torch.distributed.nn.all_gather` does.
+        """
+        if not isinstance(x_local, torch.Tensor):
+            raise TypeError(f"x_local: expected a torch.Tensor, got {type(x_local).__name__}")
+        dim = dim % x_local.dim()
+        if x_local.shape[dim] != self.local_len:
+            raise ValueError(
+                f"x_local: expected dim {dim} of size local_len={self.local_len}, got shape {tuple(x_local.shape)}"
+            )
+        return _Unshard.apply(x_local, self, dim, reduce_grad)
+
+    def __repr__(self) -> str:
+        return (
+            f"SeqLayout(seq_len={self.seq_len}, scheme={self.scheme!r}, world_size={self.world_size}, "
+            f"rank={self.rank}, local_lens={self._lens})"
+        )
+
+
+def gather_global(x_local: torch.Tensor, layout: SeqLayout, dim: int) -> torch.Tensor:
+    """All-gather the ranks' shards into the global tensor along `dim` (no autograd)."""
+    from .comm import collectives
+
+    moved = x_local.movedim(dim, 0).contiguous()
+    shards = collectives.all_gather_uneven(moved, layout.local_lens, layout.group, op="layout.unshard")
+    out = moved.new_empty((layout.seq_len,) + tuple(moved.shape[1:]))
+    for rank, shard in enumerate(shards):
+        out.index_copy_(0, layout.positions_of(rank, device=out.device), shard)
+    return out.movedim(0, dim)
+
+
+class _Unshard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_local, layout, dim, reduce_grad):
+        ctx.layout, ctx.dim, ctx.reduce_grad = layout, dim, reduce_grad
+        if layout.world_size == 1:
+            return x_local.clone()
+        return gather_global(x_local, layout, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        layout = ctx.layout
+        if ctx.reduce_grad and layout.world_size > 1:
+            from .comm import collectives
+
+            grad = grad.contiguous().clone()
+            collectives.all_reduce_sum(grad, layout.group, op="layout.unshard.backward")
+        return layout.shard(grad, ctx.dim), None, None, None
+
+
+def visible_blocks(layout: SeqLayout, q_rank: int, k_rank: int, causal: bool) -> List[Block]:
+    """The blocks of (rank `q_rank`'s queries) x (rank `k_rank`'s keys) that must be computed.
+
+    Fully masked pairs are left out; neighbouring fully visible pairs are fused into one
+    block so that e.g. a zigzag step is a single kernel call.
+    """
+    nq, nk = layout.local_len_of(q_rank), layout.local_len_of(k_rank)
+    if nq == 0 or nk == 0:
+        return []
+    if not causal:
+        return [Block(0, nq, 0, nk, None)]
+    if q_rank == k_rank:
+        # positions ascend in local order, so local causality is global causality
+        return [Block(0, nq, 0, nk, 0)]
+    rows = []
+    for qr in layout.runs(q_rank):
+        row = []
+        for kr in layout.runs(k_rank):
+            if qr.length == 0 or kr.length == 0:
+                continue
+            offset = (qr.start - kr.start) // qr.stride
+            if offset + qr.length - 1 < 0:
+                continue
+            full = offset >= kr.length - 1
+            block = Block(qr.local_start, qr.length, kr.local_start, kr.length, None if full else offset)
+            if row and block.offset is None and row[-1].offset is None and row[-1].k_start + row[-1].k_len == block.k_start:
+                prev = row.pop()
+                block = Block(prev.q_start, prev.q_len, prev.k_start, prev.k_len + block.k_len, None)
+            row.append(block)
+        if row:
+            rows.append(row)
+    blocks: List[Block] = []
+    for row in rows:
+        if (
+            blocks
+            and len(row) == 1
+            and row[0].offset is None
+            and blocks[-1].offset is None
+            and blocks[-1].q_start + blocks[-1].q_len == row[0].q_start
+            and (blocks[-1].k_start, blocks[-1].k_len) == (row[0].k_start, row[0].k_len)
+        ):
+            prev = blocks.pop()
+            blocks.append(Block(prev.q_start, prev.q_len + row[0].q_len, prev.k_start, prev.k_len, None))
+        else:
+            blocks.extend(row)
+    return blocks
+
+
+def block_mask(nq: int, nk: int, offset: Optional[int], device=None) -> Optional[torch.Tensor]:
+    """Boolean `[nq, nk]` visibility of a block (None when every key is visible)."""
+    if offset is None:
+        return None
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    return j <= i + offset

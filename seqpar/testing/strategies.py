@@ -1,0 +1,40 @@
+"""Hypothesis strategies that draw attention problems (needs `hypothesis`: the test extra)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from hypothesis import strategies as st
+
+from ..layout import SCHEMES
+from .checks import AttentionProblem
+
+
+@st.composite
+def attention_problems(
+    draw,
+    world_sizes: Sequence[int] = (1, 2, 3, 4),
+    schemes: Sequence[str] = SCHEMES,
+    dtypes: Sequence[str] = ("float64", "float32", "bfloat16"),
+    max_tokens_per_rank: int = 12,
+    max_batch: int = 2,
+):
+    """Problems with P in `world_sizes`, tiny and uneven lengths (down to N = P), MHA, GQA
+    and MQA, head dims that are not powers of two, causal or not, every scheme, and logit
+    scales from gentle to saturating."""
+    world_size = draw(st.sampled_from(list(world_sizes)))
+    seq_len = draw(st.integers(world_size, world_size * max_tokens_per_rank))
+    kv_heads = draw(st.sampled_from([1, 2, 3]))
+    group = draw(st.sampled_from([1, 2, 4]))
+    return AttentionProblem(
+        world_size=world_size,
+        seq_len=seq_len,
+        batch=draw(st.integers(1, max_batch)),
+        heads=kv_heads * group,
+        kv_heads=kv_heads,
+        head_dim=draw(st.sampled_from([4, 8, 12, 16, 24, 33, 64])),
+        causal=draw(st.booleans()),
+        scheme=draw(st.sampled_from(list(schemes))),
+        dtype=draw(st.sampled_from(list(dtypes))),
+        logit_scale=draw(st.sampled_from([0.5, 1.0, 4.0, 16.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
