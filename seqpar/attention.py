@@ -82,9 +82,15 @@ def _check_tensors(q, k, v) -> None:
 def _layout_for(layout, q, group_of_default):
     if layout is None:
         _, world = group_rank_and_size(None)
-        return SeqLayout(q.shape[1] * world, group=group_of_default, scheme="contiguous")
+        return SeqLayout(q.shape[1] * world, group=group_of_default, scheme="contiguous", _collective=False)
     if not isinstance(layout, SeqLayout):
         raise TypeError(f"layout: expected a seqpar.SeqLayout or None, got {type(layout).__name__}")
+    rank, world = group_rank_and_size(layout.group)
+    if (layout.world_size, layout.rank) != (world, rank):
+        raise ValueError(
+            f"layout: expected a layout of this process group (world size {world}, rank {rank}), "
+            f"got one for world size {layout.world_size}, rank {layout.rank}"
+        )
     return layout
 
 
@@ -95,16 +101,17 @@ def _signature(strategy, backend, causal, scale, layout, q, k, v, options):
             return (d[0], d[1][:1] + d[1][2:]) + d[2:]
         return d
 
+    # root causes first: the first field that differs is the one the error names
     return (
+        ("q [batch, heads, head_dim], dtype, device", no_seq(q)),
+        ("k [batch, heads, head_dim], dtype, device", no_seq(k)),
+        ("v [batch, heads, head_dim], dtype, device", no_seq(v)),
+        ("seq_len", getattr(layout, "seq_len", None)),
+        ("scheme", getattr(layout, "scheme", None)),
         ("strategy", strategy),
         ("backend", backend),
         ("causal", causal),
         ("softmax_scale", scale),
-        ("seq_len", getattr(layout, "seq_len", None)),
-        ("scheme", getattr(layout, "scheme", None)),
-        ("q [batch, heads, head_dim], dtype, device", no_seq(q)),
-        ("k [batch, heads, head_dim], dtype, device", no_seq(k)),
-        ("v [batch, heads, head_dim], dtype, device", no_seq(v)),
         ("options", tuple(sorted((key, describe(val)) for key, val in options.items()))),
     )
 

@@ -66,12 +66,40 @@ class SeqLayout:
     `torch.tensor_split` makes them.
     """
 
-    def __init__(self, seq_len: int, *, group=None, scheme: str = "contiguous"):
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int):
-            raise TypeError(f"seq_len: expected an int, got {type(seq_len).__name__}")
+    def __init__(self, seq_len: int, *, group=None, scheme: str = "contiguous", _collective: bool = True):
+        # collective: a rank whose arguments are bad, or differ from its peers', raises on
+        # every rank here instead of leaving the others waiting in the next collective
+        rank, world = group_rank_and_size(group)
+        error = None
+        try:
+            if isinstance(seq_len, bool) or not isinstance(seq_len, int):
+                raise TypeError(f"seq_len: expected an int, got {type(seq_len).__name__}")
+            if scheme not in SCHEMES:
+                raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
+            self._init(seq_len, scheme, group, world, rank)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        if _collective:
+            from .comm.groups import agree, describe
+
+            signature = (("seq_len", describe(seq_len)), ("scheme", describe(scheme)))
+            agree(group, world, signature, error, what="SeqLayout")
+        elif error is not None:
+            raise error
+
+    @classmethod
+    def simulated(cls, seq_len: int, world_size: int, rank: int = 0, scheme: str = "contiguous") -> "SeqLayout":
+        """The layout rank `rank` of a `world_size`-rank group would have, without a group
+        (for planning and tests; strategies refuse it unless the real group has that size)."""
         if scheme not in SCHEMES:
             raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
-        rank, world = group_rank_and_size(group)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
+        layout = cls.__new__(cls)
+        layout._init(seq_len, scheme, None, world_size, rank)
+        return layout
+
+    def _init(self, seq_len: int, scheme: str, group, world: int, rank: int) -> None:
         if seq_len < world:
             raise ValueError(
                 f"seq_len: expected at least the world size ({world}) so every rank holds a token, got {seq_len}"

@@ -1,0 +1,130 @@
+"""Bad input raises a clear error on every rank; nothing leaves a rank waiting."""
+import pytest
+import torch
+import torch.distributed as dist
+
+import seqpar
+from seqpar.layout import SeqLayout
+from seqpar.testing import world
+
+
+def _qkv(n=6, b=1, h=4, h_kv=2, d=8, dtype=torch.float32):
+    return torch.randn(b, n, h, d, dtype=dtype), torch.randn(b, n, h_kv, d, dtype=dtype), torch.randn(b, n, h_kv, d, dtype=dtype)
+
+
+q, k, v = _qkv()
+LOCAL_CASES = [
+    ("q_not_tensor", dict(q=q.numpy()), TypeError, "q: expected a torch.Tensor"),
+    ("q_3d", dict(q=q[0]), ValueError, r"q: expected 4 dims \[batch, seqlen, heads, head_dim\], got shape \(6, 4, 8\)"),
+    ("k_dtype", dict(k=k.double()), ValueError, "k: expected dtype torch.float32 .that of q., got torch.float64"),
+    ("int_dtype", dict(q=q.int(), k=k.int(), v=v.int()), ValueError, "q: expected dtype in"),
+    ("heads_not_divisible", dict(k=torch.randn(1, 6, 3, 8), v=torch.randn(1, 6, 3, 8)), ValueError,
+     "k: expected a number of KV heads that divides q's 4 heads, got 3"),
+    ("v_shape", dict(v=torch.randn(1, 6, 2, 4)), ValueError, r"v: expected the shape of k \(1, 6, 2, 8\)"),
+    ("head_dim", dict(k=torch.randn(1, 6, 2, 4), v=torch.randn(1, 6, 2, 4)), ValueError, "k: expected head_dim 8"),
+    ("batch", dict(k=torch.randn(2, 6, 2, 8), v=torch.randn(2, 6, 2, 8)), ValueError, "k: expected batch 1"),
+    ("kv_len", dict(k=torch.randn(1, 5, 2, 8), v=torch.randn(1, 5, 2, 8)), ValueError, "k: expected local seqlen 6"),
+    ("local_len", dict(layout=SeqLayout(7)), ValueError, "q: expected local seqlen 7 .layout.local_len on rank 0., got 6"),
+    ("layout_type", dict(layout="zigzag"), TypeError, "layout: expected a seqpar.SeqLayout"),
+    ("layout_world", dict(layout=SeqLayout.simulated(12, 2)), ValueError, "layout: expected a layout of this process group"),
+    ("strategy", dict(strategy="ringg"), ValueError, "strategy: expected one of"),
+    ("strategy_not_built", dict(strategy="ulysses"), ValueError, "strategy: 'ulysses' is not available in this version"),
+    ("backend", dict(backend="cudnn"), ValueError, "backend: expected one of"),
+    ("backend_unavailable", dict(backend="flash_attn"), ValueError, "backend: flash_attn"),
+    ("causal_type", dict(causal="yes"), TypeError, "causal: expected a bool"),
+    ("scale_nan", dict(softmax_scale=float("nan")), ValueError, "softmax_scale: expected a finite float"),
+    ("unknown_option", dict(ulysses_size=2), ValueError, r"options: strategy 'ring' takes no options, got \['ulysses_size'\]"),
+]
+
+
+@pytest.mark.parametrize("name, change, err, match", LOCAL_CASES, ids=[c[0] for c in LOCAL_CASES])
+def test_bad_input_single_process(name, change, err, match):
+    args = dict(q=q, k=k, v=v)
+    args.update({key: change[key] for key in ("q", "k", "v") if key in change})
+    kwargs = {key: val for key, val in change.items() if key not in ("q", "k", "v")}
+    with pytest.raises(err, match=match):
+        seqpar.attention(args["q"], args["k"], args["v"], **kwargs)
+
+
+def _bad_on_one_rank(case: str, bad_rank: int):
+    """Every rank calls ring attention; only `bad_rank` gets the bad argument."""
+    rank = dist.get_rank()
+    n = 8 + len(case)  # a fresh call signature for each case
+    layout = SeqLayout(n * dist.get_world_size(), scheme="zigzag")
+    local = layout.local_len
+    qq, kk, vv = _qkv(local)
+    kwargs = dict(layout=layout, causal=True)
+    if rank == bad_rank:
+        if case == "dtype":
+            qq, kk, vv = qq.double(), kk.double(), vv.double()
+        elif case == "head_dim":
+            qq, kk, vv = _qkv(local, d=16)
+        elif case == "heads":
+            qq = torch.randn(1, local, 2, 8)
+        elif case == "local_error":
+            kk, vv = kk[:, :-1], vv[:, :-1]
+        elif case == "causal":
+            kwargs["causal"] = False
+        elif case == "scale":
+            kwargs["softmax_scale"] = 0.5
+        elif case == "backend":
+            kwargs["backend"] = "torch"
+        elif case == "batch":
+            qq, kk, vv = _qkv(local, b=2)
+    seqpar.ring_attention(qq, kk, vv, **kwargs)
+    return "returned"
+
+
+MISMATCH_CASES = [
+    ("dtype", "dtype"), ("head_dim", "q [batch, heads, head_dim]"), ("heads", "q [batch, heads, head_dim]"),
+    ("local_error", "k: expected local seqlen"), ("causal", "causal must be the same on every rank"),
+    ("scale", "softmax_scale must be the same"), ("backend", "backend must be the same"), ("batch", "q [batch"),
+]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("case, match", MISMATCH_CASES, ids=[c[0] for c in MISMATCH_CASES])
+def test_mismatch_between_ranks_raises_everywhere(world_size, case, match):
+    bad_rank = world_size - 1
+    results = world(world_size).run(_bad_on_one_rank, case, bad_rank, return_exceptions=True, timeout=60)
+    for rank, outcome in enumerate(results):
+        assert isinstance(outcome, ValueError), f"rank {rank} returned {outcome!r}"
+        assert match in str(outcome), f"rank {rank}: {outcome}"
+    if case == "local_error":
+        assert "rank %d of the group got bad input" % bad_rank in str(results[0])
+
+
+def _good_call_after_errors():
+    layout = SeqLayout(12, scheme="stripe")
+    qq, kk, vv = _qkv(layout.local_len)
+    return seqpar.ring_attention(qq, kk, vv, layout=layout, causal=True).shape
+
+
+def test_world_still_works_after_errors():
+    test_mismatch_between_ranks_raises_everywhere(2, "dtype", "dtype")
+    assert world(2).run(_good_call_after_errors) == [torch.Size([1, 6, 4, 8])] * 2
+
+
+def _always_validate_catches_late_mismatch():
+    from seqpar.comm import set_validation
+
+    set_validation("always")
+    try:
+        layout = SeqLayout(10, scheme="contiguous")
+        qq, kk, vv = _qkv(layout.local_len)
+        seqpar.ring_attention(qq, kk, vv, layout=layout)  # agreed once
+        if dist.get_rank() == 1:
+            qq, kk, vv = qq.half(), kk.half(), vv.half()
+        seqpar.ring_attention(qq, kk, vv, layout=layout)
+    finally:
+        set_validation("first")
+
+
+def test_always_validation_catches_a_change_after_agreement():
+    results = world(2).run(_always_validate_catches_late_mismatch, return_exceptions=True, timeout=60)
+    assert all(isinstance(r, ValueError) and "dtype" in str(r) for r in results), results
+
+
+def test_set_validation_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        seqpar.comm.set_validation("never")

@@ -1,0 +1,59 @@
+"""The test world and the checker must be able to fail."""
+import time
+
+import pytest
+import torch
+
+import seqpar
+from seqpar.testing import AttentionProblem, LocalWorld, RankError, WorldTimeout, check_attention, tolerance_violations, world
+
+
+def _sleep(seconds):
+    time.sleep(seconds)
+
+
+def _fail_on_rank_one():
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise KeyError("boom")
+    return dist.get_rank()
+
+
+def test_world_reports_failures_and_results():
+    assert world(2).run(_fail_on_rank_one, return_exceptions=True)[0] == 0
+    with pytest.raises(RankError, match="rank 1: KeyError: 'boom'"):
+        world(2).run(_fail_on_rank_one)
+
+
+def test_a_hang_is_a_timeout_not_a_wait():
+    w = LocalWorld(1)
+    start = time.monotonic()
+    with pytest.raises(WorldTimeout):
+        w.run(_sleep, 30, timeout=1)
+    assert time.monotonic() - start < 20
+    assert not w.alive
+
+
+def wrong_attention(q, k, v, *, layout, causal, softmax_scale):
+    """Ring attention that forgets the causal mask: the checker must catch it."""
+    return seqpar.ring_attention(q, k, v, layout=layout, causal=False, softmax_scale=softmax_scale)
+
+
+def slightly_wrong_attention(q, k, v, *, layout, causal, softmax_scale):
+    """An error of about 1e-5 relative: fine for bf16, far off for float64."""
+    out = seqpar.ring_attention(q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale)
+    return out * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_checker_catches_a_wrong_mask(dtype):
+    problem = AttentionProblem(2, 16, causal=True, scheme="zigzag", dtype=dtype)
+    report = world(2).run(check_attention, problem, wrong_attention)[0]
+    assert set(tolerance_violations(problem, report)) >= {"out", "dq"}
+
+
+def test_checker_is_tight_in_float64():
+    problem = AttentionProblem(2, 16, causal=True, dtype="float64")
+    assert "out" in tolerance_violations(problem, world(2).run(check_attention, problem, slightly_wrong_attention)[0])
+    assert not tolerance_violations(problem, world(2).run(check_attention, problem)[0])
