@@ -25,14 +25,20 @@ KNOWN_STRATEGIES = ("ring", "ulysses", "usp", "allgather", "token_ring")
 @dataclass(frozen=True)
 class Strategy:
     apply: Callable  # (q, k, v, layout, causal, scale, backend, options) -> out
+    analytic_bytes: Callable  # (layout, batch, heads, kv_heads, head_dim, element_size) -> {"forward", "backward"}
     options: FrozenSet[str] = frozenset()
 
 
 _REGISTRY: Dict[str, Strategy] = {}
 
 
-def register_strategy(name: str, apply: Callable, options=()) -> None:
-    _REGISTRY[name] = Strategy(apply, frozenset(options))
+def register_strategy(name: str, apply: Callable, analytic_bytes: Callable, options=()) -> None:
+    _REGISTRY[name] = Strategy(apply, analytic_bytes, frozenset(options))
+
+
+def analytic_bytes(strategy: str, layout, batch: int, heads: int, kv_heads: int, head_dim: int, element_size: int):
+    """Bytes a rank of `layout` sends in one forward and one backward of `strategy`."""
+    return _REGISTRY[strategy].analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size)
 
 
 def registered_strategies():
@@ -169,7 +175,7 @@ def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, strateg
 def _register_builtin() -> None:
     from .strategies import ring
 
-    register_strategy("ring", ring._apply)
+    register_strategy("ring", ring._apply, ring.analytic_bytes)
 
 
 _register_builtin()

@@ -106,7 +106,8 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal: bool, scale
     return dq, dkv[0], dkv[1]
 
 
-def analytic_bytes(layout: SeqLayout, batch: int, kv_heads: int, head_dim: int, element_size: int) -> Dict[str, int]:
+def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
+                   element_size: int) -> Dict[str, int]:
     """Bytes this rank sends (and receives) in the forward and the backward, exactly."""
     rank, world = layout.rank, layout.world_size
     per_token = 2 * batch * kv_heads * head_dim

@@ -58,7 +58,7 @@ def _measure_bytes(problem):
         out = seqpar.ring_attention(q, k, v, layout=layout, causal=problem.causal)
     with seqpar.comm.track() as bwd_stats:
         out.backward(do)
-    expected = ring.analytic_bytes(layout, problem.batch, problem.kv_heads, problem.head_dim, q.element_size())
+    expected = ring.analytic_bytes(layout, problem.batch, problem.heads, problem.kv_heads, problem.head_dim, q.element_size())
     measured = {
         "forward": fwd_stats.bytes_sent("ring.forward"), "backward": bwd_stats.bytes_sent("ring.backward"),
         "forward_received": fwd_stats.bytes_received("ring.forward"), "other": fwd_stats.bytes_sent() - fwd_stats.bytes_sent("ring"),
