@@ -137,10 +137,12 @@ def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=
             raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
         if softmax_scale is None:
             scale = q.shape[-1] ** -0.5
-        elif isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool) and math.isfinite(softmax_scale):
-            scale = float(softmax_scale)
-        else:
+        elif not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool):
+            raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+        elif not math.isfinite(softmax_scale):
             raise ValueError(f"softmax_scale: expected a finite float or None, got {softmax_scale!r}")
+        else:
+            scale = float(softmax_scale)
         name = _resolve_strategy(strategy)
         unknown = sorted(set(options) - _REGISTRY[name].options)
         if unknown:
@@ -149,7 +151,7 @@ def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=
             )
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        concrete_backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+        concrete_backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale)
     except (ValueError, TypeError) as exc:
         error = exc
     _, world = group_rank_and_size(group)

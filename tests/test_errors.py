@@ -33,6 +33,8 @@ LOCAL_CASES = [
     ("backend_unavailable", dict(backend="flash_attn"), ValueError, "backend: flash_attn"),
     ("causal_type", dict(causal="yes"), TypeError, "causal: expected a bool"),
     ("scale_nan", dict(softmax_scale=float("nan")), ValueError, "softmax_scale: expected a finite float"),
+    ("scale_str", dict(softmax_scale="0.5"), TypeError, "softmax_scale: expected a float or None, got str"),
+    ("sdpa_scale_zero", dict(softmax_scale=0.0, backend="sdpa"), ValueError, "backend: sdpa needs softmax_scale > 0"),
     ("unknown_option", dict(ulysses_size=2), ValueError, r"options: strategy 'ring' takes no options, got \['ulysses_size'\]"),
 ]
 
@@ -105,26 +107,57 @@ def test_world_still_works_after_errors():
     assert world(2).run(_good_call_after_errors) == [torch.Size([1, 6, 4, 8])] * 2
 
 
-def _always_validate_catches_late_mismatch():
-    from seqpar.comm import set_validation
+def _first_mode_skips_the_check():
+    from seqpar.comm import set_validation, track
 
-    set_validation("always")
+    set_validation("first")
     try:
         layout = SeqLayout(10, scheme="contiguous")
         qq, kk, vv = _qkv(layout.local_len)
         seqpar.ring_attention(qq, kk, vv, layout=layout)  # agreed once
-        if dist.get_rank() == 1:
-            qq, kk, vv = qq.half(), kk.half(), vv.half()
-        seqpar.ring_attention(qq, kk, vv, layout=layout)
+        with track() as stats:
+            seqpar.ring_attention(qq, kk, vv, layout=layout)
+        return stats.calls("check")
     finally:
-        set_validation("first")
+        set_validation("always")
 
 
-def test_always_validation_catches_a_change_after_agreement():
-    results = world(2).run(_always_validate_catches_late_mismatch, return_exceptions=True, timeout=60)
-    assert all(isinstance(r, ValueError) and "dtype" in str(r) for r in results), results
+def test_first_mode_skips_agreed_signatures():
+    assert world(2).run(_first_mode_skips_the_check) == [0, 0]
+
+
+def _cached_then_changed():
+    """Both ranks agree on a call; then one rank alone changes dtype (found by review)."""
+    layout = SeqLayout(22, scheme="contiguous")
+    qq, kk, vv = _qkv(layout.local_len, d=5)
+    seqpar.ring_attention(qq, kk, vv, layout=layout)
+    if dist.get_rank() == 1:
+        qq, kk, vv = qq.double(), kk.double(), vv.double()
+    seqpar.ring_attention(qq, kk, vv, layout=layout)
+
+
+def _two_agreed_signatures_then_mixed():
+    layout = SeqLayout(26, scheme="contiguous")
+    for d in (6, 10):
+        seqpar.ring_attention(*_qkv(layout.local_len, d=d), layout=layout)
+    seqpar.ring_attention(*_qkv(layout.local_len, d=6 if dist.get_rank() == 0 else 10), layout=layout)
+
+
+@pytest.mark.parametrize("fn", [_cached_then_changed, _two_agreed_signatures_then_mixed])
+def test_a_change_after_agreement_still_raises_everywhere(fn):
+    results = world(2).run(fn, return_exceptions=True, timeout=60)
+    assert all(isinstance(r, ValueError) and "must be the same on every rank" in str(r) for r in results), results
 
 
 def test_set_validation_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mode: expected one of"):
         seqpar.comm.set_validation("never")
+
+
+def test_fused_backends_refuse_nonpositive_scale_and_auto_routes_to_torch():
+    qq, kk, vv = (t.double() for t in _qkv(5))
+    for scale in (0.0, -0.7):
+        out = seqpar.attention(qq, kk, vv, causal=True, softmax_scale=scale)
+        from seqpar.kernels.reference import dense_attention
+
+        torch.testing.assert_close(out, dense_attention(qq, kk, vv, causal=True, softmax_scale=scale))

@@ -35,6 +35,26 @@ def test_a_hang_is_a_timeout_not_a_wait():
     assert not w.alive
 
 
+def _die_on_rank_one():
+    import os
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        os._exit(3)
+    return "rank 0 is fine"
+
+
+def test_a_dead_rank_is_reported_and_the_world_replaced():
+    from seqpar.testing import WorldDied
+
+    doomed = world(2)
+    with pytest.raises(WorldDied, match="exit codes by rank"):
+        doomed.run(_die_on_rank_one, timeout=60)
+    assert not doomed.alive
+    assert world(2) is not doomed and world(2).run(_fail_on_rank_one, return_exceptions=True)[0] == 0
+
+
 def wrong_attention(q, k, v, *, layout, causal, softmax_scale):
     """Ring attention that forgets the causal mask: the checker must catch it."""
     return seqpar.ring_attention(q, k, v, layout=layout, causal=False, softmax_scale=softmax_scale)

@@ -34,6 +34,20 @@ def all_reduce_sum(x: torch.Tensor, group, op: str) -> None:
     stats.record(op, moved, moved)
 
 
+def device_of(group) -> torch.device:
+    """Where this group's collectives want their tensors (NCCL: the current CUDA device)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_max(x: torch.Tensor, group, op: str) -> None:
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    world = dist.get_world_size(group)
+    moved = 2 * (world - 1) * stats.nbytes([x]) // world
+    stats.record(op, moved, moved)
+
+
 def all_gather_object(obj, group, op: str) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)

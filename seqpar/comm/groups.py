@@ -1,34 +1,47 @@
 """Cross-rank agreement on a call's metadata, so bad input raises on every rank.
 
-A rank that got bad input must not leave its peers waiting inside a collective. Each
-public entry point validates locally, then calls `agree()`: the first time this rank sees
-a call signature (or whenever its own validation failed) the ranks exchange their
-signatures and errors in one small all-gather; any error or difference raises on every
-rank. A signature already agreed on is skipped, so steady-state calls cost nothing.
+A rank that got bad input must not leave its peers waiting inside a collective, and ranks
+that disagree on shapes must not start exchanging buffers of different sizes (gloo aborts
+the process; NCCL hangs). Each public entry point validates locally, then calls `agree()`:
 
-Limit: a signature that changes on one rank only, after the old one was agreed on, sends
-that rank alone into the check while its peers go on. `set_validation("always")` closes
-that gap at the price of one small collective per call.
+- every rank all-reduces (MAX) a 16-byte digest `[h, -h]` of its call signature (a rank
+  whose own validation failed contributes a digest no peer can have). All digests are equal
+  iff `max(h) == -max(-h)`, and every rank sees the same two maxima, so every rank reaches
+  the same verdict;
+- only on disagreement do the ranks all-gather their signatures and error messages, so
+  that each rank raises an error naming the field, every rank's value, or the bad rank.
+
+The digest check runs on every call ("always", the default): a rank cannot know from its
+own history whether its peers have seen a signature, so a per-rank cache cannot decide
+to skip it consistently. `set_validation("first")` skips signatures this rank has already
+agreed on, saving the tiny collective (and, on GPUs, its host sync). Under "first", a
+signature that changes on one rank only, after the old one was agreed on, is not caught.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Dict, Optional, Set, Tuple
 
 import torch
+import torch.distributed as dist
 
 from . import collectives
 
-_MODES = ("first", "always")
-_mode = "first"
+_MODES = ("always", "first")
+_mode = "always"
 _seen: Dict[object, Set[tuple]] = {}
 
 
 def set_validation(mode: str) -> None:
-    """"first" (default): check a call signature across ranks once; "always": every call."""
+    """"always" (default): agree on every call; "first": skip signatures agreed on before."""
     global _mode
     if mode not in _MODES:
         raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
     _mode = mode
+
+
+def _digest(signature) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(signature).encode(), digest_size=8).digest(), "little", signed=True) >> 1
 
 
 def describe(x) -> tuple:
@@ -49,6 +62,14 @@ def agree(group, world_size: int, signature: Tuple[Tuple[str, object], ...], err
     seen = _seen.setdefault(group, set())
     if error is None and _mode == "first" and signature in seen:
         return
+    # a failed rank's digest is odd-signed and rank-specific: it equals nobody's
+    mine = _digest(signature) if error is None else -(1 + dist.get_rank(group))
+    digests = torch.tensor([mine, -mine], dtype=torch.int64, device=collectives.device_of(group))
+    collectives.all_reduce_max(digests, group, op="check")
+    top, neg_bottom = digests.tolist()
+    if error is None and top == mine == -neg_bottom:
+        seen.add(signature)
+        return
     message = None if error is None else (type(error).__name__, str(error))
     gathered = collectives.all_gather_object((signature, message), group, op="check")
     if error is not None:
@@ -56,11 +77,11 @@ def agree(group, world_size: int, signature: Tuple[Tuple[str, object], ...], err
     for rank, (_, msg) in enumerate(gathered):
         if msg is not None:
             raise ValueError(f"{what}: rank {rank} of the group got bad input, so every rank stops: {msg[1]}")
-    mine = dict(signature)
+    mine_fields = dict(signature)
     for rank, (sig, _) in enumerate(gathered):
         theirs = dict(sig)
-        for name in mine:
-            if theirs.get(name) != mine[name]:
+        for name in mine_fields:
+            if theirs.get(name) != mine_fields[name]:
                 values = ", ".join(f"rank {r}: {dict(s).get(name)!r}" for r, (s, _) in enumerate(gathered))
                 raise ValueError(f"{what}: {name} must be the same on every rank, got {values}")
-    seen.add(signature)
+    seen.add(signature)  # the digests differed but the signatures do not: a hash collision

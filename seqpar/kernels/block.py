@@ -284,10 +284,14 @@ _KERNELS: Dict[str, Callable[[], Tuple[ForwardFn, BackwardFn]]] = {
 }
 
 
-def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                       scale: float = 1.0) -> Optional[str]:
     """Why `backend` cannot serve this case on this machine, or None when it can."""
     if backend == "torch":
         return None
+    if scale <= 0 and backend in ("sdpa", "flash_attn"):
+        # PyTorch's fused CPU kernel returns NaN for causal blocks with scale <= 0
+        return f"{backend} needs softmax_scale > 0, got {scale} (backend='torch' serves it)"
     if backend == "sdpa":
         if device.type == "cpu":
             return None
@@ -305,17 +309,17 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, h
     return f"unknown backend {backend!r}"
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, scale: float = 1.0) -> str:
     """The concrete backend for `backend` ("auto" picks the fastest one that can serve)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
-        reason = unavailable_reason(backend, device, dtype, head_dim)
+        reason = unavailable_reason(backend, device, dtype, head_dim, scale)
         if reason is not None:
             raise ValueError(f"backend: {reason}")
         return backend
     for candidate in ("flash_attn", "sdpa", "torch"):
-        if unavailable_reason(candidate, device, dtype, head_dim) is None:
+        if unavailable_reason(candidate, device, dtype, head_dim, scale) is None:
             return candidate
     return "torch"
 

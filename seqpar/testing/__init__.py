@@ -16,9 +16,9 @@ from .checks import (
     check_attention,
     tolerance_violations,
 )
-from .world import LocalWorld, RankError, WorldTimeout, close_all, world
+from .world import LocalWorld, RankError, WorldDied, WorldTimeout, close_all, world
 
 __all__ = [
-    "AttentionProblem", "LocalWorld", "RankError", "WorldTimeout", "assert_matches_dense", "check_attention",
+    "AttentionProblem", "LocalWorld", "RankError", "WorldDied", "WorldTimeout", "assert_matches_dense", "check_attention",
     "close_all", "tolerance_violations", "world", "FLOAT64_RTOL", "FORWARD_FACTOR", "GRAD_FACTOR",
 ]

@@ -22,6 +22,10 @@ class WorldTimeout(RuntimeError):
     pass
 
 
+class WorldDied(RuntimeError):
+    """A rank's process ended (crashed, was killed, or aborted inside a collective)."""
+
+
 class RankError(RuntimeError):
     def __init__(self, outcomes: List[Any], tracebacks: List[Optional[str]]):
         self.outcomes = outcomes
@@ -89,18 +93,24 @@ class LocalWorld:
     def run(self, fn: Callable, *args, timeout: Optional[float] = None, return_exceptions: bool = False, **kwargs):
         """Run `fn(*args, **kwargs)` on every rank; the list of results by rank."""
         if not self.alive:
-            raise RuntimeError("this LocalWorld has been closed or lost a rank")
-        for conn in self._conns:
-            conn.send((fn, args, kwargs))
+            raise WorldDied("this LocalWorld has been closed or lost a rank; seqpar.testing.world() starts a new one")
+        name = getattr(fn, "__name__", fn)
         limit = self.timeout if timeout is None else timeout
         outcomes, tracebacks = [], []
-        for rank, conn in enumerate(self._conns):
-            if not conn.poll(limit):
-                self.close(force=True)
-                raise WorldTimeout(f"rank {rank} did not finish {getattr(fn, '__name__', fn)} within {limit} s")
-            status, value, tb = conn.recv()
-            outcomes.append(value)
-            tracebacks.append(tb if status == "err" else None)
+        try:
+            for conn in self._conns:
+                conn.send((fn, args, kwargs))
+            for rank, conn in enumerate(self._conns):
+                if not conn.poll(limit):
+                    self.close(force=True)
+                    raise WorldTimeout(f"rank {rank} did not finish {name} within {limit} s")
+                status, value, tb = conn.recv()
+                outcomes.append(value)
+                tracebacks.append(tb if status == "err" else None)
+        except (EOFError, OSError) as exc:  # a rank died: its pipe closed or reset
+            codes = [p.exitcode for p in self._procs]
+            self.close(force=True)
+            raise WorldDied(f"a rank died while running {name} (exit codes by rank: {codes})") from exc
         if any(tracebacks) and not return_exceptions:
             raise RankError(outcomes, tracebacks)
         return outcomes
