@@ -81,13 +81,10 @@ def _timed(fn, repeats: int, warmup: int, device, barrier) -> List[float]:
     return times
 
 
-def dense_on_one_process(cfg: BenchConfig) -> Dict:
-    """Dense SDPA over the whole sequence: times, and the outputs the strategies must match."""
+def _dense_fns(cfg: BenchConfig, tensors):
     import torch.nn.functional as F
 
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    q, k, v, do = _global_inputs(cfg, device)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    q, k, v, do = tensors
 
     def forward():
         return F.scaled_dot_product_attention(
@@ -95,55 +92,116 @@ def dense_on_one_process(cfg: BenchConfig) -> Dict:
             enable_gqa=cfg.heads != cfg.kv_heads,
         ).transpose(1, 2)
 
-    def forward_backward():
-        q.grad = k.grad = v.grad = None
-        forward().backward(do)
-
-    with torch.no_grad():
-        fwd = _timed(forward, cfg.repeats, cfg.warmup, device, lambda: None)
-    fwd_bwd = _timed(forward_backward, cfg.repeats, cfg.warmup, device, lambda: None)
-    out = forward().detach()
-    return {
-        "forward": fwd, "forward_backward": fwd_bwd, "threads": torch.get_num_threads(),
-        "out": out.cpu(), "dq": q.grad.cpu(), "dk": k.grad.cpu(), "dv": v.grad.cpu(),
-    }
+    return forward, q, k, v, do
 
 
-def strategy_on_rank(cfg: BenchConfig, strategy: str) -> Dict:
-    """Run one strategy collectively; returns this rank's times, bytes and local results."""
+def _strategy_fns(cfg: BenchConfig, strategy: str, layout, tensors):
+    import seqpar
+
+    q, k, v, do = (layout.shard(t).contiguous() for t in tensors)
+
+    def forward():
+        return seqpar.attention(q, k, v, layout=layout, causal=cfg.causal, strategy=strategy, backend=cfg.backend)
+
+    return forward, q, k, v, do
+
+
+def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
+    """Every contestant, interleaved round by round so that drift in the machine's speed
+    hits all of them alike. Dense runs on rank 0 alone with every core of the ranks
+    (the others wait at a barrier); strategies run on all ranks with their share."""
     import torch.distributed as dist
 
     import seqpar
     from seqpar.attention import analytic_bytes
 
     device = _device()
+    rank = dist.get_rank()
+    rank_threads = torch.get_num_threads()
+    dense_threads = rank_threads * dist.get_world_size() if device.type == "cpu" else rank_threads
+    tensors = [t.requires_grad_(i < 3) for i, t in enumerate(_global_inputs(cfg, device))]
     layout = seqpar.SeqLayout(cfg.seq_len, scheme=cfg.scheme)
-    q, k, v, do = (layout.shard(t).contiguous() for t in _global_inputs(cfg, device))
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    contestants = {"dense": _dense_fns(cfg, [t.detach().requires_grad_(i < 3) for i, t in enumerate(tensors)])}
+    for name in strategies:
+        contestants[name] = _strategy_fns(cfg, name, layout, [t.detach() for t in tensors])
+        for t in contestants[name][1:4]:
+            t.requires_grad_()
+    peer_skip = None
+    if peers:
+        peer, peer_skip = _load_torch_ring_peer()
+        if peer is not None:
+            peer_layout = seqpar.SeqLayout(cfg.seq_len, scheme="zigzag" if cfg.scheme == "zigzag" else "contiguous")
+            pq, pk, pv, _ = (peer_layout.shard(t.detach()).contiguous() for t in tensors)
 
-    def forward():
-        return seqpar.attention(q, k, v, layout=layout, causal=cfg.causal, strategy=strategy, backend=cfg.backend)
+            def peer_forward():
+                return peer.torch_ring_forward(pq, pk, pv, causal=cfg.causal, load_balance=cfg.scheme == "zigzag")
 
-    def forward_backward():
-        q.grad = k.grad = v.grad = None
-        forward().backward(do)
+            contestants["torch templated ring (peer)"] = (peer_forward, None, None, None, None)
 
-    with torch.no_grad():
-        fwd = _timed(forward, cfg.repeats, cfg.warmup, device, dist.barrier)
-    fwd_bwd = _timed(forward_backward, cfg.repeats, cfg.warmup, device, dist.barrier)
-    with seqpar.comm.track() as fwd_stats:
-        out = forward()
-    with seqpar.comm.track() as bwd_stats:
-        q.grad = k.grad = v.grad = None
-        out.backward(do)
-    expected = analytic_bytes(strategy, layout, cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim, q.element_size())
-    return {
-        "forward": fwd, "forward_backward": fwd_bwd, "threads": torch.get_num_threads(),
-        "bytes_forward": fwd_stats.bytes_sent(strategy), "bytes_backward": bwd_stats.bytes_sent(strategy),
-        "analytic_forward": expected["forward"], "analytic_backward": expected["backward"],
-        "positions": layout.positions(), "out": out.detach().cpu(),
-        "dq": q.grad.cpu(), "dk": k.grad.cpu(), "dv": v.grad.cpu(),
-    }
+    def run_one(name: str, backward: bool) -> float:
+        forward, q, k, v, do = contestants[name]
+        active = name != "dense" or rank == 0
+        if name == "dense" and active:
+            torch.set_num_threads(dense_threads)
+        dist.barrier()
+        _sync(device)
+        start = time.perf_counter()
+        if active:
+            if backward:
+                q.grad = k.grad = v.grad = None
+                forward().backward(do)
+            else:
+                with torch.no_grad():
+                    forward()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        torch.set_num_threads(rank_threads)
+        return elapsed if active else 0.0
+
+    modes = {name: ((False, True) if contestants[name][1] is not None else (False,)) for name in contestants}
+    times = {(name, bwd): [] for name in contestants for bwd in modes[name]}
+    rounds = cfg.warmup + cfg.repeats
+    for round_ in range(rounds):
+        for name in contestants:
+            for bwd in modes[name]:
+                elapsed = run_one(name, bwd)
+                if round_ >= cfg.warmup:
+                    times[(name, bwd)].append(elapsed)
+                label = "warm-up" if round_ < cfg.warmup else f"round {round_ - cfg.warmup + 1}/{cfg.repeats}"
+                if rank == 0:
+                    _progress(f"  [{label}] {name} {'fwd+bwd' if bwd else 'fwd'}: {elapsed:.3f} s (rank 0)")
+
+    results = {"rank": rank, "threads": rank_threads, "dense_threads": dense_threads, "peer_skipped": peer_skip}
+    for name, (forward, q, k, v, do) in contestants.items():
+        entry = {"forward": times[(name, False)], "forward_backward": times.get((name, True))}
+        if name == "dense" and rank != 0:
+            results[name] = entry
+            continue
+        if name in strategies:
+            with seqpar.comm.track() as fwd_stats:
+                out = forward()
+            with seqpar.comm.track() as bwd_stats:
+                q.grad = k.grad = v.grad = None
+                out.backward(do)
+            expected = analytic_bytes(name, layout, cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim, q.element_size())
+            entry.update(
+                bytes_forward=fwd_stats.bytes_sent(name), bytes_backward=bwd_stats.bytes_sent(name),
+                analytic_forward=expected["forward"], analytic_backward=expected["backward"],
+                positions=layout.positions(),
+            )
+        elif name == "dense":
+            out = forward()
+            q.grad = k.grad = v.grad = None
+            out.backward(do)
+        else:
+            with torch.no_grad():
+                out = forward()
+            entry["positions"] = peer_layout.positions()
+        entry["out"] = out.detach().cpu()
+        if q is not None:
+            entry.update(dq=q.grad.cpu(), dk=k.grad.cpu(), dv=v.grad.cpu())
+        results[name] = entry
+    return results
 
 
 def _load_torch_ring_peer():
@@ -156,29 +214,6 @@ def _load_torch_ring_peer():
     spec.loader.exec_module(module)
     reason = module.available()
     return (module, None) if reason is None else (None, reason)
-
-
-def torch_ring_on_rank(cfg: BenchConfig) -> Dict:
-    """Forward of PyTorch's templated ring with the CPU flash op (zigzag = its load balance)."""
-    import torch.distributed as dist
-
-    import seqpar
-
-    peer, reason = _load_torch_ring_peer()
-    if peer is None:
-        return {"skipped": reason}
-    device = _device()
-    balanced = cfg.scheme == "zigzag"
-    layout = seqpar.SeqLayout(cfg.seq_len, scheme="zigzag" if balanced else "contiguous")
-    q, k, v, _ = (layout.shard(t).contiguous() for t in _global_inputs(cfg, device))
-
-    def forward():
-        return peer.torch_ring_forward(q, k, v, causal=cfg.causal, load_balance=balanced)
-
-    with torch.no_grad():
-        fwd = _timed(forward, cfg.repeats, cfg.warmup, device, dist.barrier)
-        out = forward()
-    return {"forward": fwd, "positions": layout.positions(), "out": out.cpu()}
 
 
 # -- the driver -----------------------------------------------------------------------
@@ -196,9 +231,8 @@ def _assemble(results: List[Dict], name: str, seq_dim_size: int) -> torch.Tensor
     return full
 
 
-def _median_of_slowest(results: List[Dict], key: str) -> float:
-    per_repeat = [max(times) for times in zip(*(r[key] for r in results))]
-    return statistics.median(per_repeat)
+def _slowest_per_repeat(results: List[Dict], key: str) -> List[float]:
+    return [max(times) for times in zip(*(r[key] for r in results))]
 
 
 def _format_bytes(n: Optional[float]) -> str:
@@ -218,12 +252,14 @@ def machine_description() -> str:
 
 
 def _is_main() -> bool:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
     return os.environ.get("RANK", "0") == "0"
 
 
-def _progress(step: int, total: int, text: str) -> None:
+def _progress(text: str) -> None:
     if _is_main():
-        print(f"[{step}/{total}] {text}", file=sys.stderr, flush=True)
+        print(text, file=sys.stderr, flush=True)
 
 
 def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = True, json_path: Optional[str] = None) -> Dict:
@@ -232,52 +268,44 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
 
     names = list(strategies or registered_strategies())
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    total = 1 + len(names) + int(peers)
     cores = os.cpu_count() or 1
-    step = 1
-    _progress(step, total, f"dense SDPA, one process, {cores if not launched else 'its'} threads "
-                           f"(N={cfg.seq_len}, H={cfg.heads}, D={cfg.head_dim}, {cfg.dtype}, causal={cfg.causal})")
+    if _is_main():
+        print(f"seqpar bench: P={cfg.world_size}, N={cfg.seq_len}, H={cfg.heads}, H_kv={cfg.kv_heads}, "
+              f"D={cfg.head_dim}, {cfg.dtype}, causal={cfg.causal}, scheme={cfg.scheme}; contestants: dense, "
+              f"{', '.join(names)}{', torch templated ring' if peers else ''}; "
+              f"{cfg.warmup} warm-up + {cfg.repeats} timed rounds, interleaved", file=sys.stderr, flush=True)
     if launched:
         runner = _TorchrunRunner(cfg)
-        dense = runner.dense()
     else:
-        dense_world = LocalWorld(1, threads_per_rank=cores)
-        try:
-            dense = dense_world.run(dense_on_one_process, cfg, timeout=3600)[0]
-        finally:
-            dense_world.close()
         runner = LocalWorld(cfg.world_size, threads_per_rank=max(1, cores // cfg.world_size))
-    rows = [{
-        "name": "dense (1 process)", "forward_s": statistics.median(dense["forward"]),
-        "forward_backward_s": statistics.median(dense["forward_backward"]), "threads": dense["threads"],
-    }]
     try:
-        for name in names:
-            step += 1
-            _progress(step, total, f"{name}: {cfg.world_size} ranks, scheme {cfg.scheme}")
-            res = runner.run(strategy_on_rank, cfg, name, timeout=3600)
-            errors = {g: _rel_err(_assemble(res, g, cfg.seq_len), dense[g]) for g in ("out", "dq", "dk", "dv")}
-            rows.append({
-                "name": name, "forward_s": _median_of_slowest(res, "forward"),
-                "forward_backward_s": _median_of_slowest(res, "forward_backward"), "threads": res[0]["threads"],
-                "bytes_forward": max(r["bytes_forward"] for r in res), "analytic_forward": max(r["analytic_forward"] for r in res),
-                "bytes_backward": max(r["bytes_backward"] for r in res), "analytic_backward": max(r["analytic_backward"] for r in res),
-                "max_rel_err": max(errors.values()), "errors": errors,
-            })
-        if peers:
-            step += 1
-            _progress(step, total, "peer: PyTorch templated ring (forward only)")
-            res = runner.run(torch_ring_on_rank, cfg, timeout=3600)
-            if "skipped" in res[0]:
-                rows.append({"name": "torch templated ring", "skipped": res[0]["skipped"]})
-            else:
-                rows.append({
-                    "name": "torch templated ring (peer)", "forward_s": _median_of_slowest(res, "forward"),
-                    "threads": max(1, cores // cfg.world_size),
-                    "max_rel_err": _rel_err(_assemble(res, "out", cfg.seq_len), dense["out"]),
-                })
+        res = runner.run(bench_on_rank, cfg, names, peers, timeout=4 * 3600)
     finally:
         runner.close()
+    dense = res[0]["dense"]
+    rows = [{"name": f"dense ({res[0]['dense_threads']} threads, 1 process)", "threads": res[0]["dense_threads"],
+             "forward_times_s": dense["forward"], "forward_backward_times_s": dense["forward_backward"]}]
+    for name in [n for n in res[0] if n not in ("dense", "rank", "threads", "dense_threads", "peer_skipped")]:
+        per_rank = [r[name] for r in res]
+        row = {"name": name, "threads": res[0]["threads"],
+               "forward_times_s": _slowest_per_repeat(per_rank, "forward")}
+        if per_rank[0]["forward_backward"]:
+            row["forward_backward_times_s"] = _slowest_per_repeat(per_rank, "forward_backward")
+        if "bytes_forward" in per_rank[0]:
+            for key in ("bytes_forward", "analytic_forward", "bytes_backward", "analytic_backward"):
+                row[key] = max(r[key] for r in per_rank)
+        grads = ("out", "dq", "dk", "dv") if "dq" in per_rank[0] else ("out",)
+        row["errors"] = {g: _rel_err(_assemble(per_rank, g, cfg.seq_len), dense[g]) for g in grads}
+        row["max_rel_err"] = max(row["errors"].values())
+        rows.append(row)
+    if res[0]["peer_skipped"]:
+        rows.append({"name": "torch templated ring", "skipped": res[0]["peer_skipped"]})
+    for row in rows:
+        for key in ("forward", "forward_backward"):
+            if row.get(f"{key}_times_s"):
+                times = row[f"{key}_times_s"]
+                row[f"{key}_s"] = statistics.median(times)
+                row[f"{key}_spread"] = (max(times) - min(times)) / statistics.median(times)
     dense_fwd, dense_fb = rows[0]["forward_s"], rows[0]["forward_backward_s"]
     for row in rows:
         if "forward_s" in row:
@@ -305,13 +333,14 @@ def format_table(report: Dict) -> str:
         f"B={cfg['batch']}, H={cfg['heads']}, H_kv={cfg['kv_heads']}, D={cfg['head_dim']}, {cfg['dtype']}, "
         f"causal={cfg['causal']}, scheme={cfg['scheme']}, backend={cfg['backend']}",
         "",
-        "| strategy | fwd (s) | fwd / dense | fwd+bwd (s) | fwd+bwd / dense | bytes/rank fwd (analytic) | bytes/rank bwd (analytic) | max rel err |",
+        "| strategy | fwd (s) | fwd / dense | fwd+bwd (s) | fwd+bwd / dense | bytes/rank fwd (analytic) | bytes/rank bwd (analytic) | max rel err vs dense |",
         "|---|---|---|---|---|---|---|---|",
     ]
 
     def num(row, key, fmt):
         return format(row[key], fmt) if key in row else "-"
 
+    lines.insert(1, f"median of {cfg['repeats']} interleaved rounds, slowest rank per round; {report['date']}")
     for row in report["rows"]:
         if "skipped" in row:
             lines.append(f"| {row['name']} | skipped: {row['skipped']} | | | | | | |")
@@ -340,13 +369,6 @@ class _TorchrunRunner:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if dist.get_world_size() != cfg.world_size:
             cfg.world_size = dist.get_world_size()
-
-    def dense(self) -> Dict:
-        import torch.distributed as dist
-
-        result = [dense_on_one_process(self.cfg)] if dist.get_rank() == 0 else [None]
-        dist.broadcast_object_list(result, src=0)
-        return result[0]
 
     def run(self, fn, *args, timeout=None):
         import torch.distributed as dist

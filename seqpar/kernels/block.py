@@ -265,6 +265,32 @@ def sdpa_backward(do, q, k, v, out, lse, scale, offset):
     return pieces_backward(_sdpa_piece_backward, do, q, k, v, out, lse, scale, offset)
 
 
+# -- memory layout --------------------------------------------------------------------
+
+def heads_major(backend: str) -> bool:
+    """Whether `backend` runs fastest on `[B, H, n, D]`-contiguous memory (measured: the
+    CPU flash op is 5-10% faster on it than on `[B, n, H, D]`), else on `[B, n, H, D]`."""
+    return backend == "sdpa"
+
+
+def to_kernel_layout(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """`x` `[..., n, H, D]` copied (if needed) into the memory layout `backend` prefers;
+    the shape stays `[..., n, H, D]`, only strides change."""
+    if heads_major(backend):
+        return x.transpose(-3, -2).contiguous().transpose(-3, -2)
+    return x.contiguous()
+
+
+def empty_in_kernel_layout(shape, backend: str, **kwargs):
+    """(storage, view): contiguous storage for communication, and its `[..., n, H, D]` view."""
+    shape = tuple(shape)
+    if heads_major(backend):
+        storage = torch.empty(shape[:-3] + (shape[-2], shape[-3], shape[-1]), **kwargs)
+        return storage, storage.transpose(-3, -2)
+    storage = torch.empty(shape, **kwargs)
+    return storage, storage
+
+
 # -- registry and selection -----------------------------------------------------------
 
 ForwardFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]

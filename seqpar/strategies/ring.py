@@ -30,59 +30,88 @@ from ..kernels.merge import merge_
 from ..layout import SeqLayout, visible_blocks
 
 
-def _kv_shape(k: torch.Tensor, n: int):
-    return (2, k.shape[0], n, k.shape[2], k.shape[3])
+def _kv_buffer(k: torch.Tensor, n: int, backend: str, dtype=None):
+    """(storage, view) for the K/V (or dK/dV) of an n-token rank: `view[0]`, `view[1]`
+    are `[B, n, H_kv, D]` in the kernel's preferred layout; `storage` is what travels."""
+    b, _, h_kv, d = k.shape
+    return block_kernels.empty_in_kernel_layout(
+        (2, b, n, h_kv, d), backend, dtype=dtype or k.dtype, device=k.device
+    )
+
+
+def _pack_kv(k, v, backend):
+    storage, view = _kv_buffer(k, k.shape[1], backend)
+    view[0].copy_(k)
+    view[1].copy_(v)
+    return storage, view
 
 
 def _ring_forward(q, k, v, layout: SeqLayout, causal: bool, scale: float, backend: str):
+    """q in the kernel layout; returns (out [B, n, H, D] acc dtype, lse [B, H, n] acc dtype)."""
     rank, world = layout.rank, layout.world_size
     fwd, _ = block_kernels.kernels(backend, q, k)
     acc = block_kernels.acc_dtype(q.dtype)
     b, nq, h, d = q.shape
-    out = torch.zeros(b, nq, h, d, dtype=acc, device=q.device)
+    _, out = block_kernels.empty_in_kernel_layout((b, nq, h, d), backend, dtype=acc, device=q.device)
     # lse accumulates in fp64: it is only [B, H, n], and each merge would otherwise round
     # it by an ulp of |lse|, an error that saturated softmax rows amplify in the gradients
-    lse = torch.full((b, h, nq), float("-inf"), dtype=torch.float64, device=q.device)
-    kv = torch.stack([k, v])
+    lse = torch.empty((b, h, nq), dtype=torch.float64, device=q.device)
+    empty = True  # nothing written yet: the first block covering every row is copied, not merged
+    kv_storage, kv = _pack_kv(k, v, backend)
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     for step in range(world):
         src = (rank - step) % world
         exchange = None
         if step < world - 1:
-            incoming = kv.new_empty(_kv_shape(k, layout.local_len_of((src - 1) % world)))
-            exchange = p2p.post([(kv, nxt)], [(incoming, prv)], layout.group, op="ring.forward.kv")
+            incoming = _kv_buffer(k, layout.local_len_of((src - 1) % world), backend)
+            exchange = p2p.post([(kv_storage, nxt)], [(incoming[0], prv)], layout.group, op="ring.forward.kv")
         for blk in visible_blocks(layout, rank, src, causal):
             ks = slice(blk.k_start, blk.k_start + blk.k_len)
             qs = slice(blk.q_start, blk.q_start + blk.q_len)
             part_out, part_lse = fwd(q[:, qs], kv[0][:, ks], kv[1][:, ks], scale, blk.offset)
-            merge_(out[:, qs], lse[:, :, qs], part_out, part_lse)
+            if empty and blk.q_len == nq:
+                out.copy_(part_out)
+                lse.copy_(part_lse)
+            else:
+                if empty:
+                    out.zero_()
+                    lse.fill_(float("-inf"))
+                merge_(out[:, qs], lse[:, :, qs], part_out, part_lse)
+            empty = False
         if exchange is not None:
-            (kv,) = exchange.wait()
+            exchange.wait()
+            kv_storage, kv = incoming
+    if empty:  # no block at all (no rows): keep the -inf/0 convention
+        out.zero_()
+        lse.fill_(float("-inf"))
     return out, lse.to(acc)
 
 
 def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal: bool, scale: float, backend: str):
+    """do, q, out in the kernel layout; returns dq, dk, dv in the acc dtype."""
     rank, world = layout.rank, layout.world_size
     _, bwd = block_kernels.kernels(backend, q, k)
     acc = block_kernels.acc_dtype(q.dtype)
     nxt, prv = (rank + 1) % world, (rank - 1) % world
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = torch.stack([k, v])
-    dkv = None  # fp32 gradient of the K/V held at this step, accumulated along the ring
+    _, dq = block_kernels.empty_in_kernel_layout(q.shape, backend, dtype=acc, device=q.device)
+    dq.zero_()
+    kv_storage, kv = _pack_kv(k, v, backend)
+    dkv_storage = None  # fp32 gradient of the K/V held at this step, accumulated along the ring
     for step in range(world):
         src = (rank - step) % world
         sends, recvs = [], []
         if step < world - 1:
-            next_kv = kv.new_empty(_kv_shape(k, layout.local_len_of((src - 1) % world)))
-            sends.append((kv, nxt))
-            recvs.append((next_kv, prv))
-        if dkv is not None:
+            next_kv = _kv_buffer(k, layout.local_len_of((src - 1) % world), backend)
+            sends.append((kv_storage, nxt))
+            recvs.append((next_kv[0], prv))
+        if dkv_storage is not None:
             # the previous step's dK/dV go on one hop, in the same batch as the K/V
-            incoming_dkv = dkv.new_empty(_kv_shape(k, layout.local_len_of(src)))
-            sends.append((dkv, nxt))
-            recvs.append((incoming_dkv, prv))
+            incoming_dkv = _kv_buffer(k, layout.local_len_of(src), backend, dtype=acc)
+            sends.append((dkv_storage, nxt))
+            recvs.append((incoming_dkv[0], prv))
         exchange = p2p.post(sends, recvs, layout.group, op="ring.backward") if sends else None
-        part = torch.zeros(_kv_shape(k, layout.local_len_of(src)), dtype=acc, device=q.device)
+        part_storage, part = _kv_buffer(k, layout.local_len_of(src), backend, dtype=acc)
+        part_storage.zero_()
         for blk in visible_blocks(layout, rank, src, causal):
             ks = slice(blk.k_start, blk.k_start + blk.k_len)
             qs = slice(blk.q_start, blk.q_start + blk.q_len)
@@ -93,16 +122,16 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal: bool, scale
             part[0][:, ks] += dk_b
             part[1][:, ks] += dv_b
         if exchange is not None:
-            received = exchange.wait()
+            exchange.wait()
             if step < world - 1:
-                kv = received[0]
-            if dkv is not None:
-                part += received[-1]
-        dkv = part
+                kv_storage, kv = next_kv
+            if dkv_storage is not None:
+                part_storage += incoming_dkv[0]
+        dkv_storage, dkv = part_storage, part
     if world > 1:
         # dK/dV of rank r+1's K/V are here; one more hop brings everyone's home
-        home = dkv.new_empty(_kv_shape(k, layout.local_len))
-        (dkv,) = p2p.post([(dkv, nxt)], [(home, prv)], layout.group, op="ring.backward").wait()
+        home_storage, dkv = _kv_buffer(k, layout.local_len, backend, dtype=acc)
+        p2p.post([(dkv_storage, nxt)], [(home_storage, prv)], layout.group, op="ring.backward").wait()
     return dq, dkv[0], dkv[1]
 
 
@@ -121,17 +150,21 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
 class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, causal, scale, backend):
-        out, lse = _ring_forward(q, k, v, layout, causal, scale, backend)
+        q_k = block_kernels.to_kernel_layout(q, backend)
+        out, lse = _ring_forward(q_k, k, v, layout, causal, scale, backend)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q_k, k, v, out, lse)
         ctx.args = (layout, causal, scale, backend)
-        return out
+        # the caller gets the usual [B, n, H, D]-contiguous layout
+        return out.contiguous()
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(do.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        q_k, k, v, out, lse = ctx.saved_tensors
+        layout, causal, scale, backend = ctx.args
+        do = block_kernels.to_kernel_layout(do, backend)
+        dq, dk, dv = _ring_backward(do, q_k, k, v, out, lse, layout, causal, scale, backend)
+        return dq.to(q_k.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def ring_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto", **options):
