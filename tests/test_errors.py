@@ -14,7 +14,7 @@ def _qkv(n=6, b=1, h=4, h_kv=2, d=8, dtype=torch.float32):
 
 q, k, v = _qkv()
 LOCAL_CASES = [
-    ("q_not_tensor", dict(q=q.numpy()), TypeError, "q: expected a torch.Tensor"),
+    ("q_not_tensor", dict(q=q.tolist()), TypeError, "q: expected a torch.Tensor"),
     ("q_3d", dict(q=q[0]), ValueError, r"q: expected 4 dims \[batch, seqlen, heads, head_dim\], got shape \(6, 4, 8\)"),
     ("k_dtype", dict(k=k.double()), ValueError, "k: expected dtype torch.float32 .that of q., got torch.float64"),
     ("int_dtype", dict(q=q.int(), k=k.int(), v=v.int()), ValueError, "q: expected dtype in"),
