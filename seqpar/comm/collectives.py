@@ -1,6 +1,7 @@
 """Collectives with uneven sizes, counted in `seqpar.comm.stats`."""
 from __future__ import annotations
 
+import pickle
 from typing import List, Sequence
 
 import torch
@@ -49,7 +50,12 @@ def all_reduce_max(x: torch.Tensor, group, op: str) -> None:
 
 
 def all_gather_object(obj, group, op: str) -> list:
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    stats.record(op, 0, 0)
-    return out
+    """Every rank's picklable `obj`, by rank. (torch's own version needs numpy.)"""
+    device = device_of(group)
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.int64, device=device), group=group)
+    lengths = [int(t.item()) for t in sizes]
+    shards = all_gather_uneven(payload, lengths, group, op)
+    return [pickle.loads(bytes(shard.cpu().tolist())) for shard in shards]
