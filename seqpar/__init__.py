@@ -1,11 +1,14 @@
 """seqpar: sequence-parallel (context-parallel) attention for long-context transformers.
 
-Public contract: `SeqLayout`, `attention`, `ring_attention` (see README and API.md).
+Public contract: `SeqLayout`, `attention` and one function per strategy (see README).
 """
 from . import comm
 from ._version import __version__
 from .attention import attention
 from .layout import SeqLayout
+from .strategies.allgather import allgather_attention
 from .strategies.ring import ring_attention
+from .strategies.ulysses import ulysses_attention
+from .strategies.usp import usp_attention
 
-__all__ = ["SeqLayout", "attention", "ring_attention", "comm", "__version__"]
+__all__ = ["SeqLayout", "attention", "ring_attention", "allgather_attention", "ulysses_attention", "usp_attention", "comm", "__version__"]

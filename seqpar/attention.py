@@ -25,20 +25,22 @@ KNOWN_STRATEGIES = ("ring", "ulysses", "usp", "allgather", "token_ring")
 @dataclass(frozen=True)
 class Strategy:
     apply: Callable  # (q, k, v, layout, causal, scale, backend, options) -> out
-    analytic_bytes: Callable  # (layout, batch, heads, kv_heads, head_dim, element_size) -> {"forward", "backward"}
+    analytic_bytes: Callable  # (layout, batch, heads, kv_heads, head_dim, element_size, **options) -> {"forward", "backward"}
     options: FrozenSet[str] = frozenset()
+    check: Callable = None  # (q, k, v, layout, options): raises ValueError if it cannot serve
 
 
 _REGISTRY: Dict[str, Strategy] = {}
 
 
-def register_strategy(name: str, apply: Callable, analytic_bytes: Callable, options=()) -> None:
-    _REGISTRY[name] = Strategy(apply, analytic_bytes, frozenset(options))
+def register_strategy(name: str, apply: Callable, analytic_bytes: Callable, options=(), check: Callable = None) -> None:
+    _REGISTRY[name] = Strategy(apply, analytic_bytes, frozenset(options), check)
 
 
-def analytic_bytes(strategy: str, layout, batch: int, heads: int, kv_heads: int, head_dim: int, element_size: int):
+def analytic_bytes(strategy: str, layout, batch: int, heads: int, kv_heads: int, head_dim: int, element_size: int,
+                   **options):
     """Bytes a rank of `layout` sends in one forward and one backward of `strategy`."""
-    return _REGISTRY[strategy].analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size)
+    return _REGISTRY[strategy].analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size, **options)
 
 
 def registered_strategies():
@@ -149,6 +151,8 @@ def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=
             raise ValueError(
                 f"options: strategy {name!r} takes {sorted(_REGISTRY[name].options) or 'no options'}, got {unknown}"
             )
+        if _REGISTRY[name].check is not None:
+            _REGISTRY[name].check(q, k, v, layout, options)
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         concrete_backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale)
@@ -175,9 +179,13 @@ def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, strateg
 
 
 def _register_builtin() -> None:
-    from .strategies import ring
+    from .strategies import allgather, ring, ulysses, usp
 
     register_strategy("ring", ring._apply, ring.analytic_bytes)
+    register_strategy("ulysses", ulysses._apply, ulysses.analytic_bytes, check=ulysses._check)
+    register_strategy("usp", usp._apply, usp.analytic_bytes, options=("ulysses_size",), check=usp._check)
+    register_strategy("allgather", allgather._apply, allgather.analytic_bytes, options=("kv_head_chunk",),
+                      check=allgather._check)
 
 
 _register_builtin()

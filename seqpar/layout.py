@@ -238,7 +238,7 @@ def visible_blocks(layout: SeqLayout, q_rank: int, k_rank: int, causal: bool) ->
         return []
     if not causal:
         return [Block(0, nq, 0, nk, None)]
-    if q_rank == k_rank:
+    if q_rank == k_rank and _ascending(layout.runs(q_rank)):
         # positions ascend in local order, so local causality is global causality
         return [Block(0, nq, 0, nk, 0)]
     rows = []
@@ -275,10 +275,76 @@ def visible_blocks(layout: SeqLayout, q_rank: int, k_rank: int, causal: bool) ->
     return blocks
 
 
-def block_mask(nq: int, nk: int, offset: Optional[int], device=None) -> Optional[torch.Tensor]:
-    """Boolean `[nq, nk]` visibility of a block (None when every key is visible)."""
-    if offset is None:
-        return None
-    i = torch.arange(nq, device=device)[:, None]
-    j = torch.arange(nk, device=device)[None, :]
-    return j <= i + offset
+def _ascending(runs: List[Run]) -> bool:
+    """Whether the positions of `runs`, stored one after the other, ascend."""
+    if len(runs) == 1:
+        return True
+    return all(
+        a.stride == 1 and b.stride == 1 and a.start + a.length <= b.start for a, b in zip(runs, runs[1:])
+    )
+
+
+class GroupLayout:
+    """The layout seen by a ring whose members are *groups* of ranks (USP's outer level).
+
+    Member g of the ring holds the tokens of the ranks `groups[g]` of `layout`, stored as
+    the runs below (adjacent stride-1 runs coalesced and sorted; stride-P runs in rank
+    order). It offers what the ring loops read from a SeqLayout: `rank`, `world_size`,
+    `group` (the ring's process group), `seq_len`, `local_len`, `local_len_of`, `runs`.
+    """
+
+    def __init__(self, layout: SeqLayout, groups: List[List[int]], ring_rank: int, ring_group):
+        self.base = layout
+        self.seq_len = layout.seq_len
+        self.world_size = len(groups)
+        self.rank = ring_rank
+        self.group = ring_group
+        self._runs = [self._coalesce([run for r in members for run in layout.runs(r) if run.length]) for members in groups]
+        self._lens = [sum(run.length for run in runs) for runs in self._runs]
+        self._members = groups
+
+    @staticmethod
+    def _coalesce(runs: List[Run]) -> List[Run]:
+        if runs and all(run.stride == 1 for run in runs):
+            runs = sorted(runs, key=lambda run: run.start)
+            merged = [runs[0]]
+            for run in runs[1:]:
+                last = merged[-1]
+                if last.start + last.length == run.start:
+                    merged[-1] = Run(last.start, last.length + run.length, 1, 0)
+                else:
+                    merged.append(run)
+            runs = merged
+        elif runs and sum(run.length for run in runs) and _covers_a_range(runs):
+            total = sum(run.length for run in runs)
+            runs = [Run(min(run.start for run in runs), total, 1, 0)]
+        out, offset = [], 0
+        for run in runs:
+            out.append(Run(run.start, run.length, run.stride, offset))
+            offset += run.length
+        return out
+
+    def runs(self, rank: Optional[int] = None) -> List[Run]:
+        return self._runs[self.rank if rank is None else rank]
+
+    def local_len_of(self, rank: int) -> int:
+        return self._lens[rank]
+
+    @property
+    def local_len(self) -> int:
+        return self._lens[self.rank]
+
+    def local_index(self, member: int) -> torch.Tensor:
+        """Where rank `member`'s tokens (in its local order) sit in its group's storage."""
+        g = next(i for i, members in enumerate(self._members) if member in members)
+        storage_positions = torch.cat([
+            torch.arange(run.start, run.start + run.stride * run.length, run.stride) for run in self._runs[g]
+        ])
+        order = torch.empty(self.seq_len, dtype=torch.long)
+        order[storage_positions] = torch.arange(len(storage_positions))
+        return order[self.base.positions_of(member)]
+
+
+def _covers_a_range(runs: List[Run]) -> bool:
+    positions = torch.cat([torch.arange(r.start, r.start + r.stride * r.length, r.stride) for r in runs]).sort().values
+    return bool(torch.equal(positions, torch.arange(int(positions[0]), int(positions[0]) + len(positions))))

@@ -10,21 +10,45 @@ import torch.distributed as dist
 from . import stats
 
 
-def all_gather_uneven(x: torch.Tensor, sizes: Sequence[int], group, op: str) -> List[torch.Tensor]:
-    """Gather every rank's `x` (dim 0 of size `sizes[rank]`); returns the list by rank.
+def all_gather_uneven_async(x: torch.Tensor, sizes: Sequence[int], group, op: str):
+    """Post an all-gather of every rank's `x` (dim 0 of size `sizes[rank]`).
 
-    Shards are padded to the largest size on the wire, so the bytes are
-    `(P - 1) * max(sizes) * row_bytes` received per rank.
+    Returns `(handle or None, buffers)`: after `handle.wait()`, `buffers[r][:sizes[r]]` is
+    rank r's shard. Shards are padded to the largest size on the wire, so each rank sends
+    and receives `(P - 1) * max(sizes) * row_bytes`.
     """
+    world = len(sizes)
+    if world == 1:
+        return None, [x]
     longest = max(sizes)
     row_shape = tuple(x.shape[1:])
     if x.shape[0] < longest:
         x = torch.cat([x, x.new_zeros((longest - x.shape[0],) + row_shape)])
+    x = x.contiguous()
     buffers = [x.new_empty((longest,) + row_shape) for _ in sizes]
-    dist.all_gather(buffers, x.contiguous(), group=group)
-    world = len(sizes)
+    handle = dist.all_gather(buffers, x, group=group, async_op=True)
     stats.record(op, stats.nbytes([x]) * (world - 1), stats.nbytes([x]) * (world - 1))
+    return handle, buffers
+
+
+def all_gather_uneven(x: torch.Tensor, sizes: Sequence[int], group, op: str) -> List[torch.Tensor]:
+    """Every rank's `x` (dim 0 of size `sizes[rank]`), as a list by rank."""
+    handle, buffers = all_gather_uneven_async(x, sizes, group, op)
+    if handle is not None:
+        handle.wait()
     return [buf[:n] for buf, n in zip(buffers, sizes)]
+
+
+def reduce_scatter_sum(parts: List[torch.Tensor], group, op: str) -> torch.Tensor:
+    """Sum over ranks of `parts[r]`, delivered to rank r (all parts the same shape)."""
+    if len(parts) == 1:
+        return parts[0]
+    parts = [p.contiguous() for p in parts]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    moved = stats.nbytes(parts[:1]) * (len(parts) - 1)
+    stats.record(op, moved, moved)
+    return out
 
 
 def all_reduce_sum(x: torch.Tensor, group, op: str) -> None:

@@ -39,14 +39,18 @@ def _kv_buffer(k: torch.Tensor, n: int, backend: str, dtype=None):
     )
 
 
-def _pack_kv(k, v, backend):
+def _pack_kv(k, v, backend, world: int):
+    """K and V in one buffer that can travel; a ring of one member uses them as they are."""
+    if world == 1:
+        return None, (k, v)
     storage, view = _kv_buffer(k, k.shape[1], backend)
     view[0].copy_(k)
     view[1].copy_(v)
     return storage, view
 
 
-def _ring_forward(q, k, v, layout: SeqLayout, causal: bool, scale: float, backend: str):
+def _ring_forward(q, k, v, layout: SeqLayout, causal: bool, scale: float, backend: str,
+                  ring_op: str = "ring.forward.kv"):
     """q in the kernel layout; returns (out [B, n, H, D] acc dtype, lse [B, H, n] acc dtype)."""
     rank, world = layout.rank, layout.world_size
     fwd, _ = block_kernels.kernels(backend, q, k)
@@ -57,14 +61,14 @@ def _ring_forward(q, k, v, layout: SeqLayout, causal: bool, scale: float, backen
     # it by an ulp of |lse|, an error that saturated softmax rows amplify in the gradients
     lse = torch.empty((b, h, nq), dtype=torch.float64, device=q.device)
     empty = True  # nothing written yet: the first block covering every row is copied, not merged
-    kv_storage, kv = _pack_kv(k, v, backend)
+    kv_storage, kv = _pack_kv(k, v, backend, world)
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     for step in range(world):
         src = (rank - step) % world
         exchange = None
         if step < world - 1:
             incoming = _kv_buffer(k, layout.local_len_of((src - 1) % world), backend)
-            exchange = p2p.post([(kv_storage, nxt)], [(incoming[0], prv)], layout.group, op="ring.forward.kv")
+            exchange = p2p.post([(kv_storage, nxt)], [(incoming[0], prv)], layout.group, op=ring_op)
         for blk in visible_blocks(layout, rank, src, causal):
             ks = slice(blk.k_start, blk.k_start + blk.k_len)
             qs = slice(blk.q_start, blk.q_start + blk.q_len)
@@ -87,7 +91,8 @@ def _ring_forward(q, k, v, layout: SeqLayout, causal: bool, scale: float, backen
     return out, lse.to(acc)
 
 
-def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal: bool, scale: float, backend: str):
+def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal: bool, scale: float, backend: str,
+                   ring_op: str = "ring.backward"):
     """do, q, out in the kernel layout; returns dq, dk, dv in the acc dtype."""
     rank, world = layout.rank, layout.world_size
     _, bwd = block_kernels.kernels(backend, q, k)
@@ -95,7 +100,7 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal: bool, scale
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     _, dq = block_kernels.empty_in_kernel_layout(q.shape, backend, dtype=acc, device=q.device)
     dq.zero_()
-    kv_storage, kv = _pack_kv(k, v, backend)
+    kv_storage, kv = _pack_kv(k, v, backend, world)
     dkv_storage = None  # fp32 gradient of the K/V held at this step, accumulated along the ring
     for step in range(world):
         src = (rank - step) % world
@@ -109,7 +114,7 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal: bool, scale
             incoming_dkv = _kv_buffer(k, layout.local_len_of(src), backend, dtype=acc)
             sends.append((dkv_storage, nxt))
             recvs.append((incoming_dkv[0], prv))
-        exchange = p2p.post(sends, recvs, layout.group, op="ring.backward") if sends else None
+        exchange = p2p.post(sends, recvs, layout.group, op=ring_op) if sends else None
         part_storage, part = _kv_buffer(k, layout.local_len_of(src), backend, dtype=acc)
         part_storage.zero_()
         for blk in visible_blocks(layout, rank, src, causal):
@@ -131,12 +136,12 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal: bool, scale
     if world > 1:
         # dK/dV of rank r+1's K/V are here; one more hop brings everyone's home
         home_storage, dkv = _kv_buffer(k, layout.local_len, backend, dtype=acc)
-        p2p.post([(dkv_storage, nxt)], [(home_storage, prv)], layout.group, op="ring.backward").wait()
+        p2p.post([(dkv_storage, nxt)], [(home_storage, prv)], layout.group, op=ring_op).wait()
     return dq, dkv[0], dkv[1]
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
-                   element_size: int) -> Dict[str, int]:
+                   element_size: int, **options) -> Dict[str, int]:
     """Bytes this rank sends (and receives) in the forward and the backward, exactly."""
     rank, world = layout.rank, layout.world_size
     per_token = 2 * batch * kv_heads * head_dim

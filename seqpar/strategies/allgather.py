@@ -1,0 +1,161 @@
+"""All-gather KV (the llama3 context-parallel approach): gather K/V, attend locally.
+
+Every rank all-gathers K and V (with H_kv heads, uneven shards padded to the longest on
+the wire), then attends its own queries to every rank's keys: one block call per
+(source rank, visible block) from `layout.visible_blocks`, merged with the one merge, so
+masks follow global positions for every scheme. The backward gathers K/V again (nothing
+of size N is kept between the passes), accumulates dK/dV for every rank's keys in fp32
+and reduce-scatters them to their owners.
+
+`kv_head_chunk=c` processes the KV heads c at a time (with their G query heads each):
+peak memory for gathered K/V is `2 B N c D` instead of `2 B N H_kv D`, and the gather of
+the next chunk is posted before the current chunk is computed.
+
+Volume per rank (`n_max` the longest local length, `e` the element size):
+    forward:  (P-1) 2 B n_max H_kv D e               (all-gather of K, V)
+    backward: (P-1) 2 B n_max H_kv D e               (the same gather again)
+            + (P-1) 2 B n_max H_kv D 4               (reduce-scatter of dK, dV in fp32;
+                                                      8 bytes for fp64 inputs)
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..comm import collectives
+from ..kernels import block as block_kernels
+from ..kernels.merge import merge_
+from ..layout import SeqLayout, visible_blocks
+
+
+def _chunks(kv_heads: int, chunk: Optional[int]):
+    step = kv_heads if chunk is None else chunk
+    return [(a, min(kv_heads, a + step)) for a in range(0, kv_heads, step)]
+
+
+class _Gather:
+    """All-gather of one KV-head chunk, posted now, waited on by `result()`."""
+
+    def __init__(self, k, v, heads, layout: SeqLayout, op: str):
+        a, b = heads
+        local = torch.stack([k[:, :, a:b], v[:, :, a:b]], dim=1)  # [B, 2, n, c, D]
+        local = local.transpose(0, 2).contiguous()  # [n, 2, B, c, D]: rows are tokens
+        self.lens = layout.local_lens
+        self.handle, self.buffers = collectives.all_gather_uneven_async(local, self.lens, layout.group, op)
+
+    def result(self) -> List[torch.Tensor]:
+        """Per source rank, `[2, B, n_src, c, D]` (views)."""
+        if self.handle is not None:
+            self.handle.wait()
+        return [buf[:n].permute(1, 2, 0, 3, 4) for buf, n in zip(self.buffers, self.lens)]
+
+
+def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, chunk):
+    rank = layout.rank
+    fwd, _ = block_kernels.kernels(backend, q, k)
+    acc = block_kernels.acc_dtype(q.dtype)
+    b, nq, h, d = q.shape
+    group = h // k.shape[2]
+    out = torch.zeros(b, nq, h, d, dtype=acc, device=q.device)
+    lse = torch.full((b, h, nq), float("-inf"), dtype=torch.float64, device=q.device)
+    chunks = _chunks(k.shape[2], chunk)
+    pending = _Gather(k, v, chunks[0], layout, "allgather.forward.kv")
+    for i, (a, c_end) in enumerate(chunks):
+        kvs = pending.result()
+        if i + 1 < len(chunks):
+            pending = _Gather(k, v, chunks[i + 1], layout, "allgather.forward.kv")
+        heads = slice(a * group, c_end * group)
+        for src, kv in enumerate(kvs):
+            for blk in visible_blocks(layout, rank, src, causal):
+                qs = slice(blk.q_start, blk.q_start + blk.q_len)
+                ks = slice(blk.k_start, blk.k_start + blk.k_len)
+                part_out, part_lse = fwd(q[:, qs, heads], kv[0][:, ks], kv[1][:, ks], scale, blk.offset)
+                merge_(out[:, qs, heads], lse[:, heads, qs], part_out, part_lse)
+    return out, lse.to(acc)
+
+
+def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, chunk):
+    rank, world = layout.rank, layout.world_size
+    _, bwd = block_kernels.kernels(backend, q, k)
+    acc = block_kernels.acc_dtype(q.dtype)
+    group = q.shape[2] // k.shape[2]
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.empty(k.shape, dtype=acc, device=q.device)
+    dv = torch.empty(v.shape, dtype=acc, device=q.device)
+    chunks = _chunks(k.shape[2], chunk)
+    longest = max(layout.local_lens)
+    pending = _Gather(k, v, chunks[0], layout, "allgather.backward.kv")
+    for i, (a, c_end) in enumerate(chunks):
+        kvs = pending.result()
+        if i + 1 < len(chunks):
+            pending = _Gather(k, v, chunks[i + 1], layout, "allgather.backward.kv")
+        heads = slice(a * group, c_end * group)
+        # dK/dV of every rank's keys for this chunk, padded rows so the reduce-scatter is even
+        dkv = torch.zeros(world, longest, 2, k.shape[0], c_end - a, k.shape[3], dtype=acc, device=q.device)
+        for src, kv in enumerate(kvs):
+            for blk in visible_blocks(layout, rank, src, causal):
+                qs = slice(blk.q_start, blk.q_start + blk.q_len)
+                ks = slice(blk.k_start, blk.k_start + blk.k_len)
+                dq_b, dk_b, dv_b = bwd(do[:, qs, heads], q[:, qs, heads], kv[0][:, ks], kv[1][:, ks],
+                                       out[:, qs, heads], lse[:, heads, qs], scale, blk.offset)
+                dq[:, qs, heads] += dq_b
+                dkv[src, ks, 0] += dk_b.transpose(0, 1)
+                dkv[src, ks, 1] += dv_b.transpose(0, 1)
+        mine = collectives.reduce_scatter_sum(list(dkv.unbind(0)), layout.group, op="allgather.backward.dkv")
+        mine = mine[: layout.local_len]  # [n, 2, B, c, D]
+        dk[:, :, a:c_end] = mine[:, 0].transpose(0, 1)
+        dv[:, :, a:c_end] = mine[:, 1].transpose(0, 1)
+    return dq, dk, dv
+
+
+class AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, causal, scale, backend, chunk):
+        out, lse = _forward(q, k, v, layout, causal, scale, backend, chunk)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (layout, causal, scale, backend, chunk)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, out, lse, *ctx.args)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
+                   element_size: int, **options) -> Dict[str, int]:
+    """Bytes this rank sends in one forward and one backward, exactly (padding included)."""
+    world = layout.world_size
+    rows = (world - 1) * max(layout.local_lens) * 2 * batch * kv_heads * head_dim
+    grads = 8 if element_size == 8 else 4
+    return {"forward": rows * element_size, "backward": rows * element_size + rows * grads}
+
+
+def _check(q, k, v, layout, options):
+    chunk = options.get("kv_head_chunk")
+    if chunk is None:
+        return
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk:
+        raise ValueError(f"kv_head_chunk: expected a positive int or None, got {chunk!r}")
+
+
+def _apply(q, k, v, layout, causal, scale, backend, options):
+    return AllGatherAttention.apply(q, k, v, layout, causal, scale, backend, options.get("kv_head_chunk"))
+
+
+def allgather_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto",
+                        kv_head_chunk: Optional[int] = None, **options):
+    """Exact attention by all-gathering K/V (llama3 CP); dK/dV return by reduce-scatter.
+
+    `q` `[B, S/P, H, D]`, `k`/`v` `[B, S/P, H_kv, D]` of `layout` (any scheme, uneven
+    lengths). `kv_head_chunk`: gather and process this many KV heads at a time to bound
+    peak memory (default: all at once). Returns `[B, S/P, H, D]` in the input dtype.
+    """
+    from ..attention import run_strategy
+
+    return run_strategy("allgather", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
+                        backend=backend, kv_head_chunk=kv_head_chunk, **options)

@@ -1,0 +1,201 @@
+"""Ulysses (arXiv 2309.14509): trade the sequence shard for a head shard, attend, trade back.
+
+Within a group of U ranks, one all-to-all turns `[B, n_r, H, D]` (this rank's tokens, every
+head) into `[B, n_group, H/U, D]` (every token of the group, this rank's head chunk); q, k
+and v travel in that one all-to-all. The tokens land in the group's storage order (see
+`GroupLayout`: sorted global order whenever the group's positions form a few runs), so
+masks follow global positions for every scheme and uneven lengths. Attention over the
+gathered tokens is the ring loop over a ring of the *groups* (USP) or, for plain Ulysses
+(U = P), a ring of one member with no communication. A second all-to-all returns the
+output. The backward is the transpose: dO travels like q; dQ, dK, dV travel back like
+the output (in the input dtype), and replicated KV heads sum their gradients on return.
+
+KV heads (G = H / H_kv query heads per KV head):
+- `H_kv % U == 0`: member j receives KV heads `[j H_kv/U, (j+1) H_kv/U)`, exactly those its
+  query heads `[j H/U, (j+1) H/U)` use.
+- `U % H_kv == 0`: member j's query heads all use KV head `j // (U / H_kv)`; it receives
+  that one head, so each KV head goes to the U/H_kv members that need it and no further.
+
+Volume per rank (elements; `n_j` = tokens of member j, `h_q = H/U`, `h_kv` = KV heads per
+member, `e` the element size; sums over the other members j != me):
+    forward:  in  sum_j B n_me (h_q + 2 h_kv) D   (q, k, v)
+              out sum_j B n_j  h_q D             (the output back)
+    backward: in  sum_j B n_me h_q D             (dO)
+              out sum_j B n_j (h_q + 2 h_kv) D   (dQ, dK, dV back)
+With equal lengths and U = P: forward `B (N/P) D (2H + 2H_kv') (P-1)/P` with
+`H_kv' = max(H_kv, P)` (replicated heads count once per receiver).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from ..comm.alltoall import all_to_all_rows, split_rows
+from ..kernels import block as block_kernels
+from ..layout import GroupLayout, SeqLayout
+from . import ring
+
+
+def kv_heads_per_member(heads: int, kv_heads: int, size: int) -> int:
+    if kv_heads % size == 0:
+        return kv_heads // size
+    if size % kv_heads == 0:
+        return 1
+    raise ValueError(
+        f"k: Ulysses over {size} ranks needs KV heads divisible by {size} or dividing it, got {kv_heads}"
+    )
+
+
+def head_constraint(heads: int, kv_heads: int, size: int, strategy: str):
+    """The reason `strategy` cannot split heads over `size` ranks, or None."""
+    if heads % size:
+        return (
+            f"{strategy}: query heads ({heads}) must be divisible by the Ulysses size ({size}); "
+            f"strategy='usp' with a smaller ulysses_size, or 'ring' / 'allgather', can serve this"
+        )
+    if kv_heads % size and size % kv_heads:
+        return (
+            f"{strategy}: KV heads ({kv_heads}) must divide or be divisible by the Ulysses size ({size}); "
+            f"strategy='usp' with another ulysses_size, or 'ring' / 'allgather', can serve this"
+        )
+    return None
+
+
+class HeadScatter:
+    """The two all-to-alls of one Ulysses group: sequence-sharded <-> head-sharded."""
+
+    def __init__(self, layout: SeqLayout, members: Sequence[int], me: int, group, ring_layout: GroupLayout,
+                 heads: int, kv_heads: int, backend: str):
+        self.group, self.me, self.size = group, me, len(members)
+        self.rows = [layout.local_len_of(m) for m in members]
+        self.index = [ring_layout.local_index(m) for m in members]
+        self.n_group = ring_layout.local_len
+        self.backend = backend
+        self.hq = heads // self.size
+        self.hkv = kv_heads_per_member(heads, kv_heads, self.size)
+        self.kv_split = kv_heads % self.size == 0
+        # the KV head each member receives when heads are replicated
+        self.kv_head_of = torch.tensor([j // (self.size // kv_heads) for j in range(self.size)]) if not self.kv_split else None
+
+    def _per_member(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """[B, n, H_x, D] -> [U, n, B, h, D]: the head chunk for each member."""
+        b, n, h, d = x.shape
+        if kind == "q" or self.kv_split:
+            chunks = x.reshape(b, n, self.size, h // self.size, d)
+        else:
+            chunks = x.index_select(2, self.kv_head_of.to(x.device)).unsqueeze(3)
+        return chunks.permute(2, 1, 0, 3, 4)
+
+    def to_heads(self, tensors: Sequence[Tuple[torch.Tensor, str]], op: str) -> List[torch.Tensor]:
+        """Sequence shards -> head shards over the group's tokens, in the kernel layout."""
+        send = torch.cat([self._per_member(t, kind) for t, kind in tensors], dim=3)
+        b, d = send.shape[2], send.shape[4]
+        widths = [self.hq if kind == "q" else self.hkv for _, kind in tensors]
+        hc = sum(widths)
+        send = send.reshape(self.size * self.rows[self.me], b, hc, d)
+        recv = all_to_all_rows(send, [self.rows[self.me]] * self.size, self.rows, self.group, op)
+        _, full = block_kernels.empty_in_kernel_layout((b, self.n_group, hc, d), self.backend,
+                                                       dtype=send.dtype, device=send.device)
+        seq_first = full.permute(1, 0, 2, 3)
+        for piece, index in zip(split_rows(recv, self.rows), self.index):
+            seq_first.index_copy_(0, index.to(send.device), piece)
+        out, start = [], 0
+        for w in widths:
+            out.append(full[:, :, start:start + w])
+            start += w
+        return out
+
+    def to_sequence(self, tensors: Sequence[Tuple[torch.Tensor, str, int]], op: str) -> List[torch.Tensor]:
+        """Head shards -> sequence shards: `(full [B, n_group, h, D], kind, total heads)`;
+        replicated KV heads sum what their members computed (in fp32)."""
+        b, _, _, d = tensors[0][0].shape
+        full = torch.cat([t for t, _, _ in tensors], dim=2)
+        order = torch.cat(self.index).to(full.device)
+        send = full.permute(1, 0, 2, 3).index_select(0, order)
+        recv = all_to_all_rows(send, self.rows, [self.rows[self.me]] * self.size, self.group, op)
+        recv = recv.reshape(self.size, self.rows[self.me], b, full.shape[2], d)
+        out, start = [], 0
+        for t, kind, total in tensors:
+            piece = recv[:, :, :, start:start + t.shape[2]].permute(2, 1, 0, 3, 4)  # [B, n, U, h, D]
+            start += t.shape[2]
+            if kind == "q" or self.kv_split:
+                out.append(piece.reshape(b, self.rows[self.me], total, d))
+            else:
+                acc = torch.zeros(b, self.rows[self.me], total, d, dtype=torch.float32 if t.dtype != torch.float64 else t.dtype, device=t.device)
+                acc.index_add_(2, self.kv_head_of.to(t.device), piece[:, :, :, 0].to(acc.dtype))
+                out.append(acc.to(t.dtype))
+        return out
+
+
+class HeadParallelAttention(torch.autograd.Function):
+    """Ulysses inside a group, ring across groups (a ring of one group is plain Ulysses)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scatter: HeadScatter, ring_layout, causal, scale, backend, name):
+        qf, kf, vf = scatter.to_heads([(q, "q"), (k, "kv"), (v, "kv")], op=f"{name}.forward.qkv")
+        out, lse = ring._ring_forward(qf, kf, vf, ring_layout, causal, scale, backend, ring_op=f"{name}.forward.kv")
+        out = out.to(q.dtype)
+        (result,) = scatter.to_sequence([(out, "q", q.shape[2])], op=f"{name}.forward.out")
+        ctx.save_for_backward(qf, kf, vf, out, lse)
+        ctx.args = (scatter, ring_layout, causal, scale, backend, name, q.shape[2], k.shape[2])
+        return result
+
+    @staticmethod
+    def backward(ctx, do):
+        qf, kf, vf, out, lse = ctx.saved_tensors
+        scatter, ring_layout, causal, scale, backend, name, heads, kv_heads = ctx.args
+        (dof,) = scatter.to_heads([(do, "q")], op=f"{name}.backward.do")
+        dq, dk, dv = ring._ring_backward(dof, qf, kf, vf, out, lse, ring_layout, causal, scale, backend,
+                                         ring_op=f"{name}.backward.kv")
+        dtype = qf.dtype
+        grads = scatter.to_sequence(
+            [(dq.to(dtype), "q", heads), (dk.to(dtype), "kv", kv_heads), (dv.to(dtype), "kv", kv_heads)],
+            op=f"{name}.backward.grads",
+        )
+        return (*grads, None, None, None, None, None, None)
+
+
+def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
+                   element_size: int, members: Sequence[int] = None, **options) -> Dict[str, int]:
+    """Bytes this rank sends in the Ulysses all-to-alls (forward, backward), exactly."""
+    members = list(range(layout.world_size)) if members is None else list(members)
+    me = members.index(layout.rank)
+    size = len(members)
+    hq, hkv = heads // size, kv_heads_per_member(heads, kv_heads, size)
+    mine = layout.local_len_of(members[me])
+    others = sum(layout.local_len_of(m) for j, m in enumerate(members) if j != me)
+    unit = batch * head_dim * element_size
+    qkv_in = (size - 1) * mine * (hq + 2 * hkv) * unit
+    out_back = others * hq * unit
+    do_in = (size - 1) * mine * hq * unit
+    grads_back = others * (hq + 2 * hkv) * unit
+    return {"forward": qkv_in + out_back, "backward": do_in + grads_back}
+
+
+def _check(q, k, v, layout, options):
+    reason = head_constraint(q.shape[2], k.shape[2], layout.world_size, "ulysses")
+    if reason:
+        raise ValueError(reason)
+
+
+def _apply(q, k, v, layout, causal, scale, backend, options):
+    world = layout.world_size
+    ring_layout = GroupLayout(layout, [list(range(world))], 0, None)
+    scatter = HeadScatter(layout, list(range(world)), layout.rank, layout.group, ring_layout,
+                          q.shape[2], k.shape[2], backend)
+    return HeadParallelAttention.apply(q, k, v, scatter, ring_layout, causal, scale, backend, "ulysses")
+
+
+def ulysses_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto", **options):
+    """Exact attention by Ulysses: all-to-all to head shards, attention, all-to-all back.
+
+    `q` `[B, S/P, H, D]`, `k`/`v` `[B, S/P, H_kv, D]` of `layout` (any scheme, uneven
+    lengths). Needs `H % P == 0` and `H_kv % P == 0` or `P % H_kv == 0` (KV heads are then
+    sent only to the ranks that need them); otherwise a ValueError names USP and ring.
+    Returns `[B, S/P, H, D]` in the input dtype; differentiable in q, k, v.
+    """
+    from ..attention import run_strategy
+
+    return run_strategy("ulysses", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
+                        backend=backend, **options)

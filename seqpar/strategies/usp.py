@@ -1,0 +1,103 @@
+"""USP (arXiv 2405.07719): Ulysses inside groups of U ranks, ring attention across groups.
+
+With P = U R, rank r is member `r mod U` of Ulysses group `r // U` (U neighbouring ranks,
+meant to share a node's fast links) and member `r // U` of ring group `r mod U`. Step one
+is Ulysses within the group: its U shards become one shard of the group's tokens with
+H/U heads. Step two is ring attention among the R ranks that hold the same head chunk,
+each holding a different group's tokens; step three returns the output by all-to-all.
+
+How a global layout maps onto the two levels: ring member g holds the union of its U
+ranks' positions (`GroupLayout`). Contiguous: one run per group, so the ring sees a
+contiguous layout. Zigzag over P ranks: group g holds chunks gU..gU+U-1 and their
+mirrors 2P-1-gU-U+1..2P-1-gU, i.e. two runs that form a zigzag layout over R groups, so
+the causal balance carries to the ring level. Stripe: U interleaved stride-P runs, which
+balance like stripe. U = P is plain Ulysses, U = 1 plain ring.
+
+Volume per rank: the Ulysses all-to-alls of `ulysses.analytic_bytes` over the U members,
+plus the ring exchange of `ring.analytic_bytes` over the R groups with H_kv/U KV heads
+(one when KV heads are replicated), on the group-level layout.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+from ..comm.groups import ulysses_ring_groups
+from ..layout import GroupLayout, SeqLayout
+from . import ring, ulysses
+
+
+def default_ulysses_size(world: int, heads: int, kv_heads: int) -> int:
+    """The largest U dividing P that the heads allow, within a node when torchrun says
+    how many ranks share one (LOCAL_WORLD_SIZE)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    for size in range(min(world, local), 0, -1):
+        if world % size == 0 and ulysses.head_constraint(heads, kv_heads, size, "usp") is None:
+            return size
+    return 1
+
+
+def _ulysses_size(layout, heads: int, kv_heads: int, options) -> int:
+    size = options.get("ulysses_size")
+    return default_ulysses_size(layout.world_size, heads, kv_heads) if size is None else size
+
+
+def _check(q, k, v, layout, options):
+    size = options.get("ulysses_size")
+    if size is None:
+        return
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"ulysses_size: expected an int, got {type(size).__name__}")
+    if size < 1 or layout.world_size % size:
+        raise ValueError(f"ulysses_size: expected a divisor of the world size {layout.world_size}, got {size}")
+    reason = ulysses.head_constraint(q.shape[2], k.shape[2], size, "usp")
+    if reason:
+        raise ValueError(reason.replace("strategy='usp' with a smaller ulysses_size", "a smaller ulysses_size"))
+
+
+def _levels(layout: SeqLayout, size: int):
+    u_group, r_group, u_members, r_members = ulysses_ring_groups(layout.group, size)
+    groups = [list(range(g * size, (g + 1) * size)) for g in range(layout.world_size // size)]
+    ring_layout = GroupLayout(layout, groups, layout.rank // size, r_group)
+    return u_group, u_members, ring_layout
+
+
+def _apply(q, k, v, layout, causal, scale, backend, options):
+    size = _ulysses_size(layout, q.shape[2], k.shape[2], options)
+    if size == 1:
+        return ring._apply(q, k, v, layout, causal, scale, backend, {})
+    u_group, u_members, ring_layout = _levels(layout, size)
+    scatter = ulysses.HeadScatter(layout, u_members, u_members.index(layout.rank), u_group, ring_layout,
+                                  q.shape[2], k.shape[2], backend)
+    return ulysses.HeadParallelAttention.apply(q, k, v, scatter, ring_layout, causal, scale, backend, "usp")
+
+
+def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
+                   element_size: int, ulysses_size: Optional[int] = None, **options) -> Dict[str, int]:
+    """Bytes this rank sends in one forward and one backward of USP, exactly."""
+    size = ulysses_size or default_ulysses_size(layout.world_size, heads, kv_heads)
+    if size == 1:
+        return ring.analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size)
+    g = layout.rank // size
+    members = list(range(g * size, (g + 1) * size))
+    a2a = ulysses.analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size, members=members)
+    groups = [list(range(i * size, (i + 1) * size)) for i in range(layout.world_size // size)]
+    ring_layout = GroupLayout(layout, groups, g, None)
+    kv_local = ulysses.kv_heads_per_member(heads, kv_heads, size)
+    around = ring.analytic_bytes(ring_layout, batch, heads // size, kv_local, head_dim, element_size)
+    return {phase: a2a[phase] + around[phase] for phase in ("forward", "backward")}
+
+
+def usp_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto",
+                  ulysses_size: Optional[int] = None, **options):
+    """Exact attention by USP: Ulysses within groups of `ulysses_size` ranks, ring across them.
+
+    `q` `[B, S/P, H, D]`, `k`/`v` `[B, S/P, H_kv, D]` of `layout` (any scheme, uneven
+    lengths). `ulysses_size` U must divide P, and H (and H_kv, or be divisible by it) by U;
+    default: the largest such U, at most the ranks per node (`LOCAL_WORLD_SIZE`).
+    Returns `[B, S/P, H, D]` in the input dtype; differentiable in q, k, v.
+    """
+    from ..attention import run_strategy
+
+    return run_strategy("usp", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
+                        backend=backend, ulysses_size=ulysses_size, **options)
