@@ -247,7 +247,7 @@ def visible_blocks(layout: SeqLayout, q_rank: int, k_rank: int, causal: bool) ->
         for kr in layout.runs(k_rank):
             if qr.length == 0 or kr.length == 0:
                 continue
-            offset = (qr.start - kr.start) // qr.stride
+            offset = _pair_offset(qr, kr)
             if offset + qr.length - 1 < 0:
                 continue
             full = offset >= kr.length - 1
@@ -275,6 +275,21 @@ def visible_blocks(layout: SeqLayout, q_rank: int, k_rank: int, causal: bool) ->
     return blocks
 
 
+def _pair_offset(qr: Run, kr: Run) -> int:
+    """Key j of `kr` is visible to query i of `qr` iff `j <= i + offset`.
+
+    With a common stride s: `kr.start + s j <= qr.start + s i`. A run of one token fits
+    any stride, so it takes the other's. Other stride mixes have no offset form.
+    """
+    if qr.length == 1:
+        stride = kr.stride
+    elif kr.length == 1 or qr.stride == kr.stride:
+        stride = qr.stride
+    else:
+        raise AssertionError(f"runs of strides {qr.stride} and {kr.stride} have no causal offset")
+    return (qr.start - kr.start) // stride
+
+
 def _ascending(runs: List[Run]) -> bool:
     """Whether the positions of `runs`, stored one after the other, ascend."""
     if len(runs) == 1:
@@ -299,25 +314,33 @@ class GroupLayout:
         self.world_size = len(groups)
         self.rank = ring_rank
         self.group = ring_group
-        self._runs = [self._coalesce([run for r in members for run in layout.runs(r) if run.length]) for members in groups]
+        member_runs = [[run for r in members for run in layout.runs(r) if run.length] for members in groups]
+        if all(run.stride == 1 for runs in member_runs for run in runs):
+            coalesced = [self._merge_adjacent(runs) for runs in member_runs]
+        elif all(_covers_a_range(runs) for runs in member_runs):
+            # e.g. stripe under plain Ulysses: every group's tokens form one range
+            coalesced = [[Run(min(r.start for r in runs), sum(r.length for r in runs), 1, 0)] for runs in member_runs]
+        else:
+            # strides must agree between groups for the causal offsets: keep rank order
+            coalesced = member_runs
+        self._runs = [self._with_offsets(runs) for runs in coalesced]
         self._lens = [sum(run.length for run in runs) for runs in self._runs]
         self._members = groups
 
     @staticmethod
-    def _coalesce(runs: List[Run]) -> List[Run]:
-        if runs and all(run.stride == 1 for run in runs):
-            runs = sorted(runs, key=lambda run: run.start)
-            merged = [runs[0]]
-            for run in runs[1:]:
-                last = merged[-1]
-                if last.start + last.length == run.start:
-                    merged[-1] = Run(last.start, last.length + run.length, 1, 0)
-                else:
-                    merged.append(run)
-            runs = merged
-        elif runs and sum(run.length for run in runs) and _covers_a_range(runs):
-            total = sum(run.length for run in runs)
-            runs = [Run(min(run.start for run in runs), total, 1, 0)]
+    def _merge_adjacent(runs: List[Run]) -> List[Run]:
+        runs = sorted(runs, key=lambda run: run.start)
+        merged = [runs[0]]
+        for run in runs[1:]:
+            last = merged[-1]
+            if last.start + last.length == run.start:
+                merged[-1] = Run(last.start, last.length + run.length, 1, 0)
+            else:
+                merged.append(run)
+        return merged
+
+    @staticmethod
+    def _with_offsets(runs: List[Run]) -> List[Run]:
         out, offset = [], 0
         for run in runs:
             out.append(Run(run.start, run.length, run.stride, offset))

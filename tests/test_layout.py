@@ -1,10 +1,10 @@
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import seqpar
-from seqpar.layout import SCHEMES, SeqLayout, split_sizes, visible_blocks
+from seqpar.layout import SCHEMES, GroupLayout, SeqLayout, split_sizes, visible_blocks
 from seqpar.testing import world
 
 
@@ -66,6 +66,35 @@ def test_visible_blocks_cover_exactly_the_visible_pairs(case, causal):
                 j = torch.arange(b.k_len)[None, :]
                 mask = torch.ones(b.q_len, b.k_len, dtype=torch.bool) if b.offset is None else j <= i + b.offset
                 assert mask.any(), "a fully masked block must be skipped"
+                covered[b.q_start:b.q_start + b.q_len, b.k_start:b.k_start + b.k_len] += mask.to(torch.int64)
+            want = (kpos[None, :] <= qpos[:, None]) if causal else torch.ones(len(qpos), len(kpos), dtype=torch.bool)
+            assert torch.equal(covered, want.to(torch.int64))
+
+
+def _storage_positions(runs):
+    return torch.cat([torch.arange(r.start, r.start + r.stride * r.length, r.stride) for r in runs])
+
+
+@given(layout_cases(), st.booleans(), st.sampled_from([1, 2, 3, 4]))
+def test_group_layout_blocks_cover_exactly_the_visible_pairs(case, causal, size):
+    n, p, scheme = case
+    assume(p % size == 0)
+    base = SeqLayout.simulated(n, p, 0, scheme)
+    groups = [list(range(g * size, (g + 1) * size)) for g in range(p // size)]
+    grouped = GroupLayout(base, groups, 0, None)
+    for g, members in enumerate(groups):
+        stored = _storage_positions(grouped.runs(g))
+        assert len(stored) == grouped.local_len_of(g)
+        for member in members:
+            assert torch.equal(stored[grouped.local_index(member)], base.positions_of(member))
+    for qg in range(len(groups)):
+        for kg in range(len(groups)):
+            qpos, kpos = _storage_positions(grouped.runs(qg)), _storage_positions(grouped.runs(kg))
+            covered = torch.zeros(len(qpos), len(kpos), dtype=torch.int64)
+            for b in visible_blocks(grouped, qg, kg, causal):
+                i = torch.arange(b.q_len)[:, None]
+                j = torch.arange(b.k_len)[None, :]
+                mask = torch.ones(b.q_len, b.k_len, dtype=torch.bool) if b.offset is None else j <= i + b.offset
                 covered[b.q_start:b.q_start + b.q_len, b.k_start:b.k_start + b.k_len] += mask.to(torch.int64)
             want = (kpos[None, :] <= qpos[:, None]) if causal else torch.ones(len(qpos), len(kpos), dtype=torch.bool)
             assert torch.equal(covered, want.to(torch.int64))

@@ -1,0 +1,140 @@
+"""Ulysses, USP and all-gather KV against float64 dense attention on real gloo worlds."""
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import seqpar
+from seqpar.layout import SCHEMES, SeqLayout
+from seqpar.attention import analytic_bytes
+from seqpar.testing import AttentionProblem, assert_matches_dense, check_attention, world
+from seqpar.testing.strategies import attention_problems
+
+FUNCTIONS = {
+    "ulysses": seqpar.ulysses_attention,
+    "usp": seqpar.usp_attention,
+    "allgather": seqpar.allgather_attention,
+}
+
+
+def _check(problem, strategy, **options):
+    report = world(problem.world_size).run(check_attention, problem, FUNCTIONS[strategy], **options)[0]
+    assert_matches_dense(problem, report)
+
+
+@st.composite
+def head_split_problems(draw, size_of=lambda p: p):
+    """Problems whose heads a Ulysses group of `size_of(P)` ranks can split."""
+    problem = draw(attention_problems())
+    size = size_of(problem.world_size)
+    kv_heads = draw(st.sampled_from(sorted({1, size, 2 * size} | ({size // 2} if size % 2 == 0 else set()))))
+    base = max(kv_heads, size)
+    heads = base * draw(st.sampled_from([1, 2]))
+    return problem.replace(heads=heads, kv_heads=kv_heads)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@given(problem=head_split_problems())
+def test_ulysses_matches_dense_hypothesis(scheme, problem):
+    _check(problem.replace(scheme=scheme), "ulysses")
+
+
+@given(problem=head_split_problems(size_of=lambda p: 2 if p % 2 == 0 else 1))
+def test_usp_matches_dense_hypothesis(problem):
+    _check(problem, "usp", ulysses_size=2 if problem.world_size % 2 == 0 else 1)
+
+
+@given(problem=attention_problems(), chunk=st.sampled_from([None, 1, 2]))
+def test_allgather_matches_dense_hypothesis(problem, chunk):
+    _check(problem, "allgather", kv_head_chunk=chunk)
+
+
+USP_CASES = [(4, 1), (4, 2), (4, 4), (2, 2), (3, 3)]
+
+
+@pytest.mark.parametrize("world_size, size", USP_CASES)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_usp_every_split_and_scheme(world_size, size, scheme):
+    for n, heads, kv_heads, dtype in ((world_size, 2 * size, size, "float64"), (29, 2 * size, 1, "bfloat16")):
+        _check(AttentionProblem(world_size, n, batch=2, heads=heads, kv_heads=kv_heads, head_dim=12,
+                                causal=True, scheme=scheme, dtype=dtype, seed=n), "usp", ulysses_size=size)
+
+
+def test_usp_default_size_and_auto_fallback_to_ring():
+    # 3 heads cannot split over 2 or 4: the default ulysses_size falls back to 1 (ring)
+    _check(AttentionProblem(4, 19, heads=3, kv_heads=1, causal=True, scheme="zigzag"), "usp")
+    _check(AttentionProblem(4, 19, heads=4, kv_heads=2, causal=True, scheme="stripe"), "usp")
+
+
+def _measure(problem, strategy, options):
+    layout = SeqLayout(problem.seq_len, scheme=problem.scheme)
+    dtype = getattr(torch, problem.dtype)
+    q, k, v, do = (layout.shard(t).to(dtype) for t in problem.global_tensors())
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with seqpar.comm.track() as fwd:
+        out = FUNCTIONS[strategy](q, k, v, layout=layout, causal=problem.causal, **options)
+    with seqpar.comm.track() as bwd:
+        out.backward(do)
+    expected = analytic_bytes(strategy, layout, problem.batch, problem.heads, problem.kv_heads, problem.head_dim,
+                              q.element_size(), **options)
+    return expected, {"forward": fwd.bytes_sent(strategy), "backward": bwd.bytes_sent(strategy),
+                      "ops": sorted(set(fwd.ops) | set(bwd.ops))}
+
+
+BYTES_CASES = [
+    ("ulysses", 2, 64, 4, 2, "float32", {}),
+    ("ulysses", 4, 37, 8, 1, "bfloat16", {}),  # replicated KV heads, uneven
+    ("ulysses", 3, 31, 6, 3, "float64", {}),
+    ("usp", 4, 45, 4, 2, "float32", {"ulysses_size": 2}),
+    ("usp", 4, 40, 8, 1, "bfloat16", {"ulysses_size": 2}),
+    ("allgather", 3, 31, 4, 2, "float32", {}),
+    ("allgather", 4, 42, 6, 3, "bfloat16", {"kv_head_chunk": 2}),
+]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("strategy, world_size, seq_len, heads, kv_heads, dtype, options", BYTES_CASES)
+def test_moves_exactly_the_analytic_volume(strategy, world_size, seq_len, heads, kv_heads, dtype, options, scheme):
+    problem = AttentionProblem(world_size, seq_len, batch=2, heads=heads, kv_heads=kv_heads, head_dim=8,
+                               causal=True, scheme=scheme, dtype=dtype)
+    for rank, (expected, measured) in enumerate(world(world_size).run(_measure, problem, strategy, options)):
+        assert measured["forward"] == expected["forward"] > 0, rank
+        assert measured["backward"] == expected["backward"] > 0, rank
+        assert all(op == "check" or op.startswith(strategy + ".") for op in measured["ops"]), measured["ops"]
+
+
+def test_ulysses_textbook_volume_equal_lengths():
+    # forward: B (N/P) D (H + 2H_kv) (P-1)/P in, B (N/P) D H (P-1)/P back, i.e. B (N/P) D (2H + 2H_kv) (P-1)/P
+    layout = SeqLayout.simulated(64, 4, rank=1)
+    batch, heads, kv_heads, head_dim, elem, tokens = 1, 8, 4, 16, 2, 16
+    got = analytic_bytes("ulysses", layout, batch, heads, kv_heads, head_dim, elem)
+    assert got["forward"] == batch * tokens * head_dim * elem * (2 * heads + 2 * kv_heads) * 3 // 4
+    assert got["backward"] == got["forward"]
+
+
+@pytest.mark.parametrize("strategy, options, heads, kv_heads, match", [
+    ("ulysses", {}, 6, 2, "query heads .6. must be divisible by the Ulysses size .4.; strategy='usp'"),
+    ("ulysses", {}, 12, 3, "KV heads .3. must divide or be divisible by the Ulysses size .4."),
+    ("usp", {"ulysses_size": 3}, 8, 2, "ulysses_size: expected a divisor of the world size 4, got 3"),
+    ("usp", {"ulysses_size": 4}, 6, 2, "query heads .6. must be divisible by the Ulysses size .4."),
+    ("allgather", {"kv_head_chunk": 0}, 4, 2, "kv_head_chunk: expected a positive int or None, got 0"),
+])
+def test_strategy_constraints_raise_naming_alternatives(strategy, options, heads, kv_heads, match):
+    results = world(4).run(_constrained, strategy, options, heads, kv_heads, return_exceptions=True, timeout=60)
+    for exc in results:
+        assert isinstance(exc, ValueError), exc
+        assert re.search(match, str(exc)), str(exc)
+
+
+def _constrained(strategy, options, heads, kv_heads):
+    layout = SeqLayout(16)
+    q = torch.randn(1, 4, heads, 8)
+    k = torch.randn(1, 4, kv_heads, 8)
+    return FUNCTIONS[strategy](q, k, k, layout=layout, **options)
+
+
+def test_usp_type_error():
+    with pytest.raises(TypeError, match="ulysses_size: expected an int, got float"):
+        seqpar.usp_attention(torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), ulysses_size=1.0)
