@@ -179,11 +179,13 @@ def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, strateg
 
 
 def _register_builtin() -> None:
-    from .strategies import allgather, ring, ulysses, usp
+    from .strategies import allgather, ring, token_ring, ulysses, usp
 
     register_strategy("ring", ring._apply, ring.analytic_bytes)
     register_strategy("ulysses", ulysses._apply, ulysses.analytic_bytes, check=ulysses._check)
     register_strategy("usp", usp._apply, usp.analytic_bytes, options=("ulysses_size",), check=usp._check)
+    register_strategy("token_ring", token_ring._apply, token_ring.analytic_bytes, options=("route",),
+                      check=token_ring._check)
     register_strategy("allgather", allgather._apply, allgather.analytic_bytes, options=("kv_head_chunk",),
                       check=allgather._check)
 

@@ -33,9 +33,12 @@ def post(
     group,
     op: str,
 ) -> Exchange:
-    """Post `sends` (tensor, group rank) and receives into `recvs` (buffer, group rank)."""
-    ops = [dist.P2POp(dist.isend, t, global_rank(group, peer), group) for t, peer in sends]
-    ops += [dist.P2POp(dist.irecv, t, global_rank(group, peer), group) for t, peer in recvs]
+    """Post `sends` (tensor, group rank) and receives into `recvs` (buffer, group rank).
+
+    Empty tensors are not put on the wire (gloo never completes a zero-byte pair); both
+    ends derive the sizes from the same plan, so both skip them."""
+    ops = [dist.P2POp(dist.isend, t, global_rank(group, peer), group) for t, peer in sends if t.numel()]
+    ops += [dist.P2POp(dist.irecv, t, global_rank(group, peer), group) for t, peer in recvs if t.numel()]
     stats.record(op, stats.nbytes(t for t, _ in sends), stats.nbytes(t for t, _ in recvs))
     works = dist.batch_isend_irecv(ops) if ops else []
     return Exchange(works, [t for t, _ in recvs])

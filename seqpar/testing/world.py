@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import socket
+import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
@@ -96,17 +98,28 @@ class LocalWorld:
             raise WorldDied("this LocalWorld has been closed or lost a rank; seqpar.testing.world() starts a new one")
         name = getattr(fn, "__name__", fn)
         limit = self.timeout if timeout is None else timeout
-        outcomes, tracebacks = [], []
+        outcomes, tracebacks = [None] * self.world_size, [None] * self.world_size
         try:
             for conn in self._conns:
                 conn.send((fn, args, kwargs))
-            for rank, conn in enumerate(self._conns):
-                if not conn.poll(limit):
+            deadline = time.monotonic() + limit
+            waiting = dict(enumerate(self._conns))
+            while waiting:
+                ready = mp_connection.wait(list(waiting.values()), timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    finished = [
+                        f"rank {r}: " + (tracebacks[r].strip().splitlines()[-1] if tracebacks[r] else "returned")
+                        for r in range(self.world_size) if r not in waiting
+                    ]
                     self.close(force=True)
-                    raise WorldTimeout(f"rank {rank} did not finish {name} within {limit} s")
-                status, value, tb = conn.recv()
-                outcomes.append(value)
-                tracebacks.append(tb if status == "err" else None)
+                    raise WorldTimeout(
+                        f"rank(s) {sorted(waiting)} did not finish {name} within {limit} s"
+                        + (f"; meanwhile {'; '.join(finished)}" if finished else "")
+                    )
+                for rank in [r for r, c in waiting.items() if c in ready]:
+                    status, value, tb = waiting.pop(rank).recv()
+                    outcomes[rank] = value
+                    tracebacks[rank] = tb if status == "err" else None
         except (EOFError, OSError) as exc:  # a rank died: its pipe closed or reset
             codes = [p.exitcode for p in self._procs]
             self.close(force=True)

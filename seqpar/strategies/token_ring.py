@@ -1,0 +1,356 @@
+"""TokenRing (arXiv 2412.20501): K/V stay, queries travel, partial outputs come back.
+
+Rank r keeps its K/V. Its queries visit every other rank; each visited rank attends them to
+its own K/V and returns the partial `(out, lse)`, which r merges with the one merge. Queries
+go one way round the ring while partials come the other way, so both directions of each
+link carry traffic. Only the query rows that the receiver (or, when relayed, some rank
+further on) can see are sent, and fully masked blocks are never computed. For causal
+contiguous layouts that removes most traffic to earlier ranks; for zigzag the receivers
+before the wrap need only the second chunk.
+
+Routes (`route=`):
+- "direct" (default; full-mesh links such as NVSwitch, as in the paper): at step t rank r
+  sends its rows to r+t and gets the partial straight back from r+t. The return of step t
+  is posted with the queries of step t+1, so it overlaps the next block's compute.
+- "ring" (ring-only links): queries are relayed hop by hop; the partials for the queries
+  of rank s start at the last rank they visit (s-1) and travel back along the reverse
+  ring, each rank merging its own partial into them as they pass. They reach s P-1 hops
+  after the last compute step; each rank holds its partials until their stream passes.
+
+Backward: K/V and so dK/dV stay on their owner (accumulated in fp32). q, dO, out and lse
+travel by the same route, with out in place of rowsum(dO * O) because the fused backward
+ops derive that term from out themselves. Partial dQ (fp32) returns to the owner.
+
+Volume per rank per direction (`m(s->r)` = rows of s's queries sent towards r, e = element
+size, a = 4 for fp32 lse/dQ, 8 for fp64 inputs), direct route:
+    forward:  out-going  sum_t B m(r -> r+t) H D e            (queries)
+              returning  sum_t B m(r-t -> r) H (D e + a)      (partial out, lse)
+    backward: out-going  sum_t B m(r -> r+t) H (3 D e + a)    (q, dO, out, lse)
+              returning  sum_t B m(r-t -> r) H D a            (partial dQ)
+Ring's K/V volume is `2 B n H_kv D` per hop: with MHA TokenRing sends about half of that
+each way and uses both directions; with GQA (H = G H_kv) its queries alone are G/2 times
+ring's traffic, so ring wins. `analytic_bytes` gives exact numbers for a layout.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from ..comm import p2p
+from ..kernels import block as block_kernels
+from ..kernels.merge import merge_
+from ..layout import Block, SeqLayout, visible_blocks
+
+ROUTES = ("direct", "ring")
+Ranges = List[Tuple[int, int]]
+
+
+# -- which rows travel ------------------------------------------------------------------
+
+def _rows(layout: SeqLayout, q_rank: int, k_ranks: Sequence[int], causal: bool) -> Ranges:
+    """Merged, sorted (start, length) ranges of q_rank's rows seen by any of `k_ranks`."""
+    spans = sorted(
+        (blk.q_start, blk.q_start + blk.q_len) for kr in k_ranks for blk in visible_blocks(layout, q_rank, kr, causal)
+    )
+    merged: List[List[int]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b - a) for a, b in merged]
+
+
+def _count(ranges: Ranges) -> int:
+    return sum(n for _, n in ranges)
+
+
+def _pack(x: torch.Tensor, ranges: Ranges, dim: int) -> torch.Tensor:
+    if not ranges:
+        return x.narrow(dim, 0, 0).contiguous()
+    pieces = [x.narrow(dim, a, n) for a, n in ranges]
+    return torch.cat(pieces, dim) if len(pieces) != 1 else pieces[0].contiguous()
+
+
+def _repack(x: torch.Tensor, have: Ranges, keep: Ranges, dim: int) -> torch.Tensor:
+    """Rows `keep` (a subset of `have`) of a tensor packed as `have`."""
+    return _pack(x, [(_packed_index(have, a), n) for a, n in keep], dim)
+
+
+def _packed_index(ranges: Ranges, row: int) -> int:
+    offset = 0
+    for a, n in ranges:
+        if a <= row < a + n:
+            return offset + row - a
+        offset += n
+    raise AssertionError(f"row {row} is not in {ranges}")
+
+
+def _blocks_in(layout, q_rank, k_rank, causal, ranges: Ranges) -> List[Block]:
+    """visible_blocks with query rows renumbered into the packed rows `ranges`."""
+    return [
+        Block(_packed_index(ranges, blk.q_start), blk.q_len, blk.k_start, blk.k_len, blk.offset)
+        for blk in visible_blocks(layout, q_rank, k_rank, causal)
+    ]
+
+
+def _scatter_merge(out, lse, part_out, part_lse, ranges: Ranges) -> None:
+    offset = 0
+    for a, n in ranges:
+        merge_(out[:, a:a + n], lse[:, :, a:a + n], part_out[:, offset:offset + n], part_lse[:, :, offset:offset + n])
+        offset += n
+
+
+def _scatter_add(dq, part, ranges: Ranges) -> None:
+    offset = 0
+    for a, n in ranges:
+        dq[:, a:a + n] += part[:, offset:offset + n]
+        offset += n
+
+
+class _Plan:
+    """Rows sent at every step of a route, for every (owner, receiver) pair."""
+
+    def __init__(self, layout: SeqLayout, causal: bool, route: str):
+        world = layout.world_size
+        self.layout, self.causal, self.route = layout, causal, route
+        # rows[s][t]: rows of s's queries on the wire towards step t's receiver s+t
+        self.rows = []
+        for s in range(world):
+            per_step = [[(0, layout.local_len_of(s))]]
+            for t in range(1, world):
+                receivers = [(s + t) % world] if route == "direct" else [(s + j) % world for j in range(t, world)]
+                per_step.append(_rows(layout, s, receivers, causal))
+            self.rows.append(per_step)
+
+
+# -- forward ---------------------------------------------------------------------------
+
+def _attend(fwd, q_rows, k, v, blocks, scale, acc, lse_dtype):
+    b, m, h, d = q_rows.shape
+    out = torch.zeros(b, m, h, d, dtype=acc, device=q_rows.device)
+    lse = torch.full((b, h, m), float("-inf"), dtype=lse_dtype, device=q_rows.device)
+    for blk in blocks:
+        qs = slice(blk.q_start, blk.q_start + blk.q_len)
+        ks = slice(blk.k_start, blk.k_start + blk.k_len)
+        part_out, part_lse = fwd(q_rows[:, qs], k[:, ks], v[:, ks], scale, blk.offset)
+        merge_(out[:, qs], lse[:, :, qs], part_out, part_lse)
+    return out, lse
+
+
+def _select(x: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
+    return _pack(x, ranges, dim)
+
+
+def _travel(layout: SeqLayout, plan: "_Plan", payload, results, compute, absorb, combine, op: str) -> None:
+    """Move this rank's rows to the others and their results back, by `plan.route`.
+
+    payload:  [(tensor, row_dim)] of this rank's rows (sent as the rows each receiver needs)
+    results:  [(row_dim, make_buffer(n_rows))] describing what `compute` returns
+    compute(src, t, tensors) -> result tensors over rows `plan.rows[src][t]`
+    absorb(results, ranges): fold results for this rank's rows `ranges` into its accumulators
+    combine(kept, incoming, rows_kept, rows_incoming): fold a passing stream into a kept result
+    """
+    rank, world = layout.rank, layout.world_size
+    rows = plan.rows
+
+    def pack_rows(tensors, have, keep):
+        return [_select(x, dim, [(_packed_index(have, a), n) for a, n in keep]) for x, (_, dim) in zip(tensors, payload)]
+
+    def buffers_like_payload(n):
+        return [x.new_empty(tuple(n if i == dim else size for i, size in enumerate(x.shape))) for x, dim in payload]
+
+    def result_buffers(n):
+        return [make(n) for _, make in results]
+
+    own = [x for x, _ in payload]
+    full = [(0, layout.local_len)]
+    if plan.route == "direct":
+        def post_rows(t):
+            src = (rank - t) % world
+            return p2p.post([(x, (rank + t) % world) for x in pack_rows(own, full, rows[rank][t])],
+                            [(x, src) for x in buffers_like_payload(_count(rows[src][t]))], layout.group, op=op)
+
+        pending_rows = post_rows(1) if world > 1 else None
+        pending_return = None
+        for t in range(1, world):
+            src = (rank - t) % world
+            tensors = pending_rows.wait()
+            if t + 1 < world:
+                pending_rows = post_rows(t + 1)
+            produced = compute(src, t, tensors)
+            if pending_return is not None:
+                absorb(pending_return.wait(), rows[rank][t - 1])
+            pending_return = p2p.post([(x, src) for x in produced],
+                                      [(x, (rank + t) % world) for x in result_buffers(_count(rows[rank][t]))],
+                                      layout.group, op=op)
+        if pending_return is not None:
+            absorb(pending_return.wait(), rows[rank][world - 1])
+        return
+
+    # ring: rows relayed hop by hop (the next hop flies while these rows compute), then the
+    # results of each owner stream back from its last receiver, folded in as they pass
+    held, owner = own, rank
+    kept = {}
+    for t in range(1, world):
+        src = (rank - t) % world
+        exchange = p2p.post([(x, (rank + 1) % world) for x in pack_rows(held, rows[owner][t - 1], rows[owner][t])],
+                            [(x, (rank - 1) % world) for x in buffers_like_payload(_count(rows[src][t]))],
+                            layout.group, op=op)
+        if t > 1:
+            kept[owner] = compute(owner, t - 1, held)
+        held, owner = exchange.wait(), src
+    if world > 1:
+        kept[owner] = compute(owner, world - 1, held)
+    for hop in range(1, world):
+        leaving, arriving = (rank + hop) % world, (rank + hop + 1) % world
+        position = (rank - arriving) % world
+        incoming = p2p.post([(x, (rank - 1) % world) for x in kept.pop(leaving)],
+                            [(x, (rank + 1) % world) for x in result_buffers(_count(rows[arriving][position + 1]))],
+                            layout.group, op=op).wait()
+        if position == 0:
+            absorb(incoming, rows[rank][1])
+        else:
+            combine(kept[arriving], incoming, rows[arriving][position], rows[arriving][position + 1])
+
+
+def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, route, name):
+    """Returns this rank's (out [B, n, H, D] acc dtype, lse [B, H, n] acc dtype)."""
+    rank = layout.rank
+    fwd, _ = block_kernels.kernels(backend, q, k)
+    acc = block_kernels.acc_dtype(q.dtype)
+    plan = _Plan(layout, causal, route)
+    out, lse = _attend(fwd, q, k, v, visible_blocks(layout, rank, rank, causal), scale, acc, torch.float64)
+    b, _, h, d = q.shape
+
+    def compute(src, t, tensors):
+        blocks = _blocks_in(layout, src, rank, causal, plan.rows[src][t])
+        part_out, part_lse = _attend(fwd, tensors[0], k, v, blocks, scale, acc, acc)
+        return [part_out.to(q.dtype), part_lse]
+
+    def absorb(parts, ranges):
+        _scatter_merge(out, lse, parts[0], parts[1], ranges)
+
+    def combine(kept, incoming, rows_kept, rows_in):
+        # kept travels on in the wire dtype; merge in fp32 and store back
+        kept_out, kept_lse = kept[0].to(acc), kept[1].to(torch.float64)
+        _scatter_merge(kept_out, kept_lse, incoming[0], incoming[1],
+                       [(_packed_index(rows_kept, a), n) for a, n in rows_in])
+        kept[0], kept[1] = kept_out.to(q.dtype), kept_lse.to(acc)
+
+    results = [
+        (1, lambda n: q.new_empty(b, n, h, d)),
+        (2, lambda n: torch.empty(b, h, n, dtype=acc, device=q.device)),
+    ]
+    _travel(layout, plan, [(q, 1)], results, compute, absorb, combine, op=f"{name}.forward")
+    return out, lse.to(acc)
+
+
+def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, route, name):
+    """Returns dq, dk, dv in the acc dtype; dK/dV never leave this rank."""
+    rank = layout.rank
+    _, bwd = block_kernels.kernels(backend, q, k)
+    acc = block_kernels.acc_dtype(q.dtype)
+    plan = _Plan(layout, causal, route)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+
+    def attend_back(blocks, q_rows, do_rows, out_rows, lse_rows, dq_rows):
+        for blk in blocks:
+            qs = slice(blk.q_start, blk.q_start + blk.q_len)
+            ks = slice(blk.k_start, blk.k_start + blk.k_len)
+            dq_b, dk_b, dv_b = bwd(do_rows[:, qs], q_rows[:, qs], k[:, ks], v[:, ks], out_rows[:, qs],
+                                   lse_rows[:, :, qs], scale, blk.offset)
+            dq_rows[:, qs] += dq_b
+            dk[:, ks] += dk_b
+            dv[:, ks] += dv_b
+
+    attend_back(visible_blocks(layout, rank, rank, causal), q, do, out, lse, dq)
+
+    def compute(src, t, tensors):
+        q_rows, do_rows, out_rows, lse_rows = tensors
+        dq_rows = torch.zeros(q_rows.shape, dtype=acc, device=q.device)
+        attend_back(_blocks_in(layout, src, rank, causal, plan.rows[src][t]), q_rows, do_rows, out_rows,
+                    lse_rows, dq_rows)
+        return [dq_rows]
+
+    def absorb(parts, ranges):
+        _scatter_add(dq, parts[0], ranges)
+
+    def combine(kept, incoming, rows_kept, rows_in):
+        _scatter_add(kept[0], incoming[0], [(_packed_index(rows_kept, a), n) for a, n in rows_in])
+
+    payload = [(q, 1), (do, 1), (out, 1), (lse, 2)]
+    results = [(1, lambda n: torch.empty(q.shape[0], n, q.shape[2], q.shape[3], dtype=acc, device=q.device))]
+    _travel(layout, plan, payload, results, compute, absorb, combine, op=f"{name}.backward")
+    return dq, dk, dv
+
+
+class TokenRingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, causal, scale, backend, route):
+        out, lse = _forward(q, k, v, layout, causal, scale, backend, route, "token_ring")
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (layout, causal, scale, backend, route)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        layout, causal, scale, backend, route = ctx.args
+        dq, dk, dv = _backward(do.contiguous(), q, k, v, out, lse, layout, causal, scale, backend, route, "token_ring")
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int, element_size: int,
+                   route: str = "direct", causal: bool = True, **options) -> Dict[str, int]:
+    """Bytes this rank sends, per pass and direction ("forward"/"backward" are the totals;
+    "*_outgoing" is the queries' direction, "*_returning" the results' direction)."""
+    rank, world = layout.rank, layout.world_size
+    plan = _Plan(layout, causal, route)
+    a = 8 if element_size == 8 else 4
+    row = batch * heads * head_dim
+    if route == "direct":
+        out_rows = sum(_count(plan.rows[rank][t]) for t in range(1, world))
+        back_rows = sum(_count(plan.rows[(rank - t) % world][t]) for t in range(1, world))
+    else:
+        # relayed: the rows of owner rank-t+1 go on at step t; the stream of owner rank+hop leaves at hop
+        out_rows = sum(_count(plan.rows[(rank - t + 1) % world][t]) for t in range(1, world))
+        back_rows = sum(_count(plan.rows[(rank + hop) % world][world - hop]) for hop in range(1, world))
+    heads_rows = batch * heads
+    return {
+        "forward_outgoing": out_rows * row * element_size,
+        "forward_returning": back_rows * (row * element_size + heads_rows * a),
+        "backward_outgoing": out_rows * (3 * row * element_size + heads_rows * a),
+        "backward_returning": back_rows * row * a,
+        "forward": out_rows * row * element_size + back_rows * (row * element_size + heads_rows * a),
+        "backward": out_rows * (3 * row * element_size + heads_rows * a) + back_rows * row * a,
+    }
+
+
+def _check(q, k, v, layout, options):
+    route = options.get("route", "direct")
+    if route not in ROUTES:
+        raise ValueError(f"route: expected one of {ROUTES}, got {route!r}")
+
+
+def _apply(q, k, v, layout, causal, scale, backend, options):
+    return TokenRingAttention.apply(q, k, v, layout, causal, scale, backend, options.get("route") or "direct")
+
+
+def token_ring_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto",
+                         route: str = "direct", **options):
+    """Exact attention by TokenRing: queries travel, partial outputs return, K/V stay.
+
+    `q` `[B, S/P, H, D]`, `k`/`v` `[B, S/P, H_kv, D]` of `layout` (any scheme, uneven
+    lengths). `route`: "direct" (partials return straight to the query's owner; full-mesh
+    links) or "ring" (hop by hop back, merged as they pass; ring-only links).
+    Returns `[B, S/P, H, D]` in the input dtype; differentiable in q, k, v.
+    """
+    from ..attention import run_strategy
+
+    return run_strategy("token_ring", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
+                        backend=backend, route=route, **options)
