@@ -170,7 +170,8 @@ def _travel(layout: SeqLayout, plan: "_Plan", payload, results, compute, absorb,
         def post_rows(t):
             src = (rank - t) % world
             return p2p.post([(x, (rank + t) % world) for x in pack_rows(own, full, rows[rank][t])],
-                            [(x, src) for x in buffers_like_payload(_count(rows[src][t]))], layout.group, op=op)
+                            [(x, src) for x in buffers_like_payload(_count(rows[src][t]))], layout.group,
+                            op=f"{op}.outgoing")
 
         pending_rows = post_rows(1) if world > 1 else None
         pending_return = None
@@ -184,7 +185,7 @@ def _travel(layout: SeqLayout, plan: "_Plan", payload, results, compute, absorb,
                 absorb(pending_return.wait(), rows[rank][t - 1])
             pending_return = p2p.post([(x, src) for x in produced],
                                       [(x, (rank + t) % world) for x in result_buffers(_count(rows[rank][t]))],
-                                      layout.group, op=op)
+                                      layout.group, op=f"{op}.returning")
         if pending_return is not None:
             absorb(pending_return.wait(), rows[rank][world - 1])
         return
@@ -197,7 +198,7 @@ def _travel(layout: SeqLayout, plan: "_Plan", payload, results, compute, absorb,
         src = (rank - t) % world
         exchange = p2p.post([(x, (rank + 1) % world) for x in pack_rows(held, rows[owner][t - 1], rows[owner][t])],
                             [(x, (rank - 1) % world) for x in buffers_like_payload(_count(rows[src][t]))],
-                            layout.group, op=op)
+                            layout.group, op=f"{op}.outgoing")
         if t > 1:
             kept[owner] = compute(owner, t - 1, held)
         held, owner = exchange.wait(), src
@@ -208,7 +209,7 @@ def _travel(layout: SeqLayout, plan: "_Plan", payload, results, compute, absorb,
         position = (rank - arriving) % world
         incoming = p2p.post([(x, (rank - 1) % world) for x in kept.pop(leaving)],
                             [(x, (rank + 1) % world) for x in result_buffers(_count(rows[arriving][position + 1]))],
-                            layout.group, op=op).wait()
+                            layout.group, op=f"{op}.returning").wait()
         if position == 0:
             absorb(incoming, rows[rank][1])
         else:

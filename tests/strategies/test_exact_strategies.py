@@ -138,3 +138,59 @@ def _constrained(strategy, options, heads, kv_heads):
 def test_usp_type_error():
     with pytest.raises(TypeError, match="ulysses_size: expected an int, got float"):
         seqpar.usp_attention(torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), ulysses_size=1.0)
+
+
+FUNCTIONS["token_ring"] = seqpar.token_ring_attention
+
+
+@pytest.mark.parametrize("route", ["direct", "ring"])
+@given(problem=attention_problems())
+def test_token_ring_matches_dense_hypothesis(route, problem):
+    _check(problem, "token_ring", route=route)
+
+
+@pytest.mark.parametrize("route", ["direct", "ring"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("world_size, seq_len, causal, dtype", [
+    (2, 40, True, "float32"), (3, 31, True, "bfloat16"), (4, 37, False, "float64"), (4, 45, True, "float32"),
+])
+def test_token_ring_bytes_per_direction(route, scheme, world_size, seq_len, causal, dtype):
+    problem = AttentionProblem(world_size, seq_len, batch=2, heads=4, kv_heads=2, head_dim=8, causal=causal,
+                               scheme=scheme, dtype=dtype)
+    for rank, (expected, measured) in enumerate(world(world_size).run(_token_ring_bytes, problem, route)):
+        for key, value in measured.items():
+            assert value == expected[key], (rank, key, value, expected[key])
+
+
+def _token_ring_bytes(problem, route):
+    layout = SeqLayout(problem.seq_len, scheme=problem.scheme)
+    dtype = getattr(torch, problem.dtype)
+    q, k, v, do = (layout.shard(t).to(dtype) for t in problem.global_tensors())
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with seqpar.comm.track() as fwd:
+        out = seqpar.token_ring_attention(q, k, v, layout=layout, causal=problem.causal, route=route)
+    with seqpar.comm.track() as bwd:
+        out.backward(do)
+    expected = analytic_bytes("token_ring", layout, problem.batch, problem.heads, problem.kv_heads,
+                              problem.head_dim, q.element_size(), route=route, causal=problem.causal)
+    measured = {
+        "forward_outgoing": fwd.bytes_sent("token_ring.forward.outgoing"),
+        "forward_returning": fwd.bytes_sent("token_ring.forward.returning"),
+        "backward_outgoing": bwd.bytes_sent("token_ring.backward.outgoing"),
+        "backward_returning": bwd.bytes_sent("token_ring.backward.returning"),
+    }
+    return expected, measured
+
+
+def test_token_ring_causal_contiguous_sends_less_than_ring():
+    # rank 0's queries see nothing later: with causal contiguous shards it sends no queries
+    layout = SeqLayout.simulated(64, 4, rank=0)
+    tr = analytic_bytes("token_ring", layout, 1, 8, 8, 16, 2, route="direct", causal=True)
+    rg = analytic_bytes("ring", layout, 1, 8, 8, 16, 2)
+    assert tr["forward_outgoing"] == 0 and rg["forward"] > 0
+
+
+def test_token_ring_rejects_unknown_route():
+    x = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="route: expected one of .'direct', 'ring'., got 'mesh'"):
+        seqpar.token_ring_attention(x, x, x, route="mesh")
