@@ -126,20 +126,11 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
         contestants[name] = _strategy_fns(cfg, name, layout, [t.detach() for t in tensors])
         for t in contestants[name][1:4]:
             t.requires_grad_()
-    peer_skip = None
+    skipped = {}
     if peers:
-        peer, peer_skip = _load_torch_ring_peer()
-        if peer is not None:
-            peer_layout = seqpar.SeqLayout(cfg.seq_len, scheme="zigzag" if cfg.scheme == "zigzag" else "contiguous")
-            pq, pk, pv, _ = (peer_layout.shard(t.detach()).contiguous() for t in tensors)
-
-            def peer_forward():
-                return peer.torch_ring_forward(pq, pk, pv, causal=cfg.causal, load_balance=cfg.scheme == "zigzag")
-
-            contestants["torch templated ring (peer)"] = (peer_forward, None, None, None, None)
-
+        contestants.update(_peer_contestants(cfg, tensors, skipped))
     def run_one(name: str, backward: bool) -> float:
-        forward, q, k, v, do = contestants[name]
+        forward, q, k, v, do = contestants[name][:5]
         active = name != "dense" or rank == 0
         if name == "dense" and active:
             torch.set_num_threads(dense_threads)
@@ -171,8 +162,8 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
                 if rank == 0:
                     _progress(f"  [{label}] {name} {'fwd+bwd' if bwd else 'fwd'}: {elapsed:.3f} s (rank 0)")
 
-    results = {"rank": rank, "threads": rank_threads, "dense_threads": dense_threads, "peer_skipped": peer_skip}
-    for name, (forward, q, k, v, do) in contestants.items():
+    results = {"rank": rank, "threads": rank_threads, "dense_threads": dense_threads, "peer_skipped": skipped}
+    for name, (forward, q, k, v, do, *peer_layout) in contestants.items():
         entry = {"forward": times[(name, False)], "forward_backward": times.get((name, True))}
         if name == "dense" and rank != 0:
             results[name] = entry
@@ -194,9 +185,14 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
             q.grad = k.grad = v.grad = None
             out.backward(do)
         else:
-            with torch.no_grad():
+            if q is not None:
                 out = forward()
-            entry["positions"] = peer_layout.positions()
+                q.grad = k.grad = v.grad = None
+                out.backward(do)
+            else:
+                with torch.no_grad():
+                    out = forward()
+            entry["positions"] = peer_layout[0].positions()
         entry["out"] = out.detach().cpu()
         if q is not None:
             entry.update(dq=q.grad.cpu(), dk=k.grad.cpu(), dv=v.grad.cpu())
@@ -204,16 +200,65 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
     return results
 
 
-def _load_torch_ring_peer():
-    """PyTorch's own templated ring (bench/torch_ring_peer.py in a clone), or None."""
-    path = Path.cwd() / "bench" / "torch_ring_peer.py"
+def _load_bench_module(filename: str):
+    """A peer adapter from bench/ of a clone (peers are never imported by the package)."""
+    path = Path.cwd() / "bench" / filename
     if not path.exists():
-        return None, "bench/torch_ring_peer.py not found (run from a clone of seqpar)"
-    spec = importlib.util.spec_from_file_location("torch_ring_peer", path)
+        return None
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    reason = module.available()
-    return (module, None) if reason is None else (None, reason)
+    return module
+
+
+def _peer_contestants(cfg: BenchConfig, tensors, skipped: Dict[str, str]) -> Dict:
+    """Peers that can run this problem: name -> (forward, q, k, v, do or None, layout)."""
+    import seqpar
+
+    found = {}
+    equal = cfg.seq_len % (2 * torch.distributed.get_world_size()) == 0
+    contiguous = seqpar.SeqLayout(cfg.seq_len, scheme="contiguous")
+
+    def shards(layout, grad):
+        q, k, v, do = (layout.shard(t.detach()).contiguous() for t in tensors)
+        if grad:
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+        return q, k, v, do
+
+    torch_ring = _load_bench_module("torch_ring_peer.py")
+    reason = "bench/torch_ring_peer.py not found (run from a clone)" if torch_ring is None else torch_ring.available()
+    if reason is None and not equal:
+        reason = "needs seq_len divisible by 2P"
+    if reason is None and cfg.heads != cfg.kv_heads:
+        reason = "no GQA"
+    if reason is None:
+        balanced = cfg.scheme == "zigzag"
+        layout = seqpar.SeqLayout(cfg.seq_len, scheme="zigzag" if balanced else "contiguous")
+        q, k, v, _ = shards(layout, False)
+        found["torch templated ring (peer)"] = (
+            lambda q=q, k=k, v=v: torch_ring.torch_ring_forward(q, k, v, causal=cfg.causal, load_balance=balanced),
+            None, None, None, None, layout,
+        )
+    else:
+        skipped["torch templated ring"] = reason
+
+    ulysses = _load_bench_module("ulysses_peers.py")
+    for name, avail, grad in (("deepspeed ulysses (peer)", "available_deepspeed", True),
+                              ("yunchang ulysses (peer)", "available_yunchang", False)):
+        reason = "bench/ulysses_peers.py not found (run from a clone)" if ulysses is None else getattr(ulysses, avail)()
+        if reason is None and not equal:
+            reason = "needs seq_len divisible by P (uneven lengths abort over gloo)"
+        if reason is None:
+            q, k, v, do = shards(contiguous, grad)
+            if grad:
+                fn = lambda q=q, k=k, v=v: ulysses.deepspeed_ulysses(q, k, v, causal=cfg.causal)
+                found[name] = (fn, q, k, v, do, contiguous)
+            else:
+                fn = lambda q=q, k=k, v=v: ulysses.yunchang_ulysses(q, k, v, causal=cfg.causal, local="sdpa")
+                found[name] = (fn, None, None, None, None, contiguous)
+        else:
+            skipped[name.replace(" (peer)", "")] = reason
+    return found
 
 
 # -- the driver -----------------------------------------------------------------------
@@ -272,7 +317,7 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
     if _is_main():
         print(f"seqpar bench: P={cfg.world_size}, N={cfg.seq_len}, H={cfg.heads}, H_kv={cfg.kv_heads}, "
               f"D={cfg.head_dim}, {cfg.dtype}, causal={cfg.causal}, scheme={cfg.scheme}; contestants: dense, "
-              f"{', '.join(names)}{', torch templated ring' if peers else ''}; "
+              f"{', '.join(names)}{' and the peers found in bench/' if peers else ''}; "
               f"{cfg.warmup} warm-up + {cfg.repeats} timed rounds, interleaved", file=sys.stderr, flush=True)
     if launched:
         runner = _TorchrunRunner(cfg)
@@ -298,8 +343,8 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
         row["errors"] = {g: _rel_err(_assemble(per_rank, g, cfg.seq_len), dense[g]) for g in grads}
         row["max_rel_err"] = max(row["errors"].values())
         rows.append(row)
-    if res[0]["peer_skipped"]:
-        rows.append({"name": "torch templated ring", "skipped": res[0]["peer_skipped"]})
+    for name, reason in res[0]["peer_skipped"].items():
+        rows.append({"name": name, "skipped": reason})
     for row in rows:
         for key in ("forward", "forward_backward"):
             if row.get(f"{key}_times_s"):
