@@ -18,8 +18,6 @@ from .kernels.block import BACKENDS, resolve_backend
 from .layout import SeqLayout, group_rank_and_size
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# the contract's exact strategies; those not registered yet are named in the error
-KNOWN_STRATEGIES = ("ring", "ulysses", "usp", "allgather", "token_ring")
 
 
 @dataclass(frozen=True)
@@ -55,11 +53,7 @@ def _resolve_strategy(strategy: str) -> str:
         return "ring"
     if strategy in _REGISTRY:
         return strategy
-    if strategy in KNOWN_STRATEGIES:
-        raise ValueError(
-            f"strategy: {strategy!r} is not available in this version; available: {registered_strategies() + ('auto',)}"
-        )
-    raise ValueError(f"strategy: expected one of {KNOWN_STRATEGIES + ('auto',)}, got {strategy!r}")
+    raise ValueError(f"strategy: expected one of {registered_strategies() + ('auto',)}, got {strategy!r}")
 
 
 def _check_tensors(q, k, v) -> None:
@@ -171,7 +165,9 @@ def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, strateg
     of `layout` (default: contiguous, equal lengths, default group). Returns this rank's
     rows of dense attention over the global sequence, `[B, S/P, H, D]`, input dtype.
     `causal`: query at global position i sees keys j <= i. `softmax_scale`: default
-    `D ** -0.5`. `strategy`: "ring" or "auto"; `backend`: "auto", "torch", "sdpa",
+    `D ** -0.5`. `strategy`: "ring", "ulysses", "usp" (option `ulysses_size`), "allgather"
+    (option `kv_head_chunk`), "token_ring" (option `route`) or "auto" (ring until the
+    dispatcher exists); `backend`: "auto", "torch", "sdpa",
     "flash_attn" (per-block kernel). Differentiable in q, k, v.
     """
     return run_strategy(strategy, q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,

@@ -178,6 +178,7 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
             entry.update(
                 bytes_forward=fwd_stats.bytes_sent(name), bytes_backward=bwd_stats.bytes_sent(name),
                 analytic_forward=expected["forward"], analytic_backward=expected["backward"],
+                ops_forward=fwd_stats.as_dict(), ops_backward=bwd_stats.as_dict(),
                 positions=layout.positions(),
             )
         elif name == "dense":
@@ -339,6 +340,14 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
         if "bytes_forward" in per_rank[0]:
             for key in ("bytes_forward", "analytic_forward", "bytes_backward", "analytic_backward"):
                 row[key] = max(r[key] for r in per_rank)
+            for phase in ("forward", "backward"):
+                # per direction where a strategy names them (TokenRing: outgoing / returning)
+                for direction in ("outgoing", "returning"):
+                    sent = [sum(v["bytes_sent"] for op, v in r[f"ops_{phase}"].items() if op.endswith(direction))
+                            for r in per_rank]
+                    if any(sent):
+                        row[f"bytes_{phase}_{direction}"] = max(sent)
+            row["ops_rank0"] = {"forward": per_rank[0]["ops_forward"], "backward": per_rank[0]["ops_backward"]}
         grads = ("out", "dq", "dk", "dv") if "dq" in per_rank[0] else ("out",)
         row["errors"] = {g: _rel_err(_assemble(per_rank, g, cfg.seq_len), dense[g]) for g in grads}
         row["max_rel_err"] = max(row["errors"].values())
@@ -392,6 +401,11 @@ def format_table(report: Dict) -> str:
             continue
         fwd_bytes = f"{_format_bytes(row.get('bytes_forward'))} ({_format_bytes(row.get('analytic_forward'))})"
         bwd_bytes = f"{_format_bytes(row.get('bytes_backward'))} ({_format_bytes(row.get('analytic_backward'))})"
+        if "bytes_forward_outgoing" in row:
+            fwd_bytes += (f": {_format_bytes(row['bytes_forward_outgoing'])} → / "
+                          f"{_format_bytes(row.get('bytes_forward_returning', 0))} ←")
+            bwd_bytes += (f": {_format_bytes(row['bytes_backward_outgoing'])} → / "
+                          f"{_format_bytes(row.get('bytes_backward_returning', 0))} ←")
         lines.append(
             f"| {row['name']} | {num(row, 'forward_s', '.3f')} | {num(row, 'forward_vs_dense', '.2f')}x | "
             f"{num(row, 'forward_backward_s', '.3f')} | {num(row, 'forward_backward_vs_dense', '.2f')}x | "

@@ -28,7 +28,6 @@ LOCAL_CASES = [
     ("layout_type", dict(layout="zigzag"), TypeError, "layout: expected a seqpar.SeqLayout"),
     ("layout_world", dict(layout=SeqLayout.simulated(12, 2)), ValueError, "layout: expected a layout of this process group"),
     ("strategy", dict(strategy="ringg"), ValueError, "strategy: expected one of"),
-    ("strategy_not_built", dict(strategy="ulysses"), ValueError, "strategy: 'ulysses' is not available in this version"),
     ("backend", dict(backend="cudnn"), ValueError, "backend: expected one of"),
     ("backend_unavailable", dict(backend="flash_attn"), ValueError, "backend: flash_attn"),
     ("causal_type", dict(causal="yes"), TypeError, "causal: expected a bool"),

@@ -22,12 +22,12 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
 from ..comm import collectives
 from ..kernels import block as block_kernels
 from ..kernels.merge import merge_
 from ..layout import SeqLayout, visible_blocks
+from .common import SavedOutputAttention
 
 
 def _chunks(kv_heads: int, chunk: Optional[int]):
@@ -52,6 +52,18 @@ class _Gather:
         return [buf[:n].permute(1, 2, 0, 3, 4) for buf, n in zip(self.buffers, self.lens)]
 
 
+def _gathered(k, v, layout: SeqLayout, chunk, op: str):
+    """Yield (first KV head, end, K/V of every rank) per chunk; the next chunk's gather is
+    posted before the current one is handed out."""
+    chunks = _chunks(k.shape[2], chunk)
+    pending = _Gather(k, v, chunks[0], layout, op)
+    for i, (a, end) in enumerate(chunks):
+        kvs = pending.result()
+        if i + 1 < len(chunks):
+            pending = _Gather(k, v, chunks[i + 1], layout, op)
+        yield a, end, kvs
+
+
 def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, chunk):
     rank = layout.rank
     fwd, _ = block_kernels.kernels(backend, q, k)
@@ -60,12 +72,7 @@ def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, chunk):
     group = h // k.shape[2]
     out = torch.zeros(b, nq, h, d, dtype=acc, device=q.device)
     lse = torch.full((b, h, nq), float("-inf"), dtype=torch.float64, device=q.device)
-    chunks = _chunks(k.shape[2], chunk)
-    pending = _Gather(k, v, chunks[0], layout, "allgather.forward.kv")
-    for i, (a, c_end) in enumerate(chunks):
-        kvs = pending.result()
-        if i + 1 < len(chunks):
-            pending = _Gather(k, v, chunks[i + 1], layout, "allgather.forward.kv")
+    for a, c_end, kvs in _gathered(k, v, layout, chunk, "allgather.forward.kv"):
         heads = slice(a * group, c_end * group)
         for src, kv in enumerate(kvs):
             for blk in visible_blocks(layout, rank, src, causal):
@@ -84,13 +91,8 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.empty(k.shape, dtype=acc, device=q.device)
     dv = torch.empty(v.shape, dtype=acc, device=q.device)
-    chunks = _chunks(k.shape[2], chunk)
     longest = max(layout.local_lens)
-    pending = _Gather(k, v, chunks[0], layout, "allgather.backward.kv")
-    for i, (a, c_end) in enumerate(chunks):
-        kvs = pending.result()
-        if i + 1 < len(chunks):
-            pending = _Gather(k, v, chunks[i + 1], layout, "allgather.backward.kv")
+    for a, c_end, kvs in _gathered(k, v, layout, chunk, "allgather.backward.kv"):
         heads = slice(a * group, c_end * group)
         # dK/dV of every rank's keys for this chunk, padded rows so the reduce-scatter is even
         dkv = torch.zeros(world, longest, 2, k.shape[0], c_end - a, k.shape[3], dtype=acc, device=q.device)
@@ -108,22 +110,6 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
         dk[:, :, a:c_end] = mine[:, 0].transpose(0, 1)
         dv[:, :, a:c_end] = mine[:, 1].transpose(0, 1)
     return dq, dk, dv
-
-
-class AllGatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout, causal, scale, backend, chunk):
-        out, lse = _forward(q, k, v, layout, causal, scale, backend, chunk)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (layout, causal, scale, backend, chunk)
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, out, lse, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
@@ -144,7 +130,8 @@ def _check(q, k, v, layout, options):
 
 
 def _apply(q, k, v, layout, causal, scale, backend, options):
-    return AllGatherAttention.apply(q, k, v, layout, causal, scale, backend, options.get("kv_head_chunk"))
+    args = (layout, causal, scale, backend, options.get("kv_head_chunk"))
+    return SavedOutputAttention.apply(q, k, v, _forward, _backward, args)
 
 
 def allgather_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto",

@@ -41,6 +41,7 @@ from ..comm import p2p
 from ..kernels import block as block_kernels
 from ..kernels.merge import merge_
 from ..layout import Block, SeqLayout, visible_blocks
+from .common import SavedOutputAttention
 
 ROUTES = ("direct", "ring")
 Ranges = List[Tuple[int, int]]
@@ -289,23 +290,6 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
     return dq, dk, dv
 
 
-class TokenRingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout, causal, scale, backend, route):
-        out, lse = _forward(q, k, v, layout, causal, scale, backend, route, "token_ring")
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (layout, causal, scale, backend, route)
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        layout, causal, scale, backend, route = ctx.args
-        dq, dk, dv = _backward(do.contiguous(), q, k, v, out, lse, layout, causal, scale, backend, route, "token_ring")
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
-
-
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int, element_size: int,
                    route: str = "direct", causal: bool = True, **options) -> Dict[str, int]:
     """Bytes this rank sends, per pass and direction ("forward"/"backward" are the totals;
@@ -339,7 +323,8 @@ def _check(q, k, v, layout, options):
 
 
 def _apply(q, k, v, layout, causal, scale, backend, options):
-    return TokenRingAttention.apply(q, k, v, layout, causal, scale, backend, options.get("route") or "direct")
+    args = (layout, causal, scale, backend, options.get("route") or "direct", "token_ring")
+    return SavedOutputAttention.apply(q, k, v, _forward, _backward, args)
 
 
 def token_ring_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto",
