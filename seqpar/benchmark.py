@@ -118,7 +118,8 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
     device = _device()
     rank = dist.get_rank()
     rank_threads = torch.get_num_threads()
-    dense_threads = rank_threads * dist.get_world_size() if device.type == "cpu" else rank_threads
+    # dense gets the ranks' threads together, never more than the machine's cores
+    dense_threads = min(rank_threads * dist.get_world_size(), os.cpu_count() or 1) if device.type == "cpu" else rank_threads
     tensors = [t.requires_grad_(i < 3) for i, t in enumerate(_global_inputs(cfg, device))]
     layout = seqpar.SeqLayout(cfg.seq_len, scheme=cfg.scheme)
     contestants = {"dense": _dense_fns(cfg, [t.detach().requires_grad_(i < 3) for i, t in enumerate(tensors)])}
