@@ -431,15 +431,12 @@ class _TorchrunRunner:
             cfg.world_size = dist.get_world_size()
 
     def run(self, fn, *args, timeout=None):
-        import torch.distributed as dist
+        from .comm.collectives import all_gather_object
 
-        mine = fn(*args)
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
-        return gathered
+        return all_gather_object(fn(*args), None, op="bench.results")
 
     def close(self):
-        pass
+        """Nothing to release: torchrun owns the processes and the group."""
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -2,7 +2,6 @@
 import time
 
 import pytest
-import torch
 
 import seqpar
 from seqpar.testing import AttentionProblem, LocalWorld, RankError, WorldTimeout, check_attention, tolerance_violations, world

@@ -78,7 +78,7 @@ def agree(group, world_size: int, signature: Tuple[Tuple[str, object], ...], err
         if msg is not None:
             raise ValueError(f"{what}: rank {rank} of the group got bad input, so every rank stops: {msg[1]}")
     mine_fields = dict(signature)
-    for rank, (sig, _) in enumerate(gathered):
+    for sig, _ in gathered:
         theirs = dict(sig)
         for name in mine_fields:
             if theirs.get(name) != mine_fields[name]:

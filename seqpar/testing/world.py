@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 
 class WorldTimeout(RuntimeError):
-    pass
+    """A rank did not finish within the timeout; the world was killed."""
 
 
 class WorldDied(RuntimeError):

@@ -1,7 +1,7 @@
 """Ring attention against float64 dense attention on real gloo worlds of 1-4 ranks."""
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import given
 
 import seqpar
 from seqpar.layout import SCHEMES, SeqLayout
