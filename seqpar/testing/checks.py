@@ -1,7 +1,9 @@
 """Attention problems, a rank-side check against dense attention, and the tolerance rule.
 
-The rule (one source of truth, `TOLERANCE`): float64 must match the float64 dense
-reference to `FLOAT64_RTOL` relative to the largest reference value; lower precisions
+The rule (one source of truth): float64 must match the float64 dense reference to
+`FLOAT64_RTOL` relative to the largest reference value, or, on problems so ill-conditioned
+(saturated softmax, gradients that cancel) that PyTorch's own float64 SDPA disagrees with
+the reference by more, to `GRAD_FACTOR` times that disagreement; lower precisions
 must stay within `FORWARD_FACTOR` (output) / `GRAD_FACTOR` (gradients) of the error that
 dense PyTorch attention makes in the same dtype. That dense error is floored at half an ulp
 of the dtype (rounding the output costs that much) or `ACCUMULATION_ULPS` ulps of fp32
@@ -110,10 +112,11 @@ def check_attention(problem: AttentionProblem, attention_fn: Optional[Callable] 
     ours = {name: gather_global(t, layout, 1) if layout.world_size > 1 else t for name, t in ours.items()}
     ref = _dense_grads(q, k, v, do, problem.causal, problem.softmax_scale, use_sdpa=False)
     report = {f"err_{name}": _rel_err(ours[name], ref[name]) for name in ref}
-    if dtype != torch.float64:
-        low = [t.to(dtype) for t in (q, k, v, do)]
-        dense = _dense_grads(*low, problem.causal, problem.softmax_scale, use_sdpa=True)
-        report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
+    # dense PyTorch (SDPA) in the same dtype: its error is the yardstick (in float64, the
+    # disagreement of two float64 implementations, which ill-conditioned problems inflate)
+    low = [t.to(dtype) for t in (q, k, v, do)]
+    dense = _dense_grads(*low, problem.causal, problem.softmax_scale, use_sdpa=True)
+    report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
     return report
 
 
@@ -124,7 +127,7 @@ def tolerance_violations(problem: AttentionProblem, report: Dict[str, float]) ->
     for name in ("out", "dq", "dk", "dv"):
         err = report[f"err_{name}"]
         if dtype == torch.float64:
-            bound = FLOAT64_RTOL
+            bound = max(FLOAT64_RTOL, GRAD_FACTOR * report[f"dense_{name}"])
         else:
             factor = FORWARD_FACTOR if name == "out" else GRAD_FACTOR
             floor = max(torch.finfo(dtype).eps / 2, ACCUMULATION_ULPS * torch.finfo(torch.float32).eps)
