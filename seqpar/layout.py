@@ -127,6 +127,10 @@ class SeqLayout:
         ]
 
     # -- queries about any rank ------------------------------------------------------------
+    def peer(self, rank: int) -> int:
+        """The rank of `self.group` that plays `rank` (the identity for a SeqLayout)."""
+        return rank
+
     def runs(self, rank: Optional[int] = None) -> List[Run]:
         return self._runs[self.rank if rank is None else rank]
 
@@ -308,12 +312,14 @@ class GroupLayout:
     `group` (the ring's process group), `seq_len`, `local_len`, `local_len_of`, `runs`.
     """
 
-    def __init__(self, layout: SeqLayout, groups: List[List[int]], ring_rank: int, ring_group):
+    def __init__(self, layout: SeqLayout, groups: List[List[int]], ring_rank: int, member: int = 0):
         self.base = layout
         self.seq_len = layout.seq_len
         self.world_size = len(groups)
         self.rank = ring_rank
-        self.group = ring_group
+        # the ring is the ranks with index `member` in their group, talking on the layout's group
+        self.group = layout.group
+        self._peers = [members[member] for members in groups]
         member_runs = [[run for r in members for run in layout.runs(r) if run.length] for members in groups]
         if all(run.stride == 1 for runs in member_runs for run in runs):
             coalesced = [self._merge_adjacent(runs) for runs in member_runs]
@@ -346,6 +352,10 @@ class GroupLayout:
             out.append(Run(run.start, run.length, run.stride, offset))
             offset += run.length
         return out
+
+    def peer(self, rank: int) -> int:
+        """The rank of the layout's group that is member `rank` of this ring."""
+        return self._peers[rank]
 
     def runs(self, rank: Optional[int] = None) -> List[Run]:
         return self._runs[self.rank if rank is None else rank]

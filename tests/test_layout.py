@@ -81,7 +81,7 @@ def test_group_layout_blocks_cover_exactly_the_visible_pairs(case, causal, size)
     assume(p % size == 0)
     base = SeqLayout.simulated(n, p, 0, scheme)
     groups = [list(range(g * size, (g + 1) * size)) for g in range(p // size)]
-    grouped = GroupLayout(base, groups, 0, None)
+    grouped = GroupLayout(base, groups, 0)
     for g, members in enumerate(groups):
         stored = _storage_positions(grouped.runs(g))
         assert len(stored) == grouped.local_len_of(g)

@@ -86,30 +86,3 @@ def agree(group, world_size: int, signature: Tuple[Tuple[str, object], ...], err
                 raise ValueError(f"{what}: {name} must be the same on every rank, got {values}")
     seen.add(signature)  # the digests differed but the signatures do not: a hash collision
 
-
-_subgroups: Dict[tuple, tuple] = {}
-
-
-def ulysses_ring_groups(group, ulysses_size: int):
-    """(ulysses group, ring group, ulysses members, ring members) of this rank for USP.
-
-    Ulysses groups are U neighbouring ranks `[g U, (g+1) U)` of `group` (meant to sit
-    inside a node); ring groups join the ranks with the same index in their Ulysses group
-    `{i, i + U, i + 2U, ...}`. Every rank creates every sub-group, collectively and in this
-    fixed order, once per (group, U); members are ranks of `group`.
-    """
-    key = (group, ulysses_size)
-    if key not in _subgroups:
-        world = dist.get_world_size(group)
-        rank = dist.get_rank(group)
-        ulysses_sets = [list(range(g * ulysses_size, (g + 1) * ulysses_size)) for g in range(world // ulysses_size)]
-        ring_sets = [list(range(i, world, ulysses_size)) for i in range(ulysses_size)]
-        mine = {}
-        for kind, sets in (("ulysses", ulysses_sets), ("ring", ring_sets)):
-            for members in sets:
-                global_ranks = [r if group is None else dist.get_global_rank(group, r) for r in members]
-                pg = dist.new_group(global_ranks) if len(members) > 1 else None
-                if rank in members:
-                    mine[kind] = (pg, members)
-        _subgroups[key] = (mine["ulysses"][0], mine["ring"][0], mine["ulysses"][1], mine["ring"][1])
-    return _subgroups[key]

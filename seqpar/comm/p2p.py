@@ -32,6 +32,7 @@ def post(
     recvs: Sequence[Tuple[torch.Tensor, int]],
     group,
     op: str,
+    record: bool = True,
 ) -> Exchange:
     """Post `sends` (tensor, group rank) and receives into `recvs` (buffer, group rank).
 
@@ -39,6 +40,7 @@ def post(
     ends derive the sizes from the same plan, so both skip them."""
     ops = [dist.P2POp(dist.isend, t, global_rank(group, peer), group) for t, peer in sends if t.numel()]
     ops += [dist.P2POp(dist.irecv, t, global_rank(group, peer), group) for t, peer in recvs if t.numel()]
-    stats.record(op, stats.nbytes(t for t, _ in sends), stats.nbytes(t for t, _ in recvs))
+    if record:
+        stats.record(op, stats.nbytes(t for t, _ in sends), stats.nbytes(t for t, _ in recvs))
     works = dist.batch_isend_irecv(ops) if ops else []
     return Exchange(works, [t for t, _ in recvs])

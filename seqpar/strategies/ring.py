@@ -62,7 +62,7 @@ def _ring_forward(q, k, v, layout: SeqLayout, causal: bool, scale: float, backen
     lse = torch.empty((b, h, nq), dtype=torch.float64, device=q.device)
     empty = True  # nothing written yet: the first block covering every row is copied, not merged
     kv_storage, kv = _pack_kv(k, v, backend, world)
-    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    nxt, prv = layout.peer((rank + 1) % world), layout.peer((rank - 1) % world)
     for step in range(world):
         src = (rank - step) % world
         exchange = None
@@ -97,7 +97,7 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal: bool, scale
     rank, world = layout.rank, layout.world_size
     _, bwd = block_kernels.kernels(backend, q, k)
     acc = block_kernels.acc_dtype(q.dtype)
-    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    nxt, prv = layout.peer((rank + 1) % world), layout.peer((rank - 1) % world)
     _, dq = block_kernels.empty_in_kernel_layout(q.shape, backend, dtype=acc, device=q.device)
     dq.zero_()
     kv_storage, kv = _pack_kv(k, v, backend, world)

@@ -68,6 +68,8 @@ class HeadScatter:
     def __init__(self, layout: SeqLayout, members: Sequence[int], me: int, group, ring_layout: GroupLayout,
                  heads: int, kv_heads: int, backend: str):
         self.group, self.me, self.size = group, me, len(members)
+        # a Ulysses group smaller than the layout's group exchanges by p2p among its members
+        self.members = None if len(members) == layout.world_size else list(members)
         self.rows = [layout.local_len_of(m) for m in members]
         self.index = [ring_layout.local_index(m) for m in members]
         self.n_group = ring_layout.local_len
@@ -94,7 +96,7 @@ class HeadScatter:
         widths = [self.hq if kind == "q" else self.hkv for _, kind in tensors]
         hc = sum(widths)
         send = send.reshape(self.size * self.rows[self.me], b, hc, d)
-        recv = all_to_all_rows(send, [self.rows[self.me]] * self.size, self.rows, self.group, op)
+        recv = all_to_all_rows(send, [self.rows[self.me]] * self.size, self.rows, self.group, op, self.members)
         _, full = block_kernels.empty_in_kernel_layout((b, self.n_group, hc, d), self.backend,
                                                        dtype=send.dtype, device=send.device)
         seq_first = full.permute(1, 0, 2, 3)
@@ -113,7 +115,7 @@ class HeadScatter:
         full = torch.cat([t for t, _, _ in tensors], dim=2)
         order = torch.cat(self.index).to(full.device)
         send = full.permute(1, 0, 2, 3).index_select(0, order)
-        recv = all_to_all_rows(send, self.rows, [self.rows[self.me]] * self.size, self.group, op)
+        recv = all_to_all_rows(send, self.rows, [self.rows[self.me]] * self.size, self.group, op, self.members)
         recv = recv.reshape(self.size, self.rows[self.me], b, full.shape[2], d)
         out, start = [], 0
         for t, kind, total in tensors:
@@ -181,7 +183,7 @@ def _check(q, k, v, layout, options):
 
 def _apply(q, k, v, layout, causal, scale, backend, options):
     world = layout.world_size
-    ring_layout = GroupLayout(layout, [list(range(world))], 0, None)
+    ring_layout = GroupLayout(layout, [list(range(world))], 0)
     scatter = HeadScatter(layout, list(range(world)), layout.rank, layout.group, ring_layout,
                           q.shape[2], k.shape[2], backend)
     return HeadParallelAttention.apply(q, k, v, scatter, ring_layout, causal, scale, backend, "ulysses")

@@ -1,7 +1,12 @@
 """USP (arXiv 2405.07719): Ulysses inside groups of U ranks, ring attention across groups.
 
 With P = U R, rank r is member `r mod U` of Ulysses group `r // U` (U neighbouring ranks,
-meant to share a node's fast links) and member `r // U` of ring group `r mod U`. Step one
+meant to share a node's fast links) and member `r // U` of ring `r mod U`. No process
+sub-groups are created: the all-to-all inside a Ulysses group is one batch of isend/irecv
+among its members, and the ring sends to its neighbours' ranks, both on the layout's group.
+(Creating sub-groups deadlocks when the layout's group is itself a sub-group: torch names
+new groups by counters or by "hashes" salted with each process's group count, which
+differ between ranks whose histories differ.) Step one
 is Ulysses within the group: its U shards become one shard of the group's tokens with
 H/U heads. Step two is ring attention among the R ranks that hold the same head chunk,
 each holding a different group's tokens; step three returns the output by all-to-all.
@@ -22,7 +27,6 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional
 
-from ..comm.groups import ulysses_ring_groups
 from ..layout import GroupLayout, SeqLayout
 from . import ring, ulysses
 
@@ -55,19 +59,16 @@ def _check(q, k, v, layout, options):
         raise ValueError(reason.replace("strategy='usp' with a smaller ulysses_size", "a smaller ulysses_size"))
 
 
-def _levels(layout: SeqLayout, size: int):
-    u_group, r_group, u_members, r_members = ulysses_ring_groups(layout.group, size)
-    groups = [list(range(g * size, (g + 1) * size)) for g in range(layout.world_size // size)]
-    ring_layout = GroupLayout(layout, groups, layout.rank // size, r_group)
-    return u_group, u_members, ring_layout
-
-
 def _apply(q, k, v, layout, causal, scale, backend, options):
     size = _ulysses_size(layout, q.shape[2], k.shape[2], options)
     if size == 1:
         return ring._apply(q, k, v, layout, causal, scale, backend, {})
-    u_group, u_members, ring_layout = _levels(layout, size)
-    scatter = ulysses.HeadScatter(layout, u_members, u_members.index(layout.rank), u_group, ring_layout,
+    groups = [list(range(g * size, (g + 1) * size)) for g in range(layout.world_size // size)]
+    members = groups[layout.rank // size]
+    # no sub-groups are created: both levels talk on the layout's group (see GroupLayout.peer
+    # and alltoall.all_to_all_rows), which is safe whatever group the caller's layout uses
+    ring_layout = GroupLayout(layout, groups, layout.rank // size, member=layout.rank % size)
+    scatter = ulysses.HeadScatter(layout, members, members.index(layout.rank), layout.group, ring_layout,
                                   q.shape[2], k.shape[2], backend)
     return ulysses.HeadParallelAttention.apply(q, k, v, scatter, ring_layout, causal, scale, backend, "usp")
 
@@ -82,7 +83,7 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
     members = list(range(g * size, (g + 1) * size))
     a2a = ulysses.analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size, members=members)
     groups = [list(range(i * size, (i + 1) * size)) for i in range(layout.world_size // size)]
-    ring_layout = GroupLayout(layout, groups, g, None)
+    ring_layout = GroupLayout(layout, groups, g)
     kv_local = ulysses.kv_heads_per_member(heads, kv_heads, size)
     around = ring.analytic_bytes(ring_layout, batch, heads // size, kv_local, head_dim, element_size)
     return {phase: a2a[phase] + around[phase] for phase in ("forward", "backward")}

@@ -194,3 +194,27 @@ def test_token_ring_rejects_unknown_route():
     x = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="route: expected one of .'direct', 'ring'., got 'mesh'"):
         seqpar.token_ring_attention(x, x, x, route="mesh")
+
+
+def _usp_on_subgroup_then_world():
+    import torch.distributed as dist
+
+    first = dist.new_group([0, 1])
+    if dist.get_rank() in (0, 1):
+        layout = SeqLayout(9, group=first, scheme="stripe")
+        q, k = torch.randn(1, layout.local_len, 4, 8), torch.randn(1, layout.local_len, 2, 8)
+        seqpar.usp_attention(q, k, k, layout=layout, ulysses_size=2)
+    layout = SeqLayout(13, scheme="zigzag")
+    q, k = torch.randn(1, layout.local_len, 4, 8), torch.randn(1, layout.local_len, 2, 8)
+    seqpar.usp_attention(q, k, k, layout=layout, ulysses_size=2)
+    later = dist.new_group([0, 2])  # the user's own groups must still line up afterwards
+    if dist.get_rank() in (0, 2):
+        t = torch.ones(1)
+        dist.all_reduce(t, group=later)
+        return t.item()
+    return 2.0
+
+
+def test_usp_creates_no_groups_that_could_desynchronise_the_world():
+    # histories that differ between ranks once made torch name the same sub-group differently
+    assert world(4).run(_usp_on_subgroup_then_world, timeout=60) == [2.0] * 4
