@@ -134,7 +134,7 @@ class LocalWorld:
                 try:
                     conn.send(None)
                 except (BrokenPipeError, OSError):
-                    pass
+                    continue  # that rank is already gone; the join below reaps it
         for proc in self._procs:
             proc.join(timeout=0 if force else 10)
             if proc.is_alive():
