@@ -422,7 +422,6 @@ class _TorchrunRunner:
     def __init__(self, cfg: BenchConfig):
         import torch.distributed as dist
 
-        self.cfg = cfg
         if not dist.is_initialized():
             if torch.cuda.is_available():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

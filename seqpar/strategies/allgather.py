@@ -25,9 +25,8 @@ import torch
 
 from ..comm import collectives
 from ..kernels import block as block_kernels
-from ..kernels.merge import merge_
 from ..layout import SeqLayout, visible_blocks
-from .common import SavedOutputAttention
+from .common import SavedOutputAttention, attend_blocks, attend_blocks_backward
 
 
 def _chunks(kv_heads: int, chunk: Optional[int]):
@@ -75,11 +74,8 @@ def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, chunk):
     for a, c_end, kvs in _gathered(k, v, layout, chunk, "allgather.forward.kv"):
         heads = slice(a * group, c_end * group)
         for src, kv in enumerate(kvs):
-            for blk in visible_blocks(layout, rank, src, causal):
-                qs = slice(blk.q_start, blk.q_start + blk.q_len)
-                ks = slice(blk.k_start, blk.k_start + blk.k_len)
-                part_out, part_lse = fwd(q[:, qs, heads], kv[0][:, ks], kv[1][:, ks], scale, blk.offset)
-                merge_(out[:, qs, heads], lse[:, heads, qs], part_out, part_lse)
+            attend_blocks(fwd, q[:, :, heads], kv[0], kv[1], visible_blocks(layout, rank, src, causal), scale,
+                          out[:, :, heads], lse[:, heads])
     return out, lse.to(acc)
 
 
@@ -97,14 +93,10 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
         # dK/dV of every rank's keys for this chunk, padded rows so the reduce-scatter is even
         dkv = torch.zeros(world, longest, 2, k.shape[0], c_end - a, k.shape[3], dtype=acc, device=q.device)
         for src, kv in enumerate(kvs):
-            for blk in visible_blocks(layout, rank, src, causal):
-                qs = slice(blk.q_start, blk.q_start + blk.q_len)
-                ks = slice(blk.k_start, blk.k_start + blk.k_len)
-                dq_b, dk_b, dv_b = bwd(do[:, qs, heads], q[:, qs, heads], kv[0][:, ks], kv[1][:, ks],
-                                       out[:, qs, heads], lse[:, heads, qs], scale, blk.offset)
-                dq[:, qs, heads] += dq_b
-                dkv[src, ks, 0] += dk_b.transpose(0, 1)
-                dkv[src, ks, 1] += dv_b.transpose(0, 1)
+            # dkv[src] is [rows, 2, B, c, D]: its K and V parts as [B, rows, c, D] views
+            attend_blocks_backward(bwd, visible_blocks(layout, rank, src, causal), do[:, :, heads], q[:, :, heads],
+                                   kv[0], kv[1], out[:, :, heads], lse[:, heads], scale, dq[:, :, heads],
+                                   dkv[src, :, 0].transpose(0, 1), dkv[src, :, 1].transpose(0, 1))
         mine = collectives.reduce_scatter_sum(list(dkv.unbind(0)), layout.group, op="allgather.backward.dkv")
         mine = mine[: layout.local_len]  # [n, 2, B, c, D]
         dk[:, :, a:c_end] = mine[:, 0].transpose(0, 1)

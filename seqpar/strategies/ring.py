@@ -26,8 +26,8 @@ import torch
 
 from ..comm import p2p
 from ..kernels import block as block_kernels
-from ..kernels.merge import merge_
 from ..layout import SeqLayout, visible_blocks
+from .common import attend_blocks, attend_blocks_backward
 
 
 def _kv_buffer(k: torch.Tensor, n: int, backend: str, dtype=None):
@@ -69,19 +69,8 @@ def _ring_forward(q, k, v, layout: SeqLayout, causal: bool, scale: float, backen
         if step < world - 1:
             incoming = _kv_buffer(k, layout.local_len_of((src - 1) % world), backend)
             exchange = p2p.post([(kv_storage, nxt)], [(incoming[0], prv)], layout.group, op=ring_op)
-        for blk in visible_blocks(layout, rank, src, causal):
-            ks = slice(blk.k_start, blk.k_start + blk.k_len)
-            qs = slice(blk.q_start, blk.q_start + blk.q_len)
-            part_out, part_lse = fwd(q[:, qs], kv[0][:, ks], kv[1][:, ks], scale, blk.offset)
-            if empty and blk.q_len == nq:
-                out.copy_(part_out)
-                lse.copy_(part_lse)
-            else:
-                if empty:
-                    out.zero_()
-                    lse.fill_(float("-inf"))
-                merge_(out[:, qs], lse[:, :, qs], part_out, part_lse)
-            empty = False
+        empty = attend_blocks(fwd, q, kv[0], kv[1], visible_blocks(layout, rank, src, causal), scale, out, lse,
+                              fresh=empty)
         if exchange is not None:
             exchange.wait()
             kv_storage, kv = incoming
@@ -117,15 +106,8 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal: bool, scale
         exchange = p2p.post(sends, recvs, layout.group, op=ring_op) if sends else None
         part_storage, part = _kv_buffer(k, layout.local_len_of(src), backend, dtype=acc)
         part_storage.zero_()
-        for blk in visible_blocks(layout, rank, src, causal):
-            ks = slice(blk.k_start, blk.k_start + blk.k_len)
-            qs = slice(blk.q_start, blk.q_start + blk.q_len)
-            dq_b, dk_b, dv_b = bwd(
-                do[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], scale, blk.offset
-            )
-            dq[:, qs] += dq_b
-            part[0][:, ks] += dk_b
-            part[1][:, ks] += dv_b
+        attend_blocks_backward(bwd, visible_blocks(layout, rank, src, causal), do, q, kv[0], kv[1], out, lse, scale,
+                               dq, part[0], part[1])
         if exchange is not None:
             exchange.wait()
             if step < world - 1:

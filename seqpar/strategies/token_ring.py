@@ -41,7 +41,7 @@ from ..comm import p2p
 from ..kernels import block as block_kernels
 from ..kernels.merge import merge_
 from ..layout import Block, SeqLayout, visible_blocks
-from .common import SavedOutputAttention
+from .common import SavedOutputAttention, attend_blocks, attend_blocks_backward
 
 ROUTES = ("direct", "ring")
 Ranges = List[Tuple[int, int]]
@@ -132,11 +132,7 @@ def _attend(fwd, q_rows, k, v, blocks, scale, acc, lse_dtype):
     b, m, h, d = q_rows.shape
     out = torch.zeros(b, m, h, d, dtype=acc, device=q_rows.device)
     lse = torch.full((b, h, m), float("-inf"), dtype=lse_dtype, device=q_rows.device)
-    for blk in blocks:
-        qs = slice(blk.q_start, blk.q_start + blk.q_len)
-        ks = slice(blk.k_start, blk.k_start + blk.k_len)
-        part_out, part_lse = fwd(q_rows[:, qs], k[:, ks], v[:, ks], scale, blk.offset)
-        merge_(out[:, qs], lse[:, :, qs], part_out, part_lse)
+    attend_blocks(fwd, q_rows, k, v, blocks, scale, out, lse)
     return out, lse
 
 
@@ -260,14 +256,7 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
 
     def attend_back(blocks, q_rows, do_rows, out_rows, lse_rows, dq_rows):
-        for blk in blocks:
-            qs = slice(blk.q_start, blk.q_start + blk.q_len)
-            ks = slice(blk.k_start, blk.k_start + blk.k_len)
-            dq_b, dk_b, dv_b = bwd(do_rows[:, qs], q_rows[:, qs], k[:, ks], v[:, ks], out_rows[:, qs],
-                                   lse_rows[:, :, qs], scale, blk.offset)
-            dq_rows[:, qs] += dq_b
-            dk[:, ks] += dk_b
-            dv[:, ks] += dv_b
+        attend_blocks_backward(bwd, blocks, do_rows, q_rows, k, v, out_rows, lse_rows, scale, dq_rows, dk, dv)
 
     attend_back(visible_blocks(layout, rank, rank, causal), q, do, out, lse, dq)
 
