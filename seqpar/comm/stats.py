@@ -19,6 +19,7 @@ class OpStats:
     calls: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    wait_seconds: float = 0.0  # time spent blocked on this operation's completion (where timed)
 
 
 @dataclass
@@ -33,6 +34,9 @@ class CommStats:
         entry.bytes_sent += sent
         entry.bytes_received += received
 
+    def record_wait(self, op: str, seconds: float) -> None:
+        self.ops.setdefault(op, OpStats()).wait_seconds += seconds
+
     def _select(self, prefix: str) -> List[OpStats]:
         return [s for name, s in self.ops.items() if name == prefix or name.startswith(prefix + ".") or not prefix]
 
@@ -45,6 +49,10 @@ class CommStats:
 
     def calls(self, prefix: str = "") -> int:
         return sum(s.calls for s in self._select(prefix))
+
+    def wait_seconds(self, prefix: str = "") -> float:
+        """Seconds this rank was blocked waiting on operations named `prefix` or `prefix.*`."""
+        return sum(s.wait_seconds for s in self._select(prefix))
 
     def as_dict(self) -> Dict[str, Dict[str, int]]:
         return {name: vars(s).copy() for name, s in sorted(self.ops.items())}
@@ -67,6 +75,16 @@ def track() -> Iterator[CommStats]:
 def record(op: str, sent: int = 0, received: int = 0) -> None:
     for stats in _active:
         stats.record(op, sent, received)
+
+
+def tracking() -> bool:
+    """Whether anyone is counting (so callers can skip timing work nobody reads)."""
+    return bool(_active)
+
+
+def record_wait(op: str, seconds: float) -> None:
+    for stats in _active:
+        stats.record_wait(op, seconds)
 
 
 def nbytes(tensors) -> int:

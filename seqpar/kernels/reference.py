@@ -40,3 +40,22 @@ def dense_attention(
     probs = torch.exp(scores - safe[..., None])
     out = torch.einsum("bhij,bjhd->bihd", probs, v)
     return (out, lse) if return_lse else out
+
+
+def linear_attention_recurrent(q, k, v, g=None, *, scale=None, initial_state=None):
+    """Causal linear attention token by token (the test oracle), differentiable by autograd.
+
+    `S_t = exp(g_t) S_{t-1} + k_t^T v_t`, `o_t = scale q_t S_t`. q, k `[B, n, H, Dk]`,
+    v `[B, n, H, Dv]`, g None or `[B, n, H]`, initial_state None or `[B, H, Dk, Dv]`.
+    Returns (o `[B, n, H, Dv]`, final state `[B, H, Dk, Dv]`) in the input dtype.
+    """
+    b, n, h, dk = q.shape
+    scale = dk ** -0.5 if scale is None else scale
+    state = q.new_zeros(b, h, dk, v.shape[-1]) if initial_state is None else initial_state
+    outs = []
+    for t in range(n):
+        if g is not None:
+            state = state * g[:, t].exp()[..., None, None]
+        state = state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+    return torch.stack(outs, dim=1), state

@@ -1,0 +1,161 @@
+"""Chunked causal linear attention on one device: a block of tokens from a zero state.
+
+Per (batch, head), with state `S` `[Dk, Dv]` and log decay `g_t <= 0`:
+
+    S_t = exp(g_t) S_{t-1} + k_t^T v_t,      o_t = scale * q_t S_t,      S_0 = 0.
+
+`chunk_forward` returns the outputs and the final state of a block started from zero;
+`chunk_backward` the gradients with no gradient flowing into that final state. Everything
+a sequence-parallel method adds (an incoming state, the gradient of the outgoing one) is a
+rank-one-pass correction on top, in `seqpar.strategies.linear`; this keeps the kernels
+(torch here, Triton in `kernels/triton/linear.py`) to one small contract.
+
+The chunked form, with `C` tokens per chunk and `G` the within-chunk cumulative log decay:
+
+    o_chunk = scale * [ ((q k^T) * exp(G_i - G_j) [j <= i]) v  +  (q * exp(G)) S_prev ]
+    S_next  = exp(G_C) S_prev + (k * exp(G_C - G))^T v
+
+Every exponent is <= 0 (differences are taken only for j <= i, masked before `exp`), so
+nothing overflows however strong the decay. States and decay sums are fp32 (fp64 for
+fp64 inputs). Shapes: q, k `[B, n, H, Dk]`, v `[B, n, H, Dv]`, g `[B, n, H]` or None.
+
+Gradient of the decay. Write `G_t` for the cumulative log decay over the whole block. The
+output and state depend on the decay only through `exp(G_t - G_s)` (s <= t) and, with an
+incoming state, `exp(G_t)`; so the gradient w.r.t. `G_t` is the part of `q_t . dq_t`
+(t as a query) minus `k_t . dk_t` (t as a key), and the gradient w.r.t. `g_s` is its
+reverse cumulative sum over t >= s (plus `<S_out, dS_out>` when the final state has a
+gradient: every `g_s` scales it). `decay_grad` implements exactly this.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK = 64
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunked(x: torch.Tensor, chunk: int, acc) -> torch.Tensor:
+    """[B, n, H, D] (or [B, n, H]) -> [B, H, NC, C, D] (or [B, H, NC, C]), zero-padded."""
+    b, n, h = x.shape[:3]
+    x = x.to(acc).movedim(1, 2)  # [B, H, n, ...]
+    pad = (-n) % chunk
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad) if x.dim() == 4 else (0, pad))
+    return x.reshape(b, h, (n + pad) // chunk, chunk, *x.shape[3:])
+
+
+def _unchunked(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, H, NC, C, D] -> [B, n, H, D]."""
+    b, h = x.shape[:2]
+    return x.reshape(b, h, -1, x.shape[-1])[:, :, :n].movedim(2, 1)
+
+
+class _Chunks:
+    """The per-chunk quantities forward and backward share (recomputed in the backward)."""
+
+    def __init__(self, q, k, v, g, chunk: int):
+        acc = acc_dtype(q.dtype)
+        self.n = q.shape[1]
+        chunk = max(1, min(chunk, self.n))
+        self.q, self.k, self.v = (_chunked(t, chunk, acc) for t in (q, k, v))
+        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+        if g is None:
+            self.decay_q = self.decay_k = None  # exp(G), exp(G_C - G): all ones
+            self.gamma = None  # exp(G_C) per chunk
+            self.mask = causal.to(acc)
+        else:
+            # -- within-chunk cumulative log decay, and the pairwise factors exp(G_i - G_j), j <= i
+            cum = _chunked(g, chunk, acc).cumsum(-1)  # [B, H, NC, C]
+            diff = (cum[..., :, None] - cum[..., None, :]).masked_fill_(~causal, float("-inf"))
+            self.mask = diff.exp_()  # [B, H, NC, C, C]
+            self.decay_q = cum.exp()[..., None]  # [B, H, NC, C, 1]
+            self.decay_k = (cum[..., -1:] - cum).exp_()[..., None]
+            self.gamma = cum[..., -1].exp()  # [B, H, NC]
+
+    def chunk_states(self) -> torch.Tensor:
+        """State each chunk adds from zero: `(k * exp(G_C - G))^T v`, [B, H, NC, Dk, Dv]."""
+        k = self.k if self.decay_k is None else self.k * self.decay_k
+        return k.transpose(-1, -2) @ self.v
+
+    def scan(self, adds: torch.Tensor, reverse: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`before[c]`: the running value entering chunk c; and the value after the last one.
+
+        Forward: x_c = gamma_c x_{c-1} + adds_c. Reverse: x_c = gamma_c x_{c+1} + adds_c, and
+        `before[c]` is x_{c+1} (what chunk c receives from the chunks after it)."""
+        before = torch.empty_like(adds)
+        x = torch.zeros_like(adds[:, :, 0])
+        order = range(adds.shape[2] - 1, -1, -1) if reverse else range(adds.shape[2])
+        for c in order:
+            before[:, :, c] = x
+            if self.gamma is None:
+                x = x + adds[:, :, c]
+            else:
+                x = torch.addcmul(adds[:, :, c], self.gamma[:, :, c, None, None], x)
+        return before, x
+
+
+def chunk_forward(q, k, v, g: Optional[torch.Tensor], scale: float, chunk_size: int = DEFAULT_CHUNK):
+    """Outputs and final state of a block from a zero state.
+
+    q, k `[B, n, H, Dk]`; v `[B, n, H, Dv]`; g None or `[B, n, H]` (log decay, <= 0).
+    Returns (o `[B, n, H, Dv]`, state `[B, H, Dk, Dv]`), both fp32 (fp64 for fp64 inputs).
+    """
+    ch = _Chunks(q, k, v, g, chunk_size)
+    # -- intra-chunk: (q k^T masked and decayed) v
+    scores = (ch.q @ ch.k.transpose(-1, -2)).mul_(ch.mask)  # [B, H, NC, C, C]
+    out = scores @ ch.v
+    # -- inter-chunk: the state entering each chunk, seen through exp(G)
+    before, state = ch.scan(ch.chunk_states())
+    q_dec = ch.q if ch.decay_q is None else ch.q * ch.decay_q
+    out += q_dec @ before
+    return _unchunked(out.mul_(scale), ch.n), state
+
+
+def chunk_backward(do, q, k, v, g: Optional[torch.Tensor], scale: float, chunk_size: int = DEFAULT_CHUNK):
+    """Gradients of `sum(o * do)` for a block from a zero state, no gradient on the final state.
+
+    Returns (dq, dk, dv, dg) in fp32 (fp64 for fp64 inputs); dg `[B, n, H]` or None.
+    """
+    ch = _Chunks(q, k, v, g, chunk_size)
+    dos = _chunked(do, ch.mask.shape[-1], ch.q.dtype) * scale  # scale folded into dO (never in place: a view of the caller's)
+    # -- intra-chunk
+    dscores = (dos @ ch.v.transpose(-1, -2)).mul_(ch.mask)  # [B, H, NC, C, C]
+    scores = (ch.q @ ch.k.transpose(-1, -2)).mul_(ch.mask)
+    dq = dscores @ ch.k
+    dk = dscores.transpose(-1, -2) @ ch.q
+    dv = scores.transpose(-1, -2) @ dos
+    # -- inter-chunk, forward state: dq += exp(G) dO S_prev^T
+    before, _ = ch.scan(ch.chunk_states())
+    dq_inter = dos @ before.transpose(-1, -2)
+    dq += dq_inter if ch.decay_q is None else dq_inter * ch.decay_q
+    # -- inter-chunk, state gradient: what flows into chunk c's added state from later chunks
+    q_dec = ch.q if ch.decay_q is None else ch.q * ch.decay_q
+    after, _ = ch.scan(q_dec.transpose(-1, -2) @ dos, reverse=True)  # [B, H, NC, Dk, Dv]
+    k_dec = ch.k if ch.decay_k is None else ch.k * ch.decay_k
+    dv += k_dec @ after
+    dk_inter = ch.v @ after.transpose(-1, -2)
+    dk += dk_inter if ch.decay_k is None else dk_inter * ch.decay_k
+    n = ch.n
+    dq, dk, dv = _unchunked(dq, n), _unchunked(dk, n), _unchunked(dv, n)
+    dg = None if g is None else decay_grad(q, k, dq, dk)
+    return dq, dk, dv, dg
+
+
+def decay_grad(q, k, dq, dk, state_out: Optional[torch.Tensor] = None,
+               dstate_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gradient w.r.t. the per-token log decay `[B, n, H]` from the full dq and dk.
+
+    `dG_t = q_t . dq_t - k_t . dk_t`, `dg_s = sum_{t >= s} dG_t (+ <S_out, dS_out>)`. The
+    reverse sum runs in fp64: over a long block its terms cancel to a small total."""
+    acc = acc_dtype(q.dtype)
+    per_token = (q.to(acc) * dq).sum(-1) - (k.to(acc) * dk).sum(-1)  # [B, n, H]
+    dg = per_token.double().flip(1).cumsum(1).flip(1)
+    if dstate_out is not None:
+        dg = dg + (state_out.double() * dstate_out.double()).sum((-1, -2))[:, None, :]
+    return dg.to(acc)

@@ -1,0 +1,425 @@
+"""Linear attention across ranks: LASP-1 ring, LASP-2 all-gather and the ZeCO All-Scan.
+
+Causal linear attention carries a state `S` `[Dk, Dv]` per (batch, head) instead of a KV
+cache. Rank r's tokens, started from zero, give outputs `o_loc` and a state `S_loc`; with
+`G_t` the cumulative log decay of its tokens (fp64) and `a_r = exp(G_n)` its total decay,
+
+    S_in(r)  = S_out(r-1),        S_out(r) = a_r S_in(r) + S_loc(r),
+    o_t      = o_loc_t + scale exp(G_t) q_t S_in(r).
+
+So ranks only pass states: a linear recurrence over ranks. The backward is the same
+recurrence in reverse for the state gradients: with `b_r = scale sum_t exp(G_t) q_t^T dO_t`,
+`dS_out(r) = dS_in(r+1)`, `dS_in(r) = a_r dS_out(r) + b_r`; then
+
+    dq_t += scale exp(G_t) dO_t S_in^T,   dk_s += exp(G_n - G_s) v_s dS_out^T,
+    dv_s += exp(G_n - G_s) k_s dS_out,    dg from `kernels.linear.decay_grad`.
+
+Every factor is `exp(<= 0)`. States, decays and their products stay fp32 (fp64 inputs: fp64).
+
+The three methods differ only in how the recurrence crosses the ranks. With `S` the bytes
+of one state (`4 B H Dk Dv`; fp64 inputs: 8), `g` = `4 B H` when a decay is given, else 0,
+`alpha` the latency of a message and `beta` the time per byte:
+
+| method    | forward bytes sent per rank | backward | last rank's wait for S_in (critical path) |
+|-----------|-----------------------------|----------|--------------------------------------------|
+| ring      | S (every rank but the last) | S (every rank but the first) | (P-1)(alpha + beta S + combine), after the local intra-chunk work |
+| allgather | (P-1)(S + g)                | (P-1) S  | one all-gather, posted before the intra-chunk work and hidden behind it |
+| allscan   | S in `scan_pieces` messages | the same, reversed | (P-2+K)(alpha + beta S/K), K = scan_pieces |
+
+- ring (LASP-1, arXiv 2404.02882): receives are posted, the local intra-chunk work runs
+  while the state travels, then each rank combines and passes its state on. The chain
+  starts only when rank 0 finishes its local work and grows by one full state per hop.
+- allgather (LASP-2, arXiv 2502.07563): each rank first computes its local state (one
+  matmul), posts one all-gather of (state, total decay), computes its intra-chunk part,
+  then combines the prefix of the ranks before it locally. The backward all-gathers the
+  state gradients `b_r` and combines the suffix. Bytes grow with P.
+- allscan (ZeCO, arXiv 2507.01004): local state first, then the pipelined scan of
+  `comm.scan.StateScan` (the state in K pieces, each sent on as soon as it is combined),
+  then the intra-chunk work. The chain costs about one state plus one piece per hop.
+
+`measured` waits: `seqpar.comm.track()` records the seconds each rank spent blocked on
+the incoming state (`stats.wait_seconds("linear.<method>.forward")`).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, Optional
+
+import torch
+
+from ..comm import collectives, stats
+from ..comm.groups import agree, describe
+from ..comm.scan import StateScan
+from ..kernels import linear as linear_kernels
+from ..layout import SeqLayout, group_rank_and_size
+
+METHODS = ("auto", "ring", "allgather", "allscan")
+BACKENDS = ("auto", "torch", "triton")
+OPTIONS = ("chunk_size", "scan_pieces")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Message size at which latency and transfer time are equal (alpha / beta) in the default
+# scan model; calibrated for loopback TCP and NVLink alike to within a factor of a few.
+_HALF_SIZE_BYTES = 64 * 1024
+# Below this many bytes gathered per rank, the all-gather hides behind the intra-chunk work.
+_ALLGATHER_LIMIT_BYTES = 8 * 1024 * 1024
+
+
+def state_bytes(batch: int, heads: int, dk: int, dv: int, dtype: torch.dtype = torch.float32) -> int:
+    return batch * heads * dk * dv * (8 if dtype == torch.float64 else 4)
+
+
+def default_scan_pieces(world: int, nbytes: int) -> int:
+    """Pieces minimising `(P - 2 + K)(alpha + beta S / K)`: `K = sqrt((P - 2) S beta / alpha)`.
+    One piece for P <= 2 (a single hop gains nothing from being cut)."""
+    if world <= 2:
+        return 1
+    return max(1, min(64, round(math.sqrt((world - 2) * nbytes / _HALF_SIZE_BYTES))))
+
+
+def choose_method(world: int, nbytes: int) -> str:
+    """`method="auto"`: the all-gather while the states it gathers are small enough to hide
+    behind the intra-chunk work (no chain at all), else the All-Scan (flat in P). Ring
+    (LASP-1) is never faster than the All-Scan: it exists for comparison."""
+    if (world - 1) * nbytes <= _ALLGATHER_LIMIT_BYTES:
+        return "allgather"
+    return "allscan"
+
+
+def analytic_bytes(layout: SeqLayout, batch: int, heads: int, dk: int, dv: int, *, method: str,
+                   decay: bool, dtype: torch.dtype = torch.float32) -> Dict[str, int]:
+    """Bytes this rank sends in the forward and the backward of `method` (see the table)."""
+    rank, world = layout.rank, layout.world_size
+    s = state_bytes(batch, heads, dk, dv, dtype)
+    if world == 1:
+        return {"forward": 0, "backward": 0}
+    if method == "allgather":
+        g = batch * heads * (8 if dtype == torch.float64 else 4) if decay else 0
+        return {"forward": (world - 1) * (s + g), "backward": (world - 1) * s}
+    return {"forward": s if rank < world - 1 else 0, "backward": s if rank > 0 else 0}
+
+
+# -- one rank's pieces ---------------------------------------------------------------------
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from ..kernels.triton import linear as triton_linear
+
+        return triton_linear.chunk_forward, triton_linear.chunk_backward
+    return linear_kernels.chunk_forward, linear_kernels.chunk_backward
+
+
+class _Decay:
+    """Cumulative log decay of this rank's tokens and the factors built from it."""
+
+    def __init__(self, g: Optional[torch.Tensor], acc: torch.dtype, device: torch.device):
+        self.given = g is not None
+        self.device = device
+        if g is None:
+            return
+        cum = g.double().cumsum(1)  # [B, n, H]; fp64: differences of long sums stay exact
+        total = cum[:, -1:]
+        self.to_query = cum.exp().to(acc)[..., None]  # exp(G_t): an incoming state's weight at t
+        self.to_end = (total - cum).exp().to(acc)[..., None]  # exp(G_n - G_s): token s in the outgoing state
+        self.total = total[:, 0].exp().to(acc)  # [B, H]
+
+    def state_factor(self, dk: int, dv: int) -> Optional[torch.Tensor]:
+        """`a_r` broadcast over a flat state `[B*H*Dk*Dv]`, or None (no decay: 1)."""
+        if not self.given:
+            return None
+        b, h = self.total.shape
+        return self.total[:, :, None, None].expand(b, h, dk, dv).reshape(-1)
+
+    def query(self, x):
+        return x if not self.given else x * self.to_query
+
+    def key(self, x):
+        return x if not self.given else x * self.to_end
+
+
+def _local_state(k, v, decay: _Decay, acc) -> torch.Tensor:
+    """`S_loc = sum_s exp(G_n - G_s) k_s^T v_s` `[B, H, Dk, Dv]`: one matmul, no chunking."""
+    return torch.einsum("bnhk,bnhv->bhkv", decay.key(k.to(acc)), v.to(acc))
+
+
+def _query_state(q, x, decay: _Decay, scale: float, acc) -> torch.Tensor:
+    """`scale exp(G_t) q_t x` for every local token `[B, n, H, Dv]`."""
+    return torch.einsum("bnhk,bhkv->bnhv", decay.query(q.to(acc)), x) * scale
+
+
+def _timed_wait(handle, op: str) -> None:
+    if handle is None:
+        return
+    if stats.tracking():
+        import time
+
+        start = time.perf_counter()
+        handle.wait()
+        stats.record_wait(op, time.perf_counter() - start)
+    else:
+        handle.wait()
+
+
+def _fold(values, factors, order):
+    """x = a_j x + b_j over `order`; zeros when `order` is empty."""
+    x = torch.zeros_like(values[0])
+    for j in order:
+        x = values[j] + (x if factors is None else factors[j] * x)
+    return x
+
+
+def _cross(layout: SeqLayout, method: str, phase: str, reverse: bool, pieces: int, shape, acc, decay: _Decay,
+           local_fn, intra, gathered_totals=None):
+    """Run `intra()` (the intra-chunk work) and carry the recurrence across the ranks by
+    `method`. `local_fn(intra_result)` gives this rank's `b_r` `[B, H, Dk, Dv]` (ring calls it
+    after `intra`, the others before, with None). Returns (intra's result, x_in, x_out, the
+    totals of every rank: the all-gather's forward collects them for its backward)."""
+    a = decay.state_factor(shape[-2], shape[-1])
+    op = f"linear.{method}.{phase}.state"
+    world, rank = layout.world_size, layout.rank
+    if method == "allgather":
+        flat = local_fn(None).reshape(-1)
+        send_totals = decay.given and gathered_totals is None
+        payload = torch.cat([flat, decay.total.reshape(-1)]) if send_totals else flat
+        handle, buffers = collectives.all_gather_uneven_async(payload, [payload.numel()] * world, layout.group, op)
+        result = intra()
+        _timed_wait(handle, op)
+        states = [buf[: flat.numel()] for buf in buffers]
+        if send_totals:
+            gathered_totals = [buf[flat.numel():].reshape(decay.total.shape) for buf in buffers]
+        factors = None
+        if decay.given:
+            factors = [t[:, :, None, None].expand(shape).reshape(-1) for t in gathered_totals]
+        x_in = _fold(states, factors, range(world - 1, rank, -1) if reverse else range(rank))
+        x_out = flat + (x_in if a is None else a * x_in)
+        return result, x_in.reshape(shape), x_out.reshape(shape), gathered_totals
+    scan = StateScan(math.prod(shape), dtype=acc, device=decay.device, group=layout.group, rank=rank, world=world,
+                     peer=layout.peer, reverse=reverse, pieces=pieces, op=op)
+    if method == "ring":  # LASP-1: the state travels while the intra-chunk work runs
+        result = intra()
+        x_in, x_out = scan.run(a, local_fn(result).reshape(-1))
+    else:  # All-Scan: the chain first (its pipeline is short), then the local work
+        x_in, x_out = scan.run(a, local_fn(None).reshape(-1))
+        result = intra()
+    scan.finish()
+    return result, x_in.reshape(shape), x_out.reshape(shape), None
+
+
+class LinearAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, layout, scale, method, backend, chunk_size, pieces):
+        fwd, _ = _kernels(backend)
+        acc = linear_kernels.acc_dtype(q.dtype)
+        decay = _Decay(g, acc, q.device)
+        g_kernel = None if g is None else g.to(acc)
+
+        def intra():
+            return fwd(q, k, v, g_kernel, scale, chunk_size)
+
+        shape = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+
+        def local_fn(result):  # LASP-1 takes the local state from the chunked pass itself
+            return result[1] if result is not None else _local_state(k, v, decay, acc)
+
+        (out, _), s_in, s_out, totals = _cross(layout, method, "forward", False, pieces, shape, acc, decay,
+                                               local_fn, intra)
+        if layout.rank > 0:
+            out += _query_state(q, s_in, decay, scale, acc)
+        ctx.save_for_backward(q, k, v, g, s_in, s_out)
+        ctx.args = (layout, scale, method, backend, chunk_size, pieces, totals)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, g, s_in, s_out = ctx.saved_tensors
+        layout, scale, method, backend, chunk_size, pieces, totals = ctx.args
+        _, bwd = _kernels(backend)
+        acc = linear_kernels.acc_dtype(q.dtype)
+        decay = _Decay(g, acc, q.device)
+        g_kernel = None if g is None else g.to(acc)
+        do = do.contiguous()
+
+        def intra():
+            return bwd(do, q, k, v, g_kernel, scale, chunk_size)
+
+        def local_fn(_):  # b_r = scale sum_t exp(G_t) q_t^T dO_t: this rank's share of dS_in
+            return torch.einsum("bnhk,bnhv->bhkv", decay.query(q.to(acc)), do.to(acc)) * scale
+
+        (dq, dk, dv, _), ds_out, _, _ = _cross(layout, method, "backward", True, pieces, s_in.shape, acc, decay,
+                                               local_fn, intra, gathered_totals=totals)
+        if layout.rank > 0:
+            dq += decay.query(torch.einsum("bnhv,bhkv->bnhk", do.to(acc), s_in)) * scale
+        last = layout.rank == layout.world_size - 1
+        if not last:
+            dk += decay.key(torch.einsum("bnhv,bhkv->bnhk", v.to(acc), ds_out))
+            dv += decay.key(torch.einsum("bnhk,bhkv->bnhv", k.to(acc), ds_out))
+        dg = None
+        if g is not None and ctx.needs_input_grad[3]:
+            dg = linear_kernels.decay_grad(q, k, dq, dk, None if last else s_out, None if last else ds_out)
+            dg = dg.to(g.dtype)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg) + (None,) * 6
+
+
+# -- the public function -------------------------------------------------------------------
+
+
+def _resolve_backend(backend, q) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    reason = _triton_unavailable(q)
+    if backend == "triton":
+        if reason is not None:
+            raise ValueError(f"backend: {reason} (backend='torch' serves every case)")
+        return "triton"
+    return "triton" if reason is None and q.device.type == "cuda" else "torch"
+
+
+def _triton_unavailable(q) -> Optional[str]:
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "backend 'triton' needs the triton package, which is not installed"
+    try:
+        built = importlib.util.find_spec("seqpar.kernels.triton.linear") is not None
+    except ModuleNotFoundError:
+        built = False
+    if not built:
+        return "backend 'triton' for linear attention is not built in this version of seqpar"
+    if q.dtype == torch.float64:
+        return f"backend 'triton' supports float16, bfloat16 and float32, got {q.dtype}"
+    if q.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "backend 'triton' on CPU needs TRITON_INTERPRET=1 in the environment"
+        if q.dtype == torch.bfloat16:
+            return "backend 'triton' on CPU (the interpreter) cannot run bfloat16"
+    elif q.device.type != "cuda":
+        return f"backend 'triton' supports cuda (and cpu under TRITON_INTERPRET=1), got {q.device.type}"
+    return None
+
+
+def _check(q, k, v, decay, layout, scale, method, options):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"q: expected dtype in {[str(d) for d in DTYPES]}, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected dtype {q.dtype} (that of q), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (that of q), got {t.device}")
+    if k.shape != q.shape:
+        raise ValueError(f"k: expected the shape of q {tuple(q.shape)} [batch, seqlen, heads, Dk], got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v: expected shape [{q.shape[0]}, {q.shape[1]}, {q.shape[2]}, Dv] (batch, seqlen and heads "
+                         f"of q), got {tuple(v.shape)}")
+    if layout.scheme != "contiguous":
+        raise ValueError(f"layout: linear attention expects scheme 'contiguous' (the state runs through the "
+                         f"sequence in order), got {layout.scheme!r}")
+    if q.shape[1] != layout.local_len:
+        raise ValueError(f"q: expected local seqlen {layout.local_len} (layout.local_len on rank {layout.rank}), "
+                         f"got {q.shape[1]}")
+    if decay is not None:
+        if not isinstance(decay, torch.Tensor):
+            raise TypeError(f"decay: expected None or a torch.Tensor, got {type(decay).__name__}")
+        b, n, h = q.shape[:3]
+        if tuple(decay.shape) not in ((h,), (b, n, h)):
+            raise ValueError(f"decay: expected shape [{h}] (per head) or [{b}, {n}, {h}] (per token: batch, local "
+                             f"seqlen, heads), got {tuple(decay.shape)}")
+        if not decay.is_floating_point():
+            raise ValueError(f"decay: expected a floating-point tensor, got {decay.dtype}")
+        if decay.device != q.device:
+            raise ValueError(f"decay: expected device {q.device} (that of q), got {decay.device}")
+        largest = decay.detach().max().item() if decay.numel() else 0.0
+        if not largest <= 0:  # also catches NaN
+            raise ValueError(f"decay: expected log-space values <= 0 (a decay factor exp(g) <= 1), got a maximum "
+                             f"of {largest}")
+    if scale is not None:
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+            raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"options: linear_attention takes {list(OPTIONS)}, got {unknown}")
+    for name in OPTIONS:
+        value = options.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+def _signature(q, k, v, decay, layout, scale, method, backend, options):
+    def no_seq(t, dim=1):
+        d = describe(t)
+        if d[0] == "tensor" and len(d[1]) > dim:
+            return (d[0], d[1][:dim] + d[1][dim + 1:]) + d[2:]
+        return d
+
+    return (
+        ("q [batch, heads, Dk], dtype, device", no_seq(q)),
+        ("k [batch, heads, Dk], dtype, device", no_seq(k)),
+        ("v [batch, heads, Dv], dtype, device", no_seq(v)),
+        ("decay", no_seq(decay) if isinstance(decay, torch.Tensor) and decay.dim() == 3 else describe(decay)),
+        ("seq_len", getattr(layout, "seq_len", None)),
+        ("scheme", getattr(layout, "scheme", None)),
+        ("method", method),
+        ("backend", backend),
+        ("scale", scale),
+        ("options", tuple(sorted((key, describe(val)) for key, val in options.items()))),
+    )
+
+
+def linear_attention(q, k, v, *, layout=None, decay=None, scale=None, method="auto", backend="auto", **options):
+    """Causal linear attention over a sequence split contiguously across the ranks.
+
+    `q`, `k` `[B, S/P, H, Dk]`, `v` `[B, S/P, H, Dv]`: this rank's tokens of `layout`
+    (scheme "contiguous"; default: equal lengths on the default group). Per head, from a
+    zero state at global position 0: `S_t = exp(g_t) S_{t-1} + k_t^T v_t`,
+    `o_t = scale q_t S_t`; returns this rank's `o` `[B, S/P, H, Dv]` in the input dtype.
+
+    - `decay`: log decay `g <= 0`: None (no decay), `[H]` (per head) or `[B, S/P, H]`
+      (per token, this rank's tokens). Differentiable.
+    - `scale`: default `Dk ** -0.5`.
+    - `method`: "ring" (LASP-1), "allgather" (LASP-2), "allscan" (ZeCO All-Scan) or
+      "auto" (`choose_method`). `backend`: "torch", "triton" or "auto".
+    - options: `chunk_size` (tokens per chunk of the kernel, default 64), `scan_pieces`
+      (allscan: pieces the state is pipelined in; default `default_scan_pieces`).
+
+    Differentiable in q, k, v and a tensor decay. States and decay products are fp32 (fp64
+    for fp64 inputs). Volumes and critical paths: the module docstring.
+    """
+    from ..attention import _layout_for
+
+    group = layout.group if isinstance(layout, SeqLayout) else None
+    error, concrete = None, None
+    try:
+        if not isinstance(q, torch.Tensor):
+            raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
+        layout = _layout_for(layout, q, group)
+        _check(q, k, v, decay, layout, scale, method, options)
+        concrete = _resolve_backend(backend, q)
+    except (ValueError, TypeError) as exc:
+        error = exc
+    _, world = group_rank_and_size(group)
+    agree(group, world, _signature(q, k, v, decay, layout, scale, method, backend, options), error,
+          what="seqpar.linear_attention")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    nbytes = state_bytes(q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.dtype)
+    chosen = choose_method(world, nbytes) if method == "auto" else method
+    pieces = options.get("scan_pieces") or default_scan_pieces(world, nbytes)
+    chunk_size = options.get("chunk_size") or linear_kernels.DEFAULT_CHUNK
+    g = None
+    if decay is not None:
+        g = decay.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        if g.dim() == 1:
+            g = g.view(1, 1, -1).expand(q.shape[0], q.shape[1], -1)
+    return LinearAttention.apply(q, k, v, g, layout, scale, chosen, concrete, chunk_size, pieces)
