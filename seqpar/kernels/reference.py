@@ -59,3 +59,19 @@ def linear_attention_recurrent(q, k, v, g=None, *, scale=None, initial_state=Non
         state = state + k[:, t, :, :, None] * v[:, t, :, None, :]
         outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
     return torch.stack(outs, dim=1), state
+
+
+def linear_attention_parallel(q, k, v, g=None, *, scale=None):
+    """Causal linear attention in its quadratic (parallel) form, in the input dtype:
+    `o = scale ((q k^T) * exp(G_i - G_j) [j <= i]) v` with `G` the cumulative log decay.
+    What a plain PyTorch user would write; its error in low precision is the yardstick."""
+    n = q.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("bihk,bjhk->bhij", q, k)
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    if g is None:
+        weights = causal.to(q.dtype)
+    else:
+        cum = g.to(q.dtype).cumsum(1).transpose(1, 2)  # [B, H, n]
+        weights = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    return torch.einsum("bhij,bjhv->bihv", scores * weights, v) * scale

@@ -120,11 +120,12 @@ def check_attention(problem: AttentionProblem, attention_fn: Optional[Callable] 
     return report
 
 
-def tolerance_violations(problem: AttentionProblem, report: Dict[str, float]) -> Dict[str, str]:
-    """Which errors of a `check_attention` report break the rule; empty when all hold."""
+def tolerance_violations(problem, report: Dict[str, float]) -> Dict[str, str]:
+    """Which errors of a `check_attention` (or `check_linear_attention`) report break the
+    rule; empty when all hold."""
     bad = {}
     dtype = DTYPES[problem.dtype]
-    for name in ("out", "dq", "dk", "dv"):
+    for name in [key[len("err_"):] for key in report if key.startswith("err_")]:
         err = report[f"err_{name}"]
         if dtype == torch.float64:
             bound = max(FLOAT64_RTOL, GRAD_FACTOR * report[f"dense_{name}"])
@@ -137,9 +138,113 @@ def tolerance_violations(problem: AttentionProblem, report: Dict[str, float]) ->
     return bad
 
 
-def assert_matches_dense(problem: AttentionProblem, report: Dict[str, float]) -> None:
+def assert_matches_dense(problem, report: Dict[str, float]) -> None:
     """Raise AssertionError naming each quantity whose error breaks the tolerance rule."""
     bad = tolerance_violations(problem, report)
     if bad:
         details = ", ".join(f"{k}: {v}" for k, v in bad.items())
         raise AssertionError(f"{problem}: {details}")
+
+
+# -- linear attention ------------------------------------------------------------------------
+
+DECAYS = ("none", "head", "token")
+
+
+@dataclass(frozen=True)
+class LinearProblem:
+    """One causal linear-attention problem over a local world (contiguous layout)."""
+
+    world_size: int
+    seq_len: int
+    batch: int = 1
+    heads: int = 2
+    key_dim: int = 8
+    value_dim: int = 8
+    decay: str = "token"  # one of DECAYS
+    dtype: str = "float64"
+    scale: float = 0.5
+    seed: int = 0
+
+    def replace(self, **changes) -> "LinearProblem":
+        return dataclasses.replace(self, **changes)
+
+    def global_tensors(self):
+        """q, k, v, d_out and the decay (None, `[H]` or `[B, N, H]`) in float64."""
+        gen = torch.Generator().manual_seed(self.seed)
+        b, n, h = self.batch, self.seq_len, self.heads
+        q = torch.randn(b, n, h, self.key_dim, generator=gen, dtype=torch.float64)
+        k = torch.randn(b, n, h, self.key_dim, generator=gen, dtype=torch.float64)
+        v = torch.randn(b, n, h, self.value_dim, generator=gen, dtype=torch.float64)
+        do = torch.randn(b, n, h, self.value_dim, generator=gen, dtype=torch.float64)
+        # decays from none to strong: log(u) for u uniform in (0, 1], some near 0 and some large
+        shape = {"none": None, "head": (h,), "token": (b, n, h)}[self.decay]
+        g = None if shape is None else torch.rand(shape, generator=gen, dtype=torch.float64).clamp_min(1e-3).log()
+        return q, k, v, do, g
+
+    def full_decay(self, g):
+        return g if g is None or g.dim() == 3 else g.view(1, 1, -1).expand(self.batch, self.seq_len, -1)
+
+
+def _linear_grads(q, k, v, g, do, scale, full, fn):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    g = None if g is None else g.detach().clone().requires_grad_()
+    out = fn(q, k, v, full(g), scale=scale)
+    out.backward(do)
+    grads = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    if g is not None:
+        grads["dg"] = g.grad
+    return grads
+
+
+def check_linear_attention(problem: LinearProblem, **options) -> Dict[str, float]:
+    """Run on every rank of a world of `problem.world_size`: compare `seqpar.linear_attention`
+    (forward, dq, dk, dv and the decay's gradient) with the float64 recurrence. Returns, on
+    every rank, `err_*` and `dense_*` (the quadratic form's error in the same dtype)."""
+    import torch.distributed as dist
+
+    from ..kernels.reference import linear_attention_parallel, linear_attention_recurrent
+    from ..layout import SeqLayout, gather_global
+    from ..strategies.linear import linear_attention
+
+    layout = SeqLayout(problem.seq_len)
+    dtype = DTYPES[problem.dtype]
+    q, k, v, do, g = problem.global_tensors()
+    local = [layout.shard(t).to(dtype).detach().clone().requires_grad_() for t in (q, k, v)]
+    local_g = None
+    if g is not None:
+        local_g = (layout.shard(g) if g.dim() == 3 else g).to(dtype).clone().requires_grad_()
+    out = linear_attention(*local, layout=layout, decay=local_g, scale=problem.scale, **options)
+    if out.dtype != dtype or out.shape != local[2].shape:
+        raise AssertionError(f"output has dtype {out.dtype} shape {tuple(out.shape)}, expected {dtype} "
+                             f"{tuple(local[2].shape)}")
+    out.backward(layout.shard(do).to(dtype))
+    ours = {"out": out.detach(), "dq": local[0].grad, "dk": local[1].grad, "dv": local[2].grad}
+    if g is not None:
+        ours["dg"] = local_g.grad
+    for name, t in ours.items():
+        if t is None:
+            raise AssertionError(f"{name} is missing")
+        if t.dtype != dtype:
+            raise AssertionError(f"{name} has dtype {t.dtype}, expected {dtype}")
+        if not torch.isfinite(t).all():
+            raise AssertionError(f"{name} has non-finite values")
+    if layout.world_size > 1:
+        for name, t in list(ours.items()):
+            if name == "dg" and t.dim() == 1:  # a per-head decay: every rank holds a share
+                total = t.double()
+                dist.all_reduce(total, group=layout.group)
+                ours[name] = total
+            else:
+                ours[name] = gather_global(t, layout, 1)
+
+    def recurrent(q, k, v, g, scale):
+        return linear_attention_recurrent(q, k, v, g, scale=scale)[0]
+
+    ref = _linear_grads(q, k, v, g, do, problem.scale, problem.full_decay, recurrent)
+    report = {f"err_{name}": _rel_err(ours[name], ref[name]) for name in ref}
+    low = [t.to(dtype) for t in (q, k, v)]
+    dense = _linear_grads(*low, None if g is None else g.to(dtype), do.to(dtype), problem.scale,
+                          problem.full_decay, linear_attention_parallel)
+    report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
+    return report

@@ -38,3 +38,29 @@ def attention_problems(
         logit_scale=draw(st.sampled_from([0.5, 1.0, 4.0, 16.0])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
+
+
+@st.composite
+def linear_problems(
+    draw,
+    world_sizes: Sequence[int] = (1, 2, 3, 4),
+    dtypes: Sequence[str] = ("float64",),
+    max_tokens_per_rank: int = 12,
+):
+    """Linear-attention problems: P in `world_sizes`, tiny and uneven lengths (down to N = P),
+    Dk != Dv and not powers of two, every decay form (none, per head, per token)."""
+    from .checks import DECAYS, LinearProblem
+
+    world_size = draw(st.sampled_from(list(world_sizes)))
+    return LinearProblem(
+        world_size=world_size,
+        seq_len=draw(st.integers(world_size, world_size * max_tokens_per_rank)),
+        batch=draw(st.integers(1, 2)),
+        heads=draw(st.integers(1, 3)),
+        key_dim=draw(st.sampled_from([1, 4, 5, 8, 16])),
+        value_dim=draw(st.sampled_from([1, 3, 8, 12])),
+        decay=draw(st.sampled_from(list(DECAYS))),
+        dtype=draw(st.sampled_from(list(dtypes))),
+        scale=draw(st.sampled_from([0.25, 0.5, 1.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )

@@ -1,0 +1,75 @@
+"""The torch chunked linear-attention kernel against the float64 recurrence."""
+import pytest
+import torch
+
+from seqpar.kernels import linear
+from seqpar.kernels.reference import linear_attention_parallel, linear_attention_recurrent
+
+
+def _inputs(n, decay, dtype=torch.float64, b=2, h=3, dk=5, dv=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(b, n, h, dk, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(b, n, h, dv, generator=gen, dtype=torch.float64)
+    do = torch.randn(b, n, h, dv, generator=gen, dtype=torch.float64)
+    g = None
+    if decay == "mild":
+        g = -torch.rand(b, n, h, generator=gen, dtype=torch.float64)
+    elif decay == "strong":  # exp(-20) per token: states forget at once, nothing may overflow
+        g = -20 * torch.rand(b, n, h, generator=gen, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v, do)], g
+
+
+def _reference(q, k, v, do, g, scale):
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    g = None if g is None else g.detach().double().requires_grad_()
+    out, state = linear_attention_recurrent(q, k, v, g, scale=scale)
+    out.backward(do.double())
+    return out.detach(), state.detach(), q.grad, k.grad, v.grad, None if g is None else g.grad
+
+
+@pytest.mark.parametrize("decay", [None, "mild", "strong"])
+@pytest.mark.parametrize("n, chunk", [(1, 64), (7, 3), (16, 16), (37, 8), (50, 64)])
+def test_matches_recurrence_float64(n, chunk, decay):
+    (q, k, v, do), g = _inputs(n, decay)
+    out, state = linear.chunk_forward(q, k, v, g, 0.7, chunk)
+    dq, dk, dv, dg = linear.chunk_backward(do, q, k, v, g, 0.7, chunk)
+    ref = _reference(q, k, v, do, g, 0.7)
+    for name, got, want in zip(("out", "state", "dq", "dk", "dv", "dg"), (out, state, dq, dk, dv, dg), ref):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.dtype == torch.float64, name
+        # dg of a single token is exactly 0 (nothing before it to decay): compare absolutely there
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * max(1.0, want.abs().max().item()), msg=name)
+
+
+def test_inputs_are_not_modified():
+    (q, k, v, do), g = _inputs(9, "mild")  # one chunk: views of the inputs are possible
+    before = [t.clone() for t in (q, k, v, do, g)]
+    linear.chunk_forward(q, k, v, g, 0.5, 64)
+    linear.chunk_backward(do, q, k, v, g, 0.5, 64)
+    for got, want in zip((q, k, v, do, g), before):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_accumulates_in_float32(dtype):
+    (q, k, v, do), g = _inputs(70, "mild", dtype)
+    out, state = linear.chunk_forward(q, k, v, g.float(), 0.5, 16)
+    grads = linear.chunk_backward(do, q, k, v, g.float(), 0.5, 16)
+    assert out.dtype == state.dtype == torch.float32 and all(t.dtype == torch.float32 for t in grads)
+    ref_out, _, ref_dq, *_ = _reference(q, k, v, do, g, 0.5)
+    # the yardstick: the quadratic form computed by plain PyTorch in the same dtype
+    dense = linear_attention_parallel(q, k, v, g.to(dtype), scale=0.5)
+    floor = torch.finfo(dtype).eps
+    dense_err = max((dense.double() - ref_out).abs().max().item() / ref_out.abs().max().item(), floor)
+    err = (out.double() - ref_out).abs().max().item() / ref_out.abs().max().item()
+    assert err <= 2 * dense_err
+
+
+def test_long_strongly_decayed_block_stays_finite_in_float32():
+    (q, k, v, do), g = _inputs(300, "strong", torch.float32, b=1, h=1)
+    out, state = linear.chunk_forward(q, k, v, g.float(), 1.0, 64)
+    grads = linear.chunk_backward(do, q, k, v, g.float(), 1.0, 64)
+    for t in (out, state) + tuple(grads):
+        assert torch.isfinite(t).all()
