@@ -22,20 +22,21 @@ of one state (`4 B H Dk Dv`; fp64 inputs: 8), `g` = `4 B H` when a decay is give
 
 | method    | forward bytes sent per rank | backward | last rank's wait for S_in (critical path) |
 |-----------|-----------------------------|----------|--------------------------------------------|
-| ring      | S (every rank but the last) | S (every rank but the first) | (P-1)(alpha + beta S + combine), after the local intra-chunk work |
-| allgather | (P-1)(S + g)                | (P-1) S  | one all-gather, posted before the intra-chunk work and hidden behind it |
-| allscan   | S in `scan_pieces` messages | the same, reversed | (P-2+K)(alpha + beta S/K), K = scan_pieces |
+| ring      | S (every rank but the last) | S (every rank but the first) | (P-1)(alpha + beta S), after the intra-chunk work |
+| allscan   | S in `scan_pieces` messages | the same, reversed | (P-2+K)(alpha + beta S/K), K = scan_pieces, after it |
+| allgather | (P-1)(S + g)                | (P-1) S  | one all-gather, posted before the intra-chunk work, hidden behind it |
 
 - ring (LASP-1, arXiv 2404.02882): receives are posted, the local intra-chunk work runs
-  while the state travels, then each rank combines and passes its state on. The chain
-  starts only when rank 0 finishes its local work and grows by one full state per hop.
+  while the state travels, then each rank combines and passes its whole state on. The
+  chain grows by one full state (and one combine) per hop.
+- allscan (ZeCO, arXiv 2507.01004): the same schedule, but the scan is pipelined by
+  `comm.scan.StateScan`: the state goes in K pieces, each combined and sent on as soon as
+  it arrives, so the chain costs about one state plus one piece per hop. Both take the
+  local state (forward) from the chunked pass itself, so they add no work to it.
 - allgather (LASP-2, arXiv 2502.07563): each rank first computes its local state (one
-  matmul), posts one all-gather of (state, total decay), computes its intra-chunk part,
-  then combines the prefix of the ranks before it locally. The backward all-gathers the
-  state gradients `b_r` and combines the suffix. Bytes grow with P.
-- allscan (ZeCO, arXiv 2507.01004): local state first, then the pipelined scan of
-  `comm.scan.StateScan` (the state in K pieces, each sent on as soon as it is combined),
-  then the intra-chunk work. The chain costs about one state plus one piece per hop.
+  matmul), posts one all-gather of (state, total decay), computes its intra-chunk part
+  meanwhile, then combines the prefix of the ranks before it locally. The backward
+  all-gathers the state gradients `b_r` and combines the suffix. Bytes grow with P.
 
 `measured` waits: `seqpar.comm.track()` records the seconds each rank spent blocked on
 the incoming state (`stats.wait_seconds("linear.<method>.forward")`).
@@ -173,8 +174,8 @@ def _fold(values, factors, order):
 def _cross(layout: SeqLayout, method: str, phase: str, reverse: bool, pieces: int, shape, acc, decay: _Decay,
            local_fn, intra, gathered_totals=None):
     """Run `intra()` (the intra-chunk work) and carry the recurrence across the ranks by
-    `method`. `local_fn(intra_result)` gives this rank's `b_r` `[B, H, Dk, Dv]` (ring calls it
-    after `intra`, the others before, with None). Returns (intra's result, x_in, x_out, the
+    `method`. `local_fn(intra_result)` gives this rank's `b_r` `[B, H, Dk, Dv]` (the
+    all-gather calls it before `intra`, with None, so that the gather overlaps it). Returns (intra's result, x_in, x_out, the
     totals of every rank: the all-gather's forward collects them for its backward)."""
     a = decay.state_factor(shape[-2], shape[-1])
     op = f"linear.{method}.{phase}.state"
@@ -197,12 +198,9 @@ def _cross(layout: SeqLayout, method: str, phase: str, reverse: bool, pieces: in
         return result, x_in.reshape(shape), x_out.reshape(shape), gathered_totals
     scan = StateScan(math.prod(shape), dtype=acc, device=decay.device, group=layout.group, rank=rank, world=world,
                      peer=layout.peer, reverse=reverse, pieces=pieces, op=op)
-    if method == "ring":  # LASP-1: the state travels while the intra-chunk work runs
-        result = intra()
-        x_in, x_out = scan.run(a, local_fn(result).reshape(-1))
-    else:  # All-Scan: the chain first (its pipeline is short), then the local work
-        x_in, x_out = scan.run(a, local_fn(None).reshape(-1))
-        result = intra()
+    # receives are posted: the incoming state travels while the intra-chunk work runs
+    result = intra()
+    x_in, x_out = scan.run(a, local_fn(result).reshape(-1))
     scan.finish()
     return result, x_in.reshape(shape), x_out.reshape(shape), None
 
@@ -220,7 +218,7 @@ class LinearAttention(torch.autograd.Function):
 
         shape = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
 
-        def local_fn(result):  # LASP-1 takes the local state from the chunked pass itself
+        def local_fn(result):  # ring and allscan take the local state from the chunked pass
             return result[1] if result is not None else _local_state(k, v, decay, acc)
 
         (out, _), s_in, s_out, totals = _cross(layout, method, "forward", False, pieces, shape, acc, decay,
