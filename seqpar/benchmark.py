@@ -450,10 +450,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--strategies", nargs="*", default=None, help="default: every registered strategy")
     parser.add_argument("--no-peers", action="store_true", help="skip the PyTorch templated-ring row")
     parser.add_argument("--json", default="bench/out/latest.json", help="where to write the results (JSON)")
-    parser.add_argument("--quick", action="store_true", help="a small problem (N=2048) for a smoke run")
+    parser.add_argument("--quick", action="store_true", help="small problems (N=2048 exact, 4096 linear) for a smoke run")
+    parser.add_argument("--linear", choices=("on", "off", "only"), default="on",
+                        help="the linear-attention rows (methods by P, on local worlds): on (after the exact "
+                             "strategies), off, or only")
+    parser.add_argument("--linear-world-sizes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--linear-seq-len", type=int, default=65536)
+    parser.add_argument("--linear-json", default="bench/out/linear.json")
     args = parser.parse_args(argv)
     cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
     if args.quick:
         cfg.seq_len = 2048
-    run(cfg, args.strategies, peers=not args.no_peers, json_path=args.json)
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.linear != "only":
+        run(cfg, args.strategies, peers=not args.no_peers, json_path=args.json)
+    if args.linear != "off" and not launched:  # the linear rows spawn their own local worlds
+        from . import benchmark_linear
+
+        lin = benchmark_linear.LinearBenchConfig(
+            world_sizes=tuple(args.linear_world_sizes), seq_len=4096 if args.quick else args.linear_seq_len,
+            dtype=cfg.dtype if cfg.dtype != "float64" else "float32", repeats=cfg.repeats, warmup=cfg.warmup,
+        )
+        report = benchmark_linear.run(lin)
+        report["machine"], report["torch"] = machine_description(), torch.__version__
+        print()
+        print(benchmark_linear.format_tables(report))
+        if args.linear_json:
+            Path(args.linear_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.linear_json).write_text(json.dumps(report, indent=2))
+            print(f"results written to {args.linear_json}", file=sys.stderr)
     return 0

@@ -1,0 +1,306 @@
+"""Linear-attention rows of `python -m seqpar bench`: the three methods by world size.
+
+For each P, a local gloo world of P ranks (`cores / P` threads each) runs every method;
+the yardstick is single-process chunked linear attention (the same torch kernels, the
+whole sequence, every core of the ranks together), timed in the same world on rank 0 and
+interleaved round by round with the methods. Each row: median wall time (slowest rank per
+round) of the forward and of forward+backward, the ratio to the single process, bytes sent
+per rank against the analytic volume, and the last rank's measured wait for its incoming
+state in the forward (seconds blocked, median over rounds), and the max error relative to
+the single process's output and gradients.
+
+A second table isolates the chain: the cross-rank scan alone (no attention work, a barrier
+before each round), the last rank's wait for states of two sizes, ring (one piece) against
+the All-Scan (`default_scan_pieces` pieces), and the all-gather of LASP-2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+METHODS = ("ring", "allgather", "allscan")
+
+
+@dataclass
+class LinearBenchConfig:
+    world_sizes: Tuple[int, ...] = (2, 4)
+    seq_len: int = 65536
+    batch: int = 1
+    heads: int = 4
+    key_dim: int = 64
+    value_dim: int = 64
+    dtype: str = "float32"
+    decay: str = "token"  # "none", "head" or "token"
+    methods: Tuple[str, ...] = METHODS
+    chunk_size: int = 64
+    repeats: int = 3
+    warmup: int = 1
+    chain_state_bytes: Tuple[int, ...] = (64 * 1024, 4 * 1024 * 1024)
+    chain_repeats: int = 30
+    seed: int = 0
+
+
+def _inputs(cfg: LinearBenchConfig):
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dtype = DTYPES[cfg.dtype]
+    b, n, h = cfg.batch, cfg.seq_len, cfg.heads
+    q = torch.randn(b, n, h, cfg.key_dim, generator=gen).to(dtype)
+    k = (torch.randn(b, n, h, cfg.key_dim, generator=gen) * cfg.key_dim ** -0.5).to(dtype)
+    v = torch.randn(b, n, h, cfg.value_dim, generator=gen).to(dtype)
+    do = torch.randn(b, n, h, cfg.value_dim, generator=gen).to(dtype)
+    # decays in the range gated linear attentions learn: exp(g) in [0.9, 1)
+    g = {"none": None,
+         "head": torch.rand(h, generator=gen) * -0.1,
+         "token": torch.rand(b, n, h, generator=gen) * -0.1}[cfg.decay]
+    return q, k, v, do, g
+
+
+class _SingleProcess(torch.autograd.Function):
+    """The yardstick: the chunked kernels over the whole sequence in one process."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, chunk):
+        from .kernels import linear
+
+        ctx.save_for_backward(q, k, v, g)
+        ctx.args = (scale, chunk)
+        return linear.chunk_forward(q, k, v, g, scale, chunk)[0].to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        from .kernels import linear
+
+        q, k, v, g = ctx.saved_tensors
+        dq, dk, dv, dg = linear.chunk_backward(do, q, k, v, g, *ctx.args)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, None, None
+
+
+def bench_linear_on_rank(cfg: LinearBenchConfig) -> Dict:
+    import torch.distributed as dist
+
+    import seqpar
+    from .strategies import linear as linear_strategy
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rank_threads = torch.get_num_threads()
+    single_threads = min(rank_threads * world, os.cpu_count() or 1)
+    q, k, v, do, g = _inputs(cfg)
+    scale = cfg.key_dim ** -0.5
+    layout = seqpar.SeqLayout(cfg.seq_len)
+    full_g = None if g is None else (g.view(1, 1, -1).expand(cfg.batch, cfg.seq_len, -1) if g.dim() == 1 else g)
+    local = [layout.shard(t).contiguous() for t in (q, k, v, do)]
+    local_g = None if g is None else (g if g.dim() == 1 else layout.shard(g).contiguous())
+    for t in local[:3]:
+        t.requires_grad_()
+    whole = [t.clone().requires_grad_(i < 3) for i, t in enumerate((q, k, v, do))]
+
+    def single(backward: bool):
+        out = _SingleProcess.apply(whole[0], whole[1], whole[2], full_g, scale, cfg.chunk_size)
+        if backward:
+            out.backward(whole[3])
+        return out
+
+    def method_fn(method):
+        def run(backward: bool):
+            out = seqpar.linear_attention(local[0], local[1], local[2], layout=layout, decay=local_g, scale=scale,
+                                          method=method, backend="torch", chunk_size=cfg.chunk_size)
+            if backward:
+                out.backward(local[3])
+            return out
+        return run
+
+    contestants = {"single process": single}
+    contestants.update({m: method_fn(m) for m in cfg.methods})
+    times = {(name, bwd): [] for name in contestants for bwd in (False, True)}
+    waits = {name: [] for name in cfg.methods}
+    for round_ in range(cfg.warmup + cfg.repeats):
+        for name, fn in contestants.items():
+            for bwd in (False, True):
+                active = name != "single process" or rank == 0
+                if name == "single process" and active:
+                    torch.set_num_threads(single_threads)
+                for t in whole[:3] + local[:3]:
+                    t.grad = None
+                dist.barrier()
+                start = time.perf_counter()
+                with seqpar.comm.track() as stats:
+                    if active:
+                        if bwd:
+                            fn(True)
+                        else:
+                            with torch.no_grad():
+                                fn(False)
+                elapsed = time.perf_counter() - start
+                torch.set_num_threads(rank_threads)
+                if round_ >= cfg.warmup:
+                    times[(name, bwd)].append(elapsed if active else 0.0)
+                    if name in waits and not bwd:
+                        waits[name].append(stats.wait_seconds(f"linear.{name}.forward"))
+    result = {"rank": rank, "threads": rank_threads, "single_threads": single_threads,
+              "positions": layout.positions()}
+    for name, fn in contestants.items():
+        entry = {"forward": times[(name, False)], "forward_backward": times[(name, True)]}
+        if name == "single process" and rank != 0:
+            result[name] = entry
+            continue
+        for t in whole[:3] + local[:3]:
+            t.grad = None
+        if name in waits:
+            with seqpar.comm.track() as fwd_stats:
+                out = fn(False)
+            with seqpar.comm.track() as bwd_stats:
+                out.backward(local[3])
+            expected = linear_strategy.analytic_bytes(layout, cfg.batch, cfg.heads, cfg.key_dim, cfg.value_dim,
+                                                      method=name, decay=g is not None, dtype=DTYPES[cfg.dtype])
+            entry.update(bytes_forward=fwd_stats.bytes_sent("linear"), bytes_backward=bwd_stats.bytes_sent("linear"),
+                         analytic_forward=expected["forward"], analytic_backward=expected["backward"],
+                         wait_forward=waits[name], grads=[t.grad.detach() for t in local[:3]])
+        else:
+            out = fn(True)
+            entry["grads"] = [t.grad.detach() for t in whole[:3]]
+        entry["out"] = out.detach()
+        result[name] = entry
+    result["chain"] = _chain_on_rank(cfg, layout)
+    return result
+
+
+def _chain_on_rank(cfg: LinearBenchConfig, layout) -> Dict:
+    """The last rank's wait for its incoming state with nothing else running."""
+    import torch.distributed as dist
+
+    from .comm import collectives, stats
+    from .comm.scan import StateScan
+    from .strategies.linear import default_scan_pieces
+
+    rank, world = layout.rank, layout.world_size
+    out = {}
+    for nbytes in cfg.chain_state_bytes:
+        numel = nbytes // 4
+        local = torch.randn(numel)
+        decay = torch.rand(numel)
+        variants = {"ring": 1, "allscan": default_scan_pieces(world, nbytes)}
+        for name, pieces in list(variants.items()) + [("allgather", None)]:
+            waits = []
+            for _ in range(cfg.chain_repeats):
+                dist.barrier()
+                with stats.track() as st:
+                    if pieces is None:
+                        handle, _ = collectives.all_gather_uneven_async(local, [numel] * world, layout.group,
+                                                                        "chain.allgather")
+                        start = time.perf_counter()
+                        handle.wait()
+                        st.record_wait("chain.allgather", time.perf_counter() - start)
+                    else:
+                        scan = StateScan(numel, dtype=torch.float32, device=local.device, group=layout.group,
+                                         rank=rank, world=world, peer=layout.peer, reverse=False, pieces=pieces,
+                                         op=f"chain.{name}")
+                        scan.run(decay, local)
+                        scan.finish()
+                waits.append(st.wait_seconds("chain"))
+            out[(nbytes, name)] = {"wait_s": statistics.median(waits), "pieces": pieces}
+    return out
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+def _rel_err(got, want) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _assemble(per_rank: List[Dict], name: str, index: Optional[int], n: int) -> torch.Tensor:
+    parts = [(r["positions"], r[name]["out"] if index is None else r[name]["grads"][index]) for r in per_rank]
+    first = parts[0][1]
+    full = first.new_empty((first.shape[0], n) + tuple(first.shape[2:]))
+    for positions, part in parts:
+        full[:, positions] = part
+    return full
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run(cfg: LinearBenchConfig) -> Dict:
+    from .testing import LocalWorld
+
+    cores = os.cpu_count() or 1
+    rows, chains = [], []
+    for world_size in cfg.world_sizes:
+        _progress(f"seqpar bench (linear attention): P={world_size}, N={cfg.seq_len}, B={cfg.batch}, H={cfg.heads}, "
+                  f"Dk={cfg.key_dim}, Dv={cfg.value_dim}, decay={cfg.decay}, {cfg.dtype}; methods "
+                  f"{', '.join(cfg.methods)} against the single-process chunked kernel")
+        runner = LocalWorld(world_size, threads_per_rank=max(1, cores // world_size))
+        try:
+            res = runner.run(bench_linear_on_rank, cfg, timeout=4 * 3600)
+        finally:
+            runner.close()
+        single = res[0]["single process"]
+        base = {"forward_s": statistics.median(single["forward"]),
+                "forward_backward_s": statistics.median(single["forward_backward"])}
+        rows.append({"name": f"single process ({res[0]['single_threads']} threads)", "world_size": world_size,
+                     **base})
+        for method in cfg.methods:
+            per_rank = [r for r in res]
+            fwd = [max(ts) for ts in zip(*(r[method]["forward"] for r in per_rank))]
+            fb = [max(ts) for ts in zip(*(r[method]["forward_backward"] for r in per_rank))]
+            row = {"name": method, "world_size": world_size, "forward_s": statistics.median(fwd),
+                   "forward_backward_s": statistics.median(fb),
+                   "last_rank_wait_s": statistics.median(per_rank[-1][method]["wait_forward"])}
+            for key in ("bytes_forward", "analytic_forward", "bytes_backward", "analytic_backward"):
+                row[key] = max(r[method][key] for r in per_rank)
+            row["forward_vs_single"] = row["forward_s"] / base["forward_s"]
+            row["forward_backward_vs_single"] = row["forward_backward_s"] / base["forward_backward_s"]
+            errors = {"out": _rel_err(_assemble(per_rank, method, None, cfg.seq_len), single["out"])}
+            for i, name in enumerate(("dq", "dk", "dv")):
+                errors[name] = _rel_err(_assemble(per_rank, method, i, cfg.seq_len), single["grads"][i])
+            row["max_rel_err"] = max(errors.values())
+            rows.append(row)
+        last = res[-1]["chain"]
+        for (nbytes, name), entry in sorted(last.items()):
+            chains.append({"world_size": world_size, "state_bytes": nbytes, "method": name, **entry})
+    report = {"config": dataclasses.asdict(cfg), "rows": rows, "chain": chains,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return report
+
+
+def format_tables(report: Dict) -> str:
+    cfg = report["config"]
+    lines = [
+        f"linear attention: N={cfg['seq_len']}, B={cfg['batch']}, H={cfg['heads']}, Dk={cfg['key_dim']}, "
+        f"Dv={cfg['value_dim']}, decay={cfg['decay']}, {cfg['dtype']}, chunk {cfg['chunk_size']}; median of "
+        f"{cfg['repeats']} interleaved rounds, slowest rank per round; {report['date']}",
+        "",
+        "| method | P | fwd (s) | fwd / single | fwd+bwd (s) | fwd+bwd / single | bytes/rank fwd (analytic) | "
+        "bytes/rank bwd (analytic) | last rank's wait, fwd (ms) | max rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        if row["name"].startswith("single"):
+            lines.append(f"| {row['name']} | {row['world_size']} | {row['forward_s']:.3f} | 1.00x | "
+                         f"{row['forward_backward_s']:.3f} | 1.00x | - | - | - | - |")
+            continue
+        lines.append(
+            f"| {row['name']} | {row['world_size']} | {row['forward_s']:.3f} | {row['forward_vs_single']:.2f}x | "
+            f"{row['forward_backward_s']:.3f} | {row['forward_backward_vs_single']:.2f}x | "
+            f"{row['bytes_forward']} ({row['analytic_forward']}) | {row['bytes_backward']} ({row['analytic_backward']}) | "
+            f"{1e3 * row['last_rank_wait_s']:.2f} | {row['max_rel_err']:.1e} |")
+    lines += ["", "the chain alone (last rank's wait, ms, median of "
+              f"{cfg['chain_repeats']}; barrier before each):", "",
+              "| state | P | ring | allscan (pieces) | allgather |", "|---|---|---|---|---|"]
+    by_key = {}
+    for entry in report["chain"]:
+        by_key.setdefault((entry["state_bytes"], entry["world_size"]), {})[entry["method"]] = entry
+    for (nbytes, world_size), entry in sorted(by_key.items()):
+        lines.append(f"| {nbytes // 1024} KiB | {world_size} | {1e3 * entry['ring']['wait_s']:.3f} | "
+                     f"{1e3 * entry['allscan']['wait_s']:.3f} ({entry['allscan']['pieces']}) | "
+                     f"{1e3 * entry['allgather']['wait_s']:.3f} |")
+    return "\n".join(lines)
