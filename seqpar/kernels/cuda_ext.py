@@ -76,10 +76,13 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int, 
 
 def backend_fns() -> Tuple[Callable, Callable, Callable]:
     """`(forward, backward, merge_)` of backend "cuda", signatures as `block._KERNELS`'
-    functions and `merge.merge_`: the fused CUDA flash op per block and the compiled merge."""
-    from . import block
+    functions and `merge.merge_`: the fused CUDA flash op per block (plain functions;
+    `block.kernels()` wraps them in the block ops) and the merge as the custom op
+    `seqpar::merge_`, which runs the compiled kernel (`merge_` here) and is one node under
+    torch.compile."""
+    from . import block, ops
 
-    return block.sdpa_forward, block.sdpa_backward, merge_
+    return block.sdpa_forward, block.sdpa_backward, ops.merge_
 
 
 # -- argument checks (shared by the CUDA path, the torch path and the fake kernels) -----

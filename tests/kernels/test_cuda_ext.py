@@ -123,8 +123,19 @@ def test_unavailable_reason_without_the_extension():
 
 
 def test_backend_fns_are_the_flash_op_and_the_fused_merge():
+    from seqpar.kernels import ops
+
     fwd, bwd, merge = cuda_ext.backend_fns()
-    assert (fwd, bwd, merge) == (block.sdpa_forward, block.sdpa_backward, cuda_ext.merge_)
+    assert (fwd, bwd, merge) == (block.sdpa_forward, block.sdpa_backward, ops.merge_)
+    # the op merges like merge.py (here through its torch fallback)
+    gen = torch.Generator().manual_seed(7)
+    out, lse = torch.randn(1, 3, 2, 4, generator=gen), torch.randn(1, 2, 3, generator=gen)
+    part, part_lse = torch.randn(1, 3, 2, 4, generator=gen), torch.randn(1, 2, 3, generator=gen)
+    want_out, want_lse = out.clone(), lse.clone()
+    merge_reference_(want_out, want_lse, part, part_lse)
+    merge(out, lse, part, part_lse)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
 
 
 # -- the compiled kernels (GPU) -----------------------------------------------------------
