@@ -30,7 +30,7 @@ def _targets(graphs):
     """Names of the functions the graphs call; Dynamo records an op by its packet
     (`seqpar.block_forward`), AOT graphs by its overload (`seqpar.block_forward.default`)."""
     names = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
-    return {name[:-len(".default")] if name.endswith(".default") else name for name in names}
+    return {name.removesuffix(".default") for name in names}
 
 
 def _ring(q, k, v, layout):
