@@ -384,7 +384,13 @@ def _verify_once(name: str, fwd: ForwardFn, bwd: BackwardFn, q: torch.Tensor, k:
 
 
 def kernels(backend: str, q: torch.Tensor, k: torch.Tensor) -> Tuple[ForwardFn, BackwardFn]:
-    """(forward, backward) of a concrete backend name, checked once per device and dtype."""
+    """(forward, backward) of a concrete backend name, checked once per device and dtype.
+
+    Both are calls of the custom ops `seqpar::block_forward` / `block_backward`
+    (`kernels/ops.py`), which run the backend's functions and fix the outputs' dtype and
+    layout, so that torch.compile traces each block as one op."""
     fwd, bwd = _KERNELS[backend]()
     _verify_once(backend, fwd, bwd, q, k)
-    return fwd, bwd
+    from . import ops
+
+    return ops.block_fns(backend)
