@@ -204,7 +204,8 @@ def test_sequence_parallel_training_matches_single_process(name):
     results = world(case.world_size).run(_train_sequence_parallel, case)
     for rank, (losses, grads, params, naive) in enumerate(results):
         for step in range(STEPS):
-            assert abs(losses[step] - ref_losses[step]) <= RTOL * abs(ref_losses[step]), (rank, step, losses, ref_losses)
+            assert abs(losses[step] - ref_losses[step]) <= RTOL * abs(ref_losses[step]), (rank, step, losses,
+                                                                                        ref_losses)
             assert grads[step].keys() == ref_grads[step].keys()
             for pname, want in ref_grads[step].items():
                 assert want.abs().max() > 0, pname  # every parameter takes part

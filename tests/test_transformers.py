@@ -60,7 +60,8 @@ def _sequence_parallel(seq_len, scheme, strategy):
     share.backward()
     seqpar.nn.all_reduce_gradients(model.parameters(), layout)
     full_logits = layout.unshard(logits.detach(), dim=1)
-    return full_logits, seqpar.nn.global_loss(share, layout).item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return full_logits, seqpar.nn.global_loss(share, layout).item(), grads
 
 
 def _rel(got, want):
@@ -84,10 +85,16 @@ def test_llama_logits_loss_grads_match_single_process(world_size, seq_len, schem
 
 
 def _misuse(case):
-    """Every rank runs the model; only rank 1 (or, for positions, every rank but 0) gets it wrong."""
+    """Every rank runs the model; only rank 1 gets it wrong (positions: every rank but 0; window: all)."""
     from seqpar.integrations.transformers import sequence_parallel
 
     model = _model("seqpar")
+    if case == "sliding_window":  # on every rank: a window shorter than the global sequence
+        from transformers import MistralConfig, MistralForCausalLM
+
+        model = MistralForCausalLM(MistralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, sliding_window=5, attn_implementation="seqpar"))
     layout = seqpar.SeqLayout(12 * dist.get_world_size())
     local = seqpar.nn.shard_batch(_batch(layout.seq_len), layout)
     kwargs = dict(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False)
@@ -113,6 +120,7 @@ def _misuse(case):
     ("padding", "attention_mask: expected None .* 3 padded token"),
     ("default_positions", "position_ids: expected the layout's global positions"),
     ("dropout", "dropout: expected 0.0"),
+    ("sliding_window", "sliding_window: expected None or an int >= seq_len=24 .*got 5"),
 ])
 def test_misuse_raises_on_every_rank(case, message):
     import re

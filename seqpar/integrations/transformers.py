@@ -22,9 +22,9 @@ What the model's usual inputs mean under sequence parallelism, and what is refus
   would be wrong. seqpar registers its own mask function, which returns None for
   unpadded input, so attention is causal (or full, for models whose attention module has
   `is_causal=False`) over *global* positions. A padding mask with any padded token, a
-  mask overlay (e.g. bidirectional image tokens), a 4D mask passed by the caller and a
-  sliding window or logit softcap the layer asks for are refused with a `ValueError`
-  on every rank: they need masks seqpar's kernels do not take.
+  mask overlay (e.g. bidirectional image tokens), a 4D mask passed by the caller, a
+  sliding window shorter than the sequence and a logit softcap the layer asks for are
+  refused with a `ValueError` on every rank: they need masks seqpar's kernels do not take.
 - **Positions.** Pass `position_ids` = the layout's global positions (`shard_batch` does,
   `layout.positions()` is the source). transformers' default, `arange(local_len)`, is wrong
   on every rank but the first of a contiguous layout; if the layer passes `position_ids`
@@ -119,12 +119,20 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     layout = config.layout
 
     def extra_check():
-        for name in _UNSUPPORTED_KWARGS:
-            if kwargs.get(name) is not None:
-                raise ValueError(f"{name}: expected None (seqpar attention is plain causal or full attention over the "
-                                 f"global sequence), got {kwargs[name]!r}")
+        if layout is not None and not isinstance(layout, SeqLayout):
+            raise TypeError(f"layout: expected a seqpar.SeqLayout or None, got {type(layout).__name__}")
         # the default layout is built from the local length: the one seqpar.attention will use
         resolved = layout if layout is not None else _layout_for(None, query.transpose(1, 2), None)
+        for name in _UNSUPPORTED_KWARGS:
+            value = kwargs.get(name)
+            if value is None:
+                continue
+            # a window that spans the whole sequence (key i - j < window for all i, j < N) masks nothing
+            if name == "sliding_window" and isinstance(value, int) and resolved.seq_len <= value:
+                continue
+            limit = f" or an int >= seq_len={resolved.seq_len}" if name == "sliding_window" else ""
+            raise ValueError(f"{name}: expected None{limit} (seqpar attention is plain causal or full attention over "
+                             f"the global sequence), got {value!r}")
         _check_positions(kwargs.get("position_ids"), resolved)
 
     out = sequence_parallel_sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal,

@@ -40,11 +40,13 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(
-                f"{name}: expected 4 dims [batch, heads, seqlen, head_dim] (this rank's shard), got shape {tuple(t.shape)}"
+                f"{name}: expected 4 dims [batch, heads, seqlen, head_dim] (this rank's shard), "
+                f"got shape {tuple(t.shape)}"
             )
     if attn_mask is not None:
         reason = getattr(attn_mask, "_seqpar_reason", None)
-        given = f"a tensor of shape {tuple(attn_mask.shape)}" if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__
+        given = (f"a tensor of shape {tuple(attn_mask.shape)}" if isinstance(attn_mask, torch.Tensor)
+                 else type(attn_mask).__name__)
         raise ValueError(
             f"{names['attn_mask']}: expected None (sequence-parallel attention takes no mask: a mask of the local "
             f"length cannot describe the global sequence; use is_causal=True for causal attention), got {given}"

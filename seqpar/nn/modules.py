@@ -52,5 +52,6 @@ class SequenceParallelAttention(torch.nn.Module):
 
     def extra_repr(self) -> str:
         layout = "default" if self.layout is None else repr(self.layout)
-        return (f"layout={layout}, causal={self.causal}, softmax_scale={self.softmax_scale}, strategy={self.strategy!r}, "
+        return (f"layout={layout}, causal={self.causal}, softmax_scale={self.softmax_scale}, "
+                f"strategy={self.strategy!r}, "
                 f"backend={self.backend!r}, qkv_format={self.qkv_format!r}")

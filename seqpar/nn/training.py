@@ -130,9 +130,11 @@ def cross_entropy_share(logits: torch.Tensor, labels: torch.Tensor, layout: Opti
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
         if logits.dim() != 3 or not logits.is_floating_point():
-            raise ValueError(f"logits: expected a float tensor [B, n_local, vocab], got {logits.dtype} shape {tuple(logits.shape)}")
+            raise ValueError(f"logits: expected a float tensor [B, n_local, vocab], "
+                             f"got {logits.dtype} shape {tuple(logits.shape)}")
         if labels.shape != logits.shape[:2]:
-            raise ValueError(f"labels: expected shape {tuple(logits.shape[:2])} (that of logits without vocab), got {tuple(labels.shape)}")
+            raise ValueError(f"labels: expected shape {tuple(logits.shape[:2])} (that of logits without vocab), "
+                             f"got {tuple(labels.shape)}")
         if labels.dtype != torch.long:
             raise ValueError(f"labels: expected dtype torch.int64, got {labels.dtype}")
         if layout is not None and logits.shape[1] != layout.local_len:
@@ -203,7 +205,8 @@ def all_reduce_gradients(parameters: Iterable[torch.Tensor], layout: Optional[Se
     try:
         group = _group_of(layout)
         if isinstance(parameters, torch.Tensor):
-            raise TypeError("parameters: expected an iterable of tensors (e.g. model.parameters()), got a single tensor")
+            raise TypeError("parameters: expected an iterable of tensors (e.g. model.parameters()), "
+                            "got a single tensor")
         params = list(parameters)
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
@@ -220,7 +223,8 @@ def all_reduce_gradients(parameters: Iterable[torch.Tensor], layout: Optional[Se
     agree(group, world, signature, error, what="seqpar.nn.all_reduce_gradients")
     if world == 1 or not params:
         return
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=collectives.device_of(group))
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8,
+                            device=collectives.device_of(group))
     collectives.all_reduce_max(has_grad, group, op="nn.gradients.present")
     buckets: Dict[tuple, list] = {}
     for p, present in zip(params, has_grad.tolist()):
