@@ -1,6 +1,7 @@
 """seqpar: sequence-parallel (context-parallel) attention for long-context transformers.
 
-Public contract: `SeqLayout`, `attention` and one function per strategy (see README).
+Public contract: `SeqLayout`, `attention` and one function per strategy (see README);
+drop-in pieces for existing models in `seqpar.nn`.
 """
 from . import comm
 from ._version import __version__
@@ -12,5 +13,9 @@ from .strategies.ring import ring_attention
 from .strategies.token_ring import token_ring_attention
 from .strategies.ulysses import ulysses_attention
 from .strategies.usp import usp_attention
+from . import nn
+from .nn import SequenceParallelAttention, scaled_dot_product_attention
 
-__all__ = ["SeqLayout", "attention", "ring_attention", "allgather_attention", "linear_attention", "token_ring_attention", "ulysses_attention", "usp_attention", "comm", "__version__"]
+__all__ = ["SeqLayout", "attention", "ring_attention", "allgather_attention", "linear_attention", "token_ring_attention",
+           "ulysses_attention", "usp_attention", "comm", "__version__",
+           "nn", "SequenceParallelAttention", "scaled_dot_product_attention"]

@@ -118,11 +118,16 @@ def _signature(strategy, backend, causal, scale, layout, q, k, v, options):
     )
 
 
-def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto", **options):
+def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto", _error=None,
+                 **options):
+    # `_error`: bad input that a wrapper (seqpar.nn) found with its own checks. It goes
+    # through the same agreement, so the wrapper's peers raise too instead of waiting here.
     group = layout.group if isinstance(layout, SeqLayout) else None
     error = None
     name = concrete_backend = scale = None
     try:
+        if _error is not None:
+            raise _error
         _check_tensors(q, k, v)
         layout = _layout_for(layout, q, group)
         if q.shape[1] != layout.local_len:

@@ -1,0 +1,141 @@
+"""seqpar as a transformers attention implementation: a tiny Llama, sequence-parallel vs single-process.
+
+Skipped when transformers is not installed (it is optional: `pip install seqpar[hf]`).
+float64 throughout, so logits, loss and gradients must agree to `FLOAT64_RTOL` relative.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+import seqpar
+from seqpar.testing import FLOAT64_RTOL, world
+
+transformers = pytest.importorskip("transformers")
+
+
+def _model(attn_implementation, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from seqpar.integrations.transformers import register
+
+    register()
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False, attn_implementation=attn_implementation)
+    model = LlamaForCausalLM(config).double()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # independent of transformers' init code and of the process
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
+def _batch(seq_len, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (2, seq_len), generator=gen)
+    labels = ids.clone()
+    labels[torch.rand(ids.shape, generator=gen) < 0.2] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def _single_process(seq_len):
+    """transformers' own sdpa attention; the loss in float64 (transformers' loss upcasts only to float32)."""
+    model = _model("sdpa")
+    batch = _batch(seq_len)
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), batch["labels"][:, 1:].reshape(-1))
+    loss.backward()
+    return logits.detach(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _sequence_parallel(seq_len, scheme, strategy):
+    from seqpar.integrations.transformers import sequence_parallel
+
+    model = _model("seqpar")
+    layout = seqpar.SeqLayout(seq_len, scheme=scheme)
+    local = seqpar.nn.shard_batch(_batch(seq_len), layout)
+    with sequence_parallel(layout, strategy=strategy):
+        logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False).logits
+    share = seqpar.nn.cross_entropy_share(logits, local["shift_labels"], layout)
+    share.backward()
+    seqpar.nn.all_reduce_gradients(model.parameters(), layout)
+    full_logits = layout.unshard(logits.detach(), dim=1)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return full_logits, seqpar.nn.global_loss(share, layout).item(), grads
+
+
+def _rel(got, want):
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("world_size, seq_len, scheme, strategy", [
+    (2, 21, "zigzag", "ring"),
+    (3, 20, "contiguous", "ring"),
+    (2, 17, "stripe", "ulysses"),
+])
+def test_llama_logits_loss_grads_match_single_process(world_size, seq_len, scheme, strategy):
+    ref_logits, ref_loss, ref_grads = _single_process(seq_len)
+    for rank, (logits, loss, grads) in enumerate(world(world_size).run(_sequence_parallel, seq_len, scheme, strategy)):
+        assert _rel(logits, ref_logits) <= FLOAT64_RTOL, rank
+        assert abs(loss - ref_loss) <= FLOAT64_RTOL * abs(ref_loss), (rank, loss, ref_loss)
+        assert grads.keys() == ref_grads.keys()
+        for name, want in ref_grads.items():
+            assert want.abs().max() > 0, name
+            assert _rel(grads[name], want) <= FLOAT64_RTOL, (rank, name, _rel(grads[name], want))
+
+
+def _misuse(case):
+    """Every rank runs the model; only rank 1 gets it wrong (positions: every rank but 0; window: all)."""
+    from seqpar.integrations.transformers import sequence_parallel
+
+    model = _model("seqpar")
+    if case == "sliding_window":  # on every rank: a window shorter than the global sequence
+        from transformers import MistralConfig, MistralForCausalLM
+
+        model = MistralForCausalLM(MistralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, sliding_window=5, attn_implementation="seqpar"))
+    layout = seqpar.SeqLayout(12 * dist.get_world_size())
+    local = seqpar.nn.shard_batch(_batch(layout.seq_len), layout)
+    kwargs = dict(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False)
+    if case == "padding" and dist.get_rank() == 1:
+        mask = torch.ones_like(local["input_ids"])
+        mask[0, -3:] = 0
+        kwargs["attention_mask"] = mask
+    elif case == "default_positions":
+        del kwargs["position_ids"]  # transformers then uses arange(local_len): right on rank 0 only
+    elif case == "dropout" and dist.get_rank() == 1:
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.1
+        model.train()
+    try:
+        with sequence_parallel(layout):
+            model(**kwargs)
+    except ValueError as exc:
+        return str(exc)
+    return "returned"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("padding", "attention_mask: expected None .* 3 padded token"),
+    ("default_positions", "position_ids: expected the layout's global positions"),
+    ("dropout", "dropout: expected 0.0"),
+    ("sliding_window", "sliding_window: expected None or an int >= seq_len=24 .*got 5"),
+])
+def test_misuse_raises_on_every_rank(case, message):
+    import re
+
+    results = world(2).run(_misuse, case, timeout=120)
+    # the rank that got the bad input names the problem; its peer is told which rank did
+    assert any(re.search(message, r) for r in results), results
+    for r in results:
+        assert r != "returned" and (re.search(message, r) or "rank 1 of the group got bad input" in r), results
+
+
+def test_register_is_idempotent():
+    from transformers import AttentionInterface
+
+    from seqpar.integrations.transformers import attention_forward, register
+
+    assert register() == "seqpar" and register() == "seqpar"
+    assert AttentionInterface()["seqpar"] is attention_forward
