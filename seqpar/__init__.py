@@ -8,8 +8,9 @@ from .attention import attention
 from .layout import SeqLayout
 from .strategies.allgather import allgather_attention
 from .strategies.ring import ring_attention
+from .strategies.star import star_attention, star_query_attention
 from .strategies.token_ring import token_ring_attention
 from .strategies.ulysses import ulysses_attention
 from .strategies.usp import usp_attention
 
-__all__ = ["SeqLayout", "attention", "ring_attention", "allgather_attention", "token_ring_attention", "ulysses_attention", "usp_attention", "comm", "__version__"]
+__all__ = ["SeqLayout", "attention", "ring_attention", "allgather_attention", "token_ring_attention", "ulysses_attention", "usp_attention", "star_attention", "star_query_attention", "comm", "__version__"]
