@@ -318,10 +318,18 @@ def star_query_attention(q, k, v, *, group=None, causal=True, softmax_scale=None
     (volumes in the module docstring). Differentiable: dk, dv are local, dq is all-reduced,
     assuming the upstream gradient is the same on every rank (a replicated loss).
     """
+    return _query_call(q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, backend=backend,
+                       kv_lens=kv_lens)
+
+
+def _query_call(q, k, v, *, group, causal, softmax_scale, backend, kv_lens, prior_error=None, prior_signature=()):
+    """`star_query_attention`, with a caller's own check folded into the cross-rank
+    agreement: `prior_error` (this rank's failed check, or None) raises on every rank,
+    and `prior_signature` fields must match across ranks (the KV cache's decode step)."""
     from ..attention import _check_tensors, _resolve_scale, no_seq
 
     rank, world = group_rank_and_size(group)
-    error = None
+    error = prior_error
     scale = concrete_backend = None
     try:
         _check_tensors(q, k, v, same_seqlen=False)
@@ -332,8 +340,8 @@ def star_query_attention(q, k, v, *, group=None, causal=True, softmax_scale=None
         if kv_lens is not None:
             kv_lens = _check_kv_lens(kv_lens, world, rank, k.shape[1])
     except (ValueError, TypeError) as exc:
-        error = exc
-    signature = (
+        error = error or exc
+    signature = tuple(prior_signature) + (
         ("q [batch, n_q, heads, head_dim], dtype, device", describe(q)),
         ("k [batch, heads, head_dim], dtype, device", no_seq(k)),
         ("v [batch, heads, head_dim], dtype, device", no_seq(v)),
