@@ -106,6 +106,10 @@ def _layout_for(layout, q, group_of_default):
             f"layout: expected a layout of this process group (world size {world}, rank {rank}), "
             f"got one for world size {layout.world_size}, rank {layout.rank}"
         )
+    if q.shape[1] != layout.local_len:
+        raise ValueError(
+            f"q: expected local seqlen {layout.local_len} (layout.local_len on rank {layout.rank}), got {q.shape[1]}"
+        )
     return layout
 
 
@@ -140,10 +144,6 @@ def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=
     try:
         _check_tensors(q, k, v)
         layout = _layout_for(layout, q, group)
-        if q.shape[1] != layout.local_len:
-            raise ValueError(
-                f"q: expected local seqlen {layout.local_len} (layout.local_len on rank {layout.rank}), got {q.shape[1]}"
-            )
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
         scale = _resolve_scale(softmax_scale, q.shape[-1])

@@ -186,10 +186,6 @@ def star_attention(q, k, v, *, layout=None, anchor_len: int, softmax_scale=None,
                 f"layout: expected scheme 'contiguous' (Star attention splits the context into contiguous "
                 f"blocks), got {layout.scheme!r}"
             )
-        if q.shape[1] != layout.local_len:
-            raise ValueError(
-                f"q: expected local seqlen {layout.local_len} (layout.local_len on rank {layout.rank}), got {q.shape[1]}"
-            )
         if isinstance(anchor_len, bool) or not isinstance(anchor_len, int):
             raise TypeError(f"anchor_len: expected an int, got {type(anchor_len).__name__}")
         if not 0 <= anchor_len <= layout.local_len_of(0):
