@@ -56,7 +56,9 @@ def _resolve_strategy(strategy: str) -> str:
     raise ValueError(f"strategy: expected one of {registered_strategies() + ('auto',)}, got {strategy!r}")
 
 
-def _check_tensors(q, k, v) -> None:
+def _check_tensors(q, k, v, same_seqlen: bool = True) -> None:
+    """Types, ranks, dtypes, devices and shapes of q, k, v; `same_seqlen=False` lets the
+    key length differ from the query length (Star's query phase)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -73,12 +75,23 @@ def _check_tensors(q, k, v) -> None:
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k: expected batch {q.shape[0]} (that of q), got {k.shape[0]}")
-    if k.shape[1] != q.shape[1]:
+    if same_seqlen and k.shape[1] != q.shape[1]:
         raise ValueError(f"k: expected local seqlen {q.shape[1]} (that of q), got {k.shape[1]}")
     if k.shape[3] != q.shape[3]:
         raise ValueError(f"k: expected head_dim {q.shape[3]} (that of q), got {k.shape[3]}")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(f"k: expected a number of KV heads that divides q's {q.shape[2]} heads, got {k.shape[2]}")
+
+
+def _resolve_scale(softmax_scale, head_dim: int) -> float:
+    """`softmax_scale` checked, with None meaning `head_dim ** -0.5`."""
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool):
+        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale: expected a finite float or None, got {softmax_scale!r}")
+    return float(softmax_scale)
 
 
 def _layout_for(layout, q, group_of_default):
@@ -93,16 +106,22 @@ def _layout_for(layout, q, group_of_default):
             f"layout: expected a layout of this process group (world size {world}, rank {rank}), "
             f"got one for world size {layout.world_size}, rank {layout.rank}"
         )
+    if q.shape[1] != layout.local_len:
+        raise ValueError(
+            f"q: expected local seqlen {layout.local_len} (layout.local_len on rank {layout.rank}), got {q.shape[1]}"
+        )
     return layout
 
 
-def _signature(strategy, backend, causal, scale, layout, q, k, v, options):
-    def no_seq(t):
-        d = describe(t)
-        if d[0] == "tensor" and len(d[1]) == 4:
-            return (d[0], d[1][:1] + d[1][2:]) + d[2:]
-        return d
+def no_seq(t) -> tuple:
+    """`describe(t)` without the sequence dim of a `[B, n, H, D]` tensor (it may differ by rank)."""
+    d = describe(t)
+    if d[0] == "tensor" and len(d[1]) == 4:
+        return (d[0], d[1][:1] + d[1][2:]) + d[2:]
+    return d
 
+
+def _signature(strategy, backend, causal, scale, layout, q, k, v, options):
     # root causes first: the first field that differs is the one the error names
     return (
         ("q [batch, heads, head_dim], dtype, device", no_seq(q)),
@@ -130,20 +149,9 @@ def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=
             raise _error
         _check_tensors(q, k, v)
         layout = _layout_for(layout, q, group)
-        if q.shape[1] != layout.local_len:
-            raise ValueError(
-                f"q: expected local seqlen {layout.local_len} (layout.local_len on rank {layout.rank}), got {q.shape[1]}"
-            )
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-        if softmax_scale is None:
-            scale = q.shape[-1] ** -0.5
-        elif not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool):
-            raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
-        elif not math.isfinite(softmax_scale):
-            raise ValueError(f"softmax_scale: expected a finite float or None, got {softmax_scale!r}")
-        else:
-            scale = float(softmax_scale)
+        scale = _resolve_scale(softmax_scale, q.shape[-1])
         name = _resolve_strategy(strategy)
         unknown = sorted(set(options) - _REGISTRY[name].options)
         if unknown:

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from . import stats
+from .p2p import global_rank
 
 
 def all_gather_uneven_async(x: torch.Tensor, sizes: Sequence[int], group, op: str):
@@ -57,6 +58,38 @@ def all_reduce_sum(x: torch.Tensor, group, op: str) -> None:
     # ring all-reduce: 2 (P-1)/P of the tensor each way
     moved = 2 * (world - 1) * stats.nbytes([x]) // world
     stats.record(op, moved, moved)
+
+
+def broadcast(x: torch.Tensor, src: int, group, op: str, async_op: bool = False):
+    """In place: `x` on every rank becomes group rank `src`'s `x` (same shape everywhere).
+    With `async_op=True` returns a handle to `wait()` on (None when nothing was sent).
+
+    Counted as a pipelined chain `src -> src+1 -> ... -> src-1`, which moves the least per
+    rank: every rank but `src` receives the tensor once, every rank but the chain's last
+    (`src - 1`) sends it once."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return None
+    handle = dist.broadcast(x, src=global_rank(group, src), group=group, async_op=async_op)
+    rank = dist.get_rank(group)
+    size = stats.nbytes([x])
+    stats.record(op, 0 if rank == (src - 1) % world else size, 0 if rank == src else size)
+    return handle
+
+
+def reduce_sum(x: torch.Tensor, dst: int, group, op: str) -> None:
+    """In place on group rank `dst`: `x` becomes the sum of every rank's `x`. On the other
+    ranks `x` is left undefined (gloo uses it as scratch).
+
+    Counted as the reverse chain of `broadcast`: every rank but `dst` sends the tensor once,
+    every rank but the chain's first (`dst - 1`) receives it once."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    dist.reduce(x, dst=global_rank(group, dst), group=group)
+    rank = dist.get_rank(group)
+    size = stats.nbytes([x])
+    stats.record(op, 0 if rank == dst else size, 0 if rank == (dst - 1) % world else size)
 
 
 def device_of(group) -> torch.device:

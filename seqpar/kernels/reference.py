@@ -16,12 +16,14 @@ def dense_attention(
     q_positions: Optional[torch.Tensor] = None,
     k_positions: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    mask: Optional[torch.Tensor] = None,
 ):
     """Softmax attention on one device, differentiable by autograd.
 
     `q` `[B, Nq, H, D]`, `k`/`v` `[B, Nk, H_kv, D]`. `causal` compares global positions
     (default `arange`): key j is visible to query i iff `k_positions[j] <= q_positions[i]`.
-    Rows that see no key return 0 (and lse -inf). Computes in the input dtype.
+    `mask`: an optional bool `[Nq, Nk]`, True where a key is visible, applied on top of
+    `causal`. Rows that see no key return 0 (and lse -inf). Computes in the input dtype.
     """
     b, nq, h, d = q.shape
     nk, h_kv = k.shape[1], k.shape[2]
@@ -35,6 +37,8 @@ def dense_attention(
         kp = torch.arange(nk, device=q.device) if k_positions is None else k_positions.to(q.device)
         visible = kp[None, :] <= qp[:, None]
         scores = scores.masked_fill(~visible, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask.to(q.device), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - safe[..., None])
@@ -75,3 +79,19 @@ def linear_attention_parallel(q, k, v, g=None, *, scale=None):
         cum = g.to(q.dtype).cumsum(1).transpose(1, 2)  # [B, H, n]
         weights = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     return torch.einsum("bhij,bjhv->bihv", scores * weights, v) * scale
+
+
+def star_context_mask(local_lens, anchor_len: int) -> torch.Tensor:
+    """Bool `[N, N]`: which keys Star attention's context phase lets each query see.
+
+    `local_lens`: the contiguous block length of each rank, in rank order (N = their sum).
+    A query at position t of a rank whose block starts at s sees keys `[0, anchor_len)`
+    and `[s, t]`; on rank 0 (s = 0) that is plain causal attention.
+    """
+    n = sum(local_lens)
+    block = torch.repeat_interleave(torch.arange(len(local_lens)), torch.tensor(list(local_lens)))
+    pos = torch.arange(n)
+    causal = pos[None, :] <= pos[:, None]
+    same_block = block[None, :] == block[:, None]
+    anchor = (pos < anchor_len)[None, :].expand(n, n)
+    return causal & (same_block | anchor)
