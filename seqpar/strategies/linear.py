@@ -245,18 +245,23 @@ class LinearAttention(torch.autograd.Function):
         def local_fn(_):  # b_r = scale sum_t exp(G_t) q_t^T dO_t: this rank's share of dS_in
             return torch.einsum("bnhk,bnhv->bhkv", decay.query(q.to(acc)), do.to(acc)) * scale
 
-        (dq, dk, dv, _), ds_out, _, _ = _cross(layout, method, "backward", True, pieces, s_in.shape, acc, decay,
-                                               local_fn, intra, gathered_totals=totals)
-        if layout.rank > 0:
-            dq += decay.query(torch.einsum("bnhv,bhkv->bnhk", do.to(acc), s_in)) * scale
-        last = layout.rank == layout.world_size - 1
+        (dq, dk, dv, dg), ds_out, _, _ = _cross(layout, method, "backward", True, pieces, s_in.shape, acc, decay,
+                                                local_fn, intra, gathered_totals=totals)
+        first, last = layout.rank == 0, layout.rank == layout.world_size - 1
+        dq_cross = dk_cross = None
+        if not first:
+            dq_cross = decay.query(torch.einsum("bnhv,bhkv->bnhk", do.to(acc), s_in)) * scale
+            dq += dq_cross
         if not last:
-            dk += decay.key(torch.einsum("bnhv,bhkv->bnhk", v.to(acc), ds_out))
+            dk_cross = decay.key(torch.einsum("bnhv,bhkv->bnhk", v.to(acc), ds_out))
+            dk += dk_cross
             dv += decay.key(torch.einsum("bnhk,bhkv->bnhv", k.to(acc), ds_out))
-        dg = None
         if g is not None and ctx.needs_input_grad[3]:
-            dg = linear_kernels.decay_grad(q, k, dq, dk, None if last else s_out, None if last else ds_out)
+            dg = dg + linear_kernels.decay_grad(q, k, dq_cross, dk_cross, None if last else s_out,
+                                                None if last else ds_out)
             dg = dg.to(g.dtype)
+        else:
+            dg = None
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg) + (None,) * 6
 
 
