@@ -412,9 +412,10 @@ def _tiles(kind: str, block_d: int, dtype: torch.dtype) -> Tuple[int, int, int, 
 
     Not tuned on a GPU yet (none was available): sized so that the tiles of the fp32 and
     head_dim=256 cases stay within an A100's shared memory; bench/kernels.py measures them.
-    Under the interpreter, the smallest tiles, so small tests cross many tile edges."""
+    The interpreter costs per operation, not per element: large tiles, few programs (the
+    kernel tests choose small tiles themselves, to cross tile edges)."""
     if INTERPRETED:
-        return 16, 16, 1, 1
+        return 64, 64, 1, 1
     wide = dtype == torch.float32  # fp32 tiles hold twice the bytes
     if kind == "fwd":
         if block_d <= 128 and not wide:
@@ -538,7 +539,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     # -- 1. delta = rowsum(dO * O)
     delta = torch.empty(b, heads, n_q, dtype=torch.float32, device=q.device)
-    pre_m = 16 if INTERPRETED else max(16, min(128, 8192 // block_d))
+    pre_m = max(16, min(128, 8192 // block_d))
     _bwd_preprocess[(triton.cdiv(n_q, pre_m), b * heads)](
         out, do, delta, *_strides(out), *_strides(do), n_q, heads,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m,
