@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from seqpar.kernels import block
 
@@ -126,6 +128,16 @@ def test_block_matches_reference_other_tiles(case, tiles, nan_empty):
     batch, nq, nk, heads, kv_heads, head_dim, offset = CASES[case]
     q, k, v, do = _problem(nq, nk, heads, kv_heads, head_dim, torch.float32, seed=nq * nk, batch=batch)
     _check_block(q, k, v, do, head_dim ** -0.5, offset, tiles)
+
+
+# a third of the profile's examples: the interpreter costs ~0.3 s per example
+@settings(max_examples=max(1, settings.default.max_examples // 3))
+@given(nq=st.integers(1, 40), nk=st.integers(1, 40), offset_draw=st.one_of(st.none(), st.integers(-45, 45)),
+       kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]), head_dim=st.sampled_from([3, 16, 20]),
+       seed=st.integers(0, 1000))
+def test_block_matches_reference_hypothesis(nq, nk, offset_draw, kv_heads, group, head_dim, seed):
+    q, k, v, do = _problem(nq, nk, kv_heads * group, kv_heads, head_dim, torch.float32, seed=seed)
+    _check_block(q, k, v, do, 0.6, offset_draw)
 
 
 @pytest.mark.parametrize("scale", [-0.7, 0.0, 3.0])
