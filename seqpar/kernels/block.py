@@ -321,15 +321,24 @@ _KERNELS: Dict[str, Callable[[], Tuple[ForwardFn, BackwardFn]]] = {
 MergeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-def merge_kernel(backend: str) -> MergeFn:
-    """The in-place merge `(out, lse) <- (out, lse) + (part_out, part_lse)` for the blocks of
-    `backend`: the fused one-pass Triton kernel for "triton" (its tensors live where Triton
-    runs), else the reference `merge.merge_`. Both compute the same formula."""
-    if backend == "triton":
-        from .triton.merge import merge_ as fused_merge
+def _triton_merge() -> MergeFn:
+    from .triton.merge import merge_ as fused_merge
 
-        return fused_merge
-    return merge_
+    return fused_merge
+
+
+# backends whose blocks come with a fused merge of their own (same formula as merge.merge_,
+# one pass over the accumulator); every other backend merges with the reference merge_
+_MERGES: Dict[str, Callable[[], MergeFn]] = {
+    "triton": _triton_merge,
+}
+
+
+def merge_kernel(backend: str) -> MergeFn:
+    """The in-place merge `(out, lse) <- (out, lse) + (part_out, part_lse)` that the
+    strategies use for the blocks of `backend` (a concrete backend name)."""
+    make = _MERGES.get(backend)
+    return merge_ if make is None else make()
 
 
 def _triton_unavailable(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
@@ -390,7 +399,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head
 
     - cuda: flash_attn, sdpa, triton, torch. The compiled kernels come first (their speed
       is known; Triton's has not been measured on a GPU here yet); Triton then serves what
-      they cannot: float32, softmax_scale <= 0, head dims flash-attn rejects.
+      they cannot: float32, softmax_scale <= 0.
     - other devices: sdpa, torch. Triton on cpu is only its interpreter, never chosen.
     """
     if backend not in BACKENDS:
