@@ -407,30 +407,31 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _tiles(kind: str, block_d: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a kernel.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, 16-bit or fp32 inputs, and padded
+# head dim (up to 64 / 128 / 256). BLOCK_M counts query rows, BLOCK_N keys; in "dkdv" the
+# key tile stays and query tiles stream past it, in "fwd" and "dq" the other way round.
+# Chosen without a GPU: each compiles for sm_80 and sm_90 within their shared memory and
+# (by ptxas' resource usage) without spilling registers, on sm_90 at least. None was timed:
+# bench/kernels.py measures them against SDPA and flash-attn.
+_TILES = {
+    ("fwd", False): {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
+    ("fwd", True): {64: (64, 32, 8, 2), 128: (32, 16, 4, 2), 256: (32, 16, 4, 1)},
+    ("dkdv", False): {64: (32, 64, 4, 3), 128: (32, 32, 4, 2), 256: (16, 32, 4, 1)},
+    ("dkdv", True): {64: (16, 16, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+    ("dq", False): {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 16, 4, 1)},
+    ("dq", True): {64: (32, 16, 4, 1), 128: (32, 16, 4, 1), 256: (16, 16, 4, 1)},
+}
 
-    Not tuned on a GPU yet (none was available): sized so that the tiles of the fp32 and
-    head_dim=256 cases stay within an A100's shared memory; bench/kernels.py measures them.
+
+def _tiles(kind: str, block_d: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel ("fwd", "dkdv" or "dq").
+
     The interpreter costs per operation, not per element: large tiles, few programs (the
     kernel tests choose small tiles themselves, to cross tile edges)."""
     if INTERPRETED:
         return 64, 64, 1, 1
-    wide = dtype == torch.float32  # fp32 tiles hold twice the bytes
-    if kind == "fwd":
-        if block_d <= 128 and not wide:
-            return 128, 64, 4 if block_d <= 64 else 8, 3
-        if block_d <= 128:
-            return 64, 32, 4, 2
-        return (64, 32, 4, 2) if not wide else (32, 16, 4, 1)
-    if kind == "dkdv":  # BLOCK_M query rows stream past BLOCK_N resident keys
-        if block_d <= 128 and not wide:
-            return 32, 64, 4, 3 if block_d <= 64 else 2
-        return (16, 32, 4, 1) if block_d <= 128 else (16, 16, 4, 1)
-    # dq: BLOCK_N keys stream past BLOCK_M resident query rows
-    if block_d <= 128 and not wide:
-        return 64, 32, 4, 2
-    return (32, 16, 4, 1) if block_d <= 128 else (16, 16, 4, 1)
+    by_dim = _TILES[(kind, dtype == torch.float32)]
+    return by_dim[min(d for d in by_dim if d >= block_d)]
 
 
 def _mask(n_q: int, n_k: int, offset: Optional[int]) -> Optional[Tuple[bool, int]]:
