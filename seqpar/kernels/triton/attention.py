@@ -410,9 +410,9 @@ def head_block(head_dim: int) -> int:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, 16-bit or fp32 inputs, and padded
 # head dim (up to 64 / 128 / 256). BLOCK_M counts query rows, BLOCK_N keys; in "dkdv" the
 # key tile stays and query tiles stream past it, in "fwd" and "dq" the other way round.
-# Chosen without a GPU: each compiles for sm_80 and sm_90 within their shared memory and
-# (by ptxas' resource usage) without spilling registers, on sm_90 at least. None was timed:
-# bench/kernels.py measures them against SDPA and flash-attn.
+# Chosen without a GPU: each compiles for sm_80 and sm_90 within their shared memory and,
+# by ptxas' resource usage, without register spills on sm_90 (sm_80: at most 24 bytes of
+# stack). None was timed: bench/kernels.py measures them against SDPA and flash-attn.
 _TILES = {
     ("fwd", False): {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
     ("fwd", True): {64: (64, 32, 8, 2), 128: (32, 16, 4, 2), 256: (32, 16, 4, 1)},
