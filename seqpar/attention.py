@@ -180,7 +180,7 @@ def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, strateg
     `causal`: query at global position i sees keys j <= i. `softmax_scale`: default
     `D ** -0.5`. `strategy`: "ring", "ulysses", "usp" (option `ulysses_size`), "allgather"
     (option `kv_head_chunk`), "token_ring" (option `route`) or "auto" (ring until the
-    dispatcher exists); `backend`: "auto", "torch", "sdpa",
+    dispatcher exists); `backend`: "auto", "torch", "sdpa", "triton",
     "flash_attn" (per-block kernel). Differentiable in q, k, v.
     """
     return run_strategy(strategy, q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,

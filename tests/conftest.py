@@ -9,6 +9,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+if not torch.cuda.is_available():
+    # Triton kernels run on cpu only in Triton's interpreter, which triton reads when a
+    # kernel is decorated: set it before anything imports seqpar's triton kernels.
+    # LocalWorld ranks are spawned processes and inherit it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile(
     "ci", max_examples=72, deadline=None, derandomize=True, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],

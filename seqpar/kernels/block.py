@@ -269,7 +269,9 @@ def sdpa_backward(do, q, k, v, out, lse, scale, offset):
 
 def heads_major(backend: str) -> bool:
     """Whether `backend` runs fastest on `[B, H, n, D]`-contiguous memory (measured: the
-    CPU flash op is 5-10% faster on it than on `[B, n, H, D]`), else on `[B, n, H, D]`."""
+    CPU flash op is 5-10% faster on it than on `[B, n, H, D]`), else on `[B, n, H, D]`.
+    Triton takes any strides; it is given `[B, n, H, D]` (flash-attn's layout), where a
+    tile of rows of one head reads D contiguous elements per row."""
     return backend == "sdpa"
 
 
@@ -303,11 +305,75 @@ def _flash_attn_fns():
     return flash_adapter.forward, flash_adapter.backward
 
 
+def _triton_fns():
+    from .triton import attention as triton_attention
+
+    return triton_attention.forward, triton_attention.backward
+
+
 _KERNELS: Dict[str, Callable[[], Tuple[ForwardFn, BackwardFn]]] = {
     "torch": lambda: (torch_forward, torch_backward),
     "sdpa": lambda: (sdpa_forward, sdpa_backward),
     "flash_attn": _flash_attn_fns,
+    "triton": _triton_fns,
+    # the CUDA flash op per block (PyTorch's), merged by seqpar's compiled kernel (_MERGES)
+    "cuda": lambda: _cuda_ext().backend_fns()[:2],
 }
+
+
+def _cuda_ext():
+    from . import cuda_ext
+
+    return cuda_ext
+
+MergeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def _triton_merge() -> MergeFn:
+    from .triton.merge import merge_ as fused_merge
+
+    return fused_merge
+
+
+# backends whose blocks come with a fused merge of their own (same formula as merge.merge_,
+# one pass over the accumulator); every other backend merges with the reference merge_
+_MERGES: Dict[str, Callable[[], MergeFn]] = {
+    "triton": _triton_merge,
+    "cuda": lambda: _cuda_ext().backend_fns()[2],
+}
+
+
+def merge_kernel(backend: str) -> MergeFn:
+    """The in-place merge `(out, lse) <- (out, lse) + (part_out, part_lse)` that the
+    strategies use for the blocks of `backend` (a concrete backend name)."""
+    make = _MERGES.get(backend)
+    return merge_ if make is None else make()
+
+
+def _triton_unavailable(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    try:
+        from .triton import attention as triton_attention
+    except Exception as exc:  # ImportError, or a triton build that does not load here
+        return f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"triton takes float16, bfloat16 or float32, got {dtype} (backend='torch' serves float64)"
+    if head_dim > triton_attention.MAX_HEAD_DIM:
+        return f"triton takes head_dim <= {triton_attention.MAX_HEAD_DIM}, got {head_dim}"
+    if device.type == "cpu":
+        if not triton_attention.INTERPRETED:
+            return ("triton runs on cpu only in Triton's interpreter (slow; for tests): set TRITON_INTERPRET=1 "
+                    "before seqpar's triton kernels are first imported")
+        if dtype == torch.bfloat16:
+            return "triton on cpu (the interpreter) has no bfloat16, got torch.bfloat16; use float16 or float32"
+        return None
+    if device.type == "cuda":
+        if triton_attention.INTERPRETED:
+            return ("seqpar's triton kernels were imported under TRITON_INTERPRET=1 (the cpu interpreter); "
+                    "unset it to compile them for cuda")
+        if dtype == torch.bfloat16 and torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 0):
+            return f"triton needs compute capability >= 8.0 for bfloat16, got {torch.cuda.get_device_capability(device)}"
+        return None
+    return f"triton serves cuda devices (and cpu under TRITON_INTERPRET=1), got {device.type}"
 
 
 def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
@@ -330,13 +396,22 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, h
         from . import flash_adapter
 
         return flash_adapter.unavailable_reason(device, dtype, head_dim)
-    if backend in ("triton", "cuda"):
-        return f"backend {backend!r} is not built yet in this version of seqpar (issue: Triton and CUDA kernels)"
+    if backend == "triton":
+        return _triton_unavailable(device, dtype, head_dim)
+    if backend == "cuda":
+        return _cuda_ext().unavailable_reason(device, dtype, head_dim, scale)
     return f"unknown backend {backend!r}"
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, scale: float = 1.0) -> str:
-    """The concrete backend for `backend` ("auto" picks the fastest one that can serve)."""
+    """The concrete backend for `backend`; "auto" takes the first that can serve of:
+
+    - cuda: flash_attn, cuda (PyTorch's flash op + seqpar's compiled merge, when the
+      extension is built), sdpa, triton, torch. The compiled kernels come first (their
+      speed is known; Triton's has not been measured on a GPU here yet); Triton then serves
+      what they cannot: float32, softmax_scale <= 0.
+    - other devices: sdpa, torch. Triton on cpu is only its interpreter, never chosen.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -344,7 +419,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head
         if reason is not None:
             raise ValueError(f"backend: {reason}")
         return backend
-    for candidate in ("flash_attn", "sdpa", "torch"):
+    order = ("flash_attn", "cuda", "sdpa", "triton", "torch") if device.type == "cuda" else ("sdpa", "torch")
+    for candidate in order:
         if unavailable_reason(candidate, device, dtype, head_dim, scale) is None:
             return candidate
     return "torch"
@@ -358,7 +434,8 @@ def _verify_once(name: str, fwd: ForwardFn, bwd: BackwardFn, q: torch.Tensor, k:
     tiny GQA block (forward and backward, square causal and offset) with the torch math,
     so a changed private kernel API raises instead of returning wrong numbers."""
     key = (name, q.device, q.dtype)
-    if key in _verified or (name == "sdpa" and q.device.type == "cpu") or name == "torch":
+    # on cpu the test suite exercises sdpa and triton (the interpreter) directly
+    if key in _verified or (name in ("sdpa", "triton") and q.device.type == "cpu") or name == "torch":
         return
     gen = torch.Generator(device="cpu").manual_seed(0)
     h_kv = 2

@@ -66,6 +66,7 @@ def _gathered(k, v, layout: SeqLayout, chunk, op: str):
 def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, chunk):
     rank = layout.rank
     fwd, _ = block_kernels.kernels(backend, q, k)
+    merge = block_kernels.merge_kernel(backend)
     acc = block_kernels.acc_dtype(q.dtype)
     b, nq, h, d = q.shape
     group = h // k.shape[2]
@@ -75,7 +76,7 @@ def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, chunk):
         heads = slice(a * group, c_end * group)
         for src, kv in enumerate(kvs):
             attend_blocks(fwd, q[:, :, heads], kv[0], kv[1], visible_blocks(layout, rank, src, causal), scale,
-                          out[:, :, heads], lse[:, heads])
+                          out[:, :, heads], lse[:, heads], merge=merge)
     return out, lse.to(acc)
 
 

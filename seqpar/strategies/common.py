@@ -26,11 +26,12 @@ class SavedOutputAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def attend_blocks(fwd, q, k, v, blocks, scale, out, lse, fresh: bool = False) -> bool:
+def attend_blocks(fwd, q, k, v, blocks, scale, out, lse, fresh: bool = False, merge=merge_) -> bool:
     """Attend q's rows to k/v over `blocks` and merge each result into `(out, lse)`.
 
     `fresh`: nothing is written in `(out, lse)` yet; the first block that covers every row
     is then copied instead of merged into zeros (and otherwise they are initialised).
+    `merge`: the backend's merge (`block.merge_kernel`), the reference `merge_` by default.
     Returns whether the accumulator is still fresh (no block at all)."""
     for blk in blocks:
         qs = slice(blk.q_start, blk.q_start + blk.q_len)
@@ -43,7 +44,7 @@ def attend_blocks(fwd, q, k, v, blocks, scale, out, lse, fresh: bool = False) ->
             if fresh:
                 out.zero_()
                 lse.fill_(float("-inf"))
-            merge_(out[:, qs], lse[:, :, qs], part_out, part_lse)
+            merge(out[:, qs], lse[:, :, qs], part_out, part_lse)
         fresh = False
     return fresh
 

@@ -54,6 +54,7 @@ def _ring_forward(q, k, v, layout: SeqLayout, causal: bool, scale: float, backen
     """q in the kernel layout; returns (out [B, n, H, D] acc dtype, lse [B, H, n] acc dtype)."""
     rank, world = layout.rank, layout.world_size
     fwd, _ = block_kernels.kernels(backend, q, k)
+    merge = block_kernels.merge_kernel(backend)
     acc = block_kernels.acc_dtype(q.dtype)
     b, nq, h, d = q.shape
     _, out = block_kernels.empty_in_kernel_layout((b, nq, h, d), backend, dtype=acc, device=q.device)
@@ -70,7 +71,7 @@ def _ring_forward(q, k, v, layout: SeqLayout, causal: bool, scale: float, backen
             incoming = _kv_buffer(k, layout.local_len_of((src - 1) % world), backend)
             exchange = p2p.post([(kv_storage, nxt)], [(incoming[0], prv)], layout.group, op=ring_op)
         empty = attend_blocks(fwd, q, kv[0], kv[1], visible_blocks(layout, rank, src, causal), scale, out, lse,
-                              fresh=empty)
+                              fresh=empty, merge=merge)
         if exchange is not None:
             exchange.wait()
             kv_storage, kv = incoming

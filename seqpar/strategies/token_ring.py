@@ -39,7 +39,6 @@ import torch
 
 from ..comm import p2p
 from ..kernels import block as block_kernels
-from ..kernels.merge import merge_
 from ..layout import Block, SeqLayout, visible_blocks
 from .common import SavedOutputAttention, attend_blocks, attend_blocks_backward
 
@@ -96,10 +95,10 @@ def _blocks_in(layout, q_rank, k_rank, causal, ranges: Ranges) -> List[Block]:
     ]
 
 
-def _scatter_merge(out, lse, part_out, part_lse, ranges: Ranges) -> None:
+def _scatter_merge(merge, out, lse, part_out, part_lse, ranges: Ranges) -> None:
     offset = 0
     for a, n in ranges:
-        merge_(out[:, a:a + n], lse[:, :, a:a + n], part_out[:, offset:offset + n], part_lse[:, :, offset:offset + n])
+        merge(out[:, a:a + n], lse[:, :, a:a + n], part_out[:, offset:offset + n], part_lse[:, :, offset:offset + n])
         offset += n
 
 
@@ -128,11 +127,11 @@ class _Plan:
 
 # -- forward ---------------------------------------------------------------------------
 
-def _attend(fwd, q_rows, k, v, blocks, scale, acc, lse_dtype):
+def _attend(fwd, merge, q_rows, k, v, blocks, scale, acc, lse_dtype):
     b, m, h, d = q_rows.shape
     out = torch.zeros(b, m, h, d, dtype=acc, device=q_rows.device)
     lse = torch.full((b, h, m), float("-inf"), dtype=lse_dtype, device=q_rows.device)
-    attend_blocks(fwd, q_rows, k, v, blocks, scale, out, lse)
+    attend_blocks(fwd, q_rows, k, v, blocks, scale, out, lse, merge=merge)
     return out, lse
 
 
@@ -217,23 +216,24 @@ def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, route, name):
     """Returns this rank's (out [B, n, H, D] acc dtype, lse [B, H, n] acc dtype)."""
     rank = layout.rank
     fwd, _ = block_kernels.kernels(backend, q, k)
+    merge = block_kernels.merge_kernel(backend)
     acc = block_kernels.acc_dtype(q.dtype)
     plan = _Plan(layout, causal, route)
-    out, lse = _attend(fwd, q, k, v, visible_blocks(layout, rank, rank, causal), scale, acc, torch.float64)
+    out, lse = _attend(fwd, merge, q, k, v, visible_blocks(layout, rank, rank, causal), scale, acc, torch.float64)
     b, _, h, d = q.shape
 
     def compute(src, t, tensors):
         blocks = _blocks_in(layout, src, rank, causal, plan.rows[src][t])
-        part_out, part_lse = _attend(fwd, tensors[0], k, v, blocks, scale, acc, acc)
+        part_out, part_lse = _attend(fwd, merge, tensors[0], k, v, blocks, scale, acc, acc)
         return [part_out.to(q.dtype), part_lse]
 
     def absorb(parts, ranges):
-        _scatter_merge(out, lse, parts[0], parts[1], ranges)
+        _scatter_merge(merge, out, lse, parts[0], parts[1], ranges)
 
     def combine(kept, incoming, rows_kept, rows_in):
         # kept travels on in the wire dtype; merge in fp32 and store back
         kept_out, kept_lse = kept[0].to(acc), kept[1].to(torch.float64)
-        _scatter_merge(kept_out, kept_lse, incoming[0], incoming[1],
+        _scatter_merge(merge, kept_out, kept_lse, incoming[0], incoming[1],
                        [(_packed_index(rows_kept, a), n) for a, n in rows_in])
         kept[0], kept[1] = kept_out.to(q.dtype), kept_lse.to(acc)
 

@@ -110,8 +110,8 @@ def test_resolve_backend():
         block.resolve_backend("flash_attn", torch.device("cpu"), torch.float16, 64)
     with pytest.raises(ValueError, match="backend: expected one of"):
         block.resolve_backend("cudnn", torch.device("cpu"), torch.float16, 64)
-    with pytest.raises(ValueError, match="backend.*'triton' is not built"):
-        block.resolve_backend("triton", torch.device("cpu"), torch.float32, 64)
+    with pytest.raises(ValueError, match="backend: triton takes float16, bfloat16 or float32, got torch.float64"):
+        block.resolve_backend("triton", torch.device("cpu"), torch.float64, 64)
 
 
 @pytest.mark.gpu
