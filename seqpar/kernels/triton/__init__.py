@@ -1,0 +1,1 @@
+"""Triton kernels (@triton.jit) and their host wrappers; imported lazily by backend selection."""
