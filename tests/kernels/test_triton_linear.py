@@ -10,6 +10,10 @@ Every fp32 buffer the wrappers allocate is NaN-filled here, so an element a kern
 to write fails the comparison (and the explicit finiteness check).
 """
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import torch
 
@@ -229,3 +233,55 @@ def test_bad_arguments_raise():
 def test_gpu_sizes(dtype, decay):
     """Compiled kernels at model-like head dims, several chunks, a ragged tail."""
     assert_within(run_and_compare(2, 1000, 4, 128, 96, 64, decay, dtype, seed=11, device="cuda"))
+
+
+# Compiles every kernel for sm_90 in a fresh process (the interpreter accepts code the
+# compiler rejects: loop-carried types, dot shapes, int widths, shared memory). Needs
+# only triton's bundled ptxas, no GPU. Both decay variants, bf16 inputs (tf32 dots), two
+# Dk and Dv slices, a partial-chunk-capable BT.
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        get_ptxas(90).path
+    except Exception as exc:
+        print(f"no ptxas: {exc}")
+        sys.exit(77)
+    from seqpar.kernels.triton import linear as L
+
+    TOKEN_INPUTS = ("q_ptr", "k_ptr", "v_ptr", "do_ptr")
+
+    def arg_type(name):
+        if name in ("n", "NT"):
+            return "i32"
+        if name == "scale":
+            return "fp32"
+        return "*bf16" if name in TOKEN_INPUTS else "*fp32"
+
+    def build(fn, consts):
+        sig = {a: "constexpr" if a in consts else arg_type(a) for a in fn.arg_names}
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+
+    for use_g in (True, False):
+        c = dict(H=2, K=80, V=72, BT=32, BK=64, BV=64, USE_G=use_g, DOT_PRECISION="tf32")
+        for fn in (L._state_fwd_kernel, L._output_fwd_kernel, L._state_bwd_kernel, L._dv_bwd_kernel):
+            build(fn, c)
+        build(L._dqk_bwd_kernel, dict(c, NK=2))
+    build(L._chunk_cumsum_kernel, dict(H=2, BT=32))
+    build(L._reverse_cumsum_kernel, dict(H=2, NK=2, BT=32))
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests compile and run the kernels")
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -26,7 +26,8 @@ Forward (two kernels after the cumsum):
    intra-chunk term and `q h_c`. (The layout of flash-linear-attention's chunk kernels: the
    long-sequence work is parallel over chunks, not only over batch and heads.)
 Every program holds at most 64 columns of Dk or Dv and walks the rest, so fp32 tiles fit
-shared memory for any head dim (a whole-Dk tile needed ~310 KB at Dk = 128, C = 64).
+shared memory for any head dim (a whole-Dk backward tile needed ~310 KB at Dk = 128,
+C = 64, compiled for sm_90; H100 allows 227 KB).
 
 Backward (the states are recomputed by kernel 1). With `dh_c` the gradient of the
 state at the *end* of chunk c (zero after the last chunk: the final state's gradient is
@@ -78,35 +79,21 @@ def _empty(shape, device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-# -- device helpers -----------------------------------------------------------------------
+# -- kernels --------------------------------------------------------------------------------
+#
+# Addressing, in every kernel: q, k, v, do, o, dq, dk, dv are contiguous [B, n, H, D], so
+# token t of head h in batch b starts at ((b*n + t) * H + h) * D and the next token is
+# H * D further. `row0 = b*n + i_t*BT` (int64: B*n*H*D may exceed 2**31) is the chunk's
+# first token; offsets inside a chunk (offs_t * H * D) stay small. G, g, dA, dg are
+# [B, n, H] (dA [B, n, H, NK]); states are [B*H, NT, K, V].
 
 
 @triton.jit
-def _token_ptrs(base_ptr, tok0, i_h, rows, cols, H: tl.constexpr, D: tl.constexpr):
-    """Addresses of `rows` (tokens) x `cols` (features) of head `i_h` in a contiguous `[B, n, H, D]`."""
-    # [BT, BD]
-    return base_ptr + ((tok0 + rows[:, None]) * H + i_h) * D + cols[None, :]
-
-
-@triton.jit
-def _load_chunk_decay(G_ptr, tok0, i_h, i_t, n, H: tl.constexpr, BT: tl.constexpr):
-    """Chunk-local cumulative log decay `G` `[BT]` (0 on padded rows) and its value at the chunk's last token."""
-    rows = i_t * BT + tl.arange(0, BT)
-    # [BT]
-    G = tl.load(G_ptr + (tok0 + rows) * H + i_h, mask=rows < n, other=0.0)
-    last = tl.minimum(i_t * BT + BT, n) - 1
-    # the stored value, not a re-summation, so that exp(G_C - G_last) is exactly 1
-    G_last = tl.load(G_ptr + (tok0 + last) * H + i_h)
-    return G, G_last
-
-
-@triton.jit
-def _intra_chunk_weights(G, i_t, n, BT: tl.constexpr, USE_G: tl.constexpr):
-    """`[BT, BT]`: exp(G_i - G_j) where key j <= query i and row i is a real token, else 0."""
+def _intra_chunk_weights(G, n_rows, BT: tl.constexpr, USE_G: tl.constexpr):
+    """`[BT, BT]`: exp(G_i - G_j) where key j <= query i < n_rows (a real token), else 0."""
     offs_t = tl.arange(0, BT)
-    rows = i_t * BT + offs_t
     # [BT, BT]
-    mask = (offs_t[:, None] >= offs_t[None, :]) & (rows[:, None] < n)
+    mask = (offs_t[:, None] >= offs_t[None, :]) & (offs_t[:, None] < n_rows)
     if USE_G:
         # mask before exp: for j > i the exponent is >= 0 and may overflow
         diff = tl.where(mask, G[:, None] - G[None, :], 0.0)
@@ -116,21 +103,17 @@ def _intra_chunk_weights(G, i_t, n, BT: tl.constexpr, USE_G: tl.constexpr):
     return weights
 
 
-# -- kernels --------------------------------------------------------------------------------
-
-
 @triton.jit
 def _chunk_cumsum_kernel(g_ptr, G_ptr, n, H: tl.constexpr, BT: tl.constexpr):
     """G[b, t, h] = sum of g[b, s, h] over the tokens s <= t of t's chunk. Grid (NT, B*H)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    # int64: B * n * H * D can exceed 2**31
-    tok0 = i_b.to(tl.int64) * n
-    rows = i_t * BT + tl.arange(0, BT)
-    offs = (tok0 + rows) * H + i_h
+    offs_t = tl.arange(0, BT)
+    row0 = i_b.to(tl.int64) * n + i_t * BT
+    offs = row0 * H + i_h + offs_t * H
     # [BT]
-    g = tl.load(g_ptr + offs, mask=rows < n, other=0.0)
-    tl.store(G_ptr + offs, tl.cumsum(g, axis=0), mask=rows < n)
+    g = tl.load(g_ptr + offs, mask=offs_t < n - i_t * BT, other=0.0)
+    tl.store(G_ptr + offs, tl.cumsum(g, axis=0), mask=offs_t < n - i_t * BT)
 
 
 @triton.jit
@@ -147,7 +130,6 @@ def _state_fwd_kernel(
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    tok0 = i_b.to(tl.int64) * n
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -158,21 +140,25 @@ def _state_fwd_kernel(
     h = tl.zeros([BK, BV], dtype=tl.float32)
     for i_t in range(NT):
         # -- the output kernel reads the state at the start of every chunk
-        tl.store(states_ptr + (i_bh.to(tl.int64) * NT + i_t) * K * V + state_offs, h, mask=state_mask)
-        rows = i_t * BT + offs_t
+        tl.store(states_ptr + (i_bh.to(tl.int64) * NT + i_t) * (K * V) + state_offs, h, mask=state_mask)
+        row0 = i_b.to(tl.int64) * n + i_t * BT
+        n_rows = n - i_t * BT
         # [BT, BK]
-        k = tl.load(_token_ptrs(k_ptr, tok0, i_h, rows, offs_k, H, K),
-                    mask=(rows[:, None] < n) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + (row0 * H + i_h) * K + offs_t[:, None] * (H * K) + offs_k[None, :],
+                    mask=(offs_t[:, None] < n_rows) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
         # [BT, BV]
-        v = tl.load(_token_ptrs(v_ptr, tok0, i_h, rows, offs_v, H, V),
-                    mask=(rows[:, None] < n) & (offs_v[None, :] < V), other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + (row0 * H + i_h) * V + offs_t[:, None] * (H * V) + offs_v[None, :],
+                    mask=(offs_t[:, None] < n_rows) & (offs_v[None, :] < V), other=0.0).to(tl.float32)
         # -- h <- exp(G_C) h + (k * exp(G_C - G))^T v; both exponents <= 0
         if USE_G:
-            G, G_last = _load_chunk_decay(G_ptr, tok0, i_h, i_t, n, H, BT)
+            # [BT] chunk-local cumulative decay; G_C is the stored value at the chunk's last
+            # token (not a re-summation), so exp(G_C - G) is exactly 1 there
+            G = tl.load(G_ptr + row0 * H + i_h + offs_t * H, mask=offs_t < n_rows, other=0.0)
+            G_last = tl.load(G_ptr + (row0 + tl.minimum(BT, n_rows) - 1) * H + i_h)
             k = k * tl.exp(G_last - G)[:, None]
             h = h * tl.exp(G_last)
         h = tl.dot(tl.trans(k), v, acc=h, input_precision=DOT_PRECISION)
-    tl.store(final_ptr + i_bh.to(tl.int64) * K * V + state_offs, h, mask=state_mask)
+    tl.store(final_ptr + i_bh.to(tl.int64) * (K * V) + state_offs, h, mask=state_mask)
 
 
 @triton.jit
@@ -186,13 +172,14 @@ def _output_fwd_kernel(
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    tok0 = i_b.to(tl.int64) * n
-    rows = i_t * BT + tl.arange(0, BT)
+    offs_t = tl.arange(0, BT)
     offs_v = i_v * BV + tl.arange(0, BV)
-    v_mask = (rows[:, None] < n) & (offs_v[None, :] < V)
-    state_base = (i_bh.to(tl.int64) * NT + i_t) * K * V
+    row0 = i_b.to(tl.int64) * n + i_t * BT
+    n_rows = n - i_t * BT
+    state_base = (i_bh.to(tl.int64) * NT + i_t) * (K * V)
     if USE_G:
-        G, G_last = _load_chunk_decay(G_ptr, tok0, i_h, i_t, n, H, BT)
+        # [BT]
+        G = tl.load(G_ptr + row0 * H + i_h + offs_t * H, mask=offs_t < n_rows, other=0.0)
         q_decay = tl.exp(G)
     else:
         G = tl.zeros([BT], dtype=tl.float32)
@@ -204,10 +191,11 @@ def _output_fwd_kernel(
     o = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         offs_k = i_k * BK + tl.arange(0, BK)
-        k_mask = (rows[:, None] < n) & (offs_k[None, :] < K)
         # [BT, BK]
-        q = tl.load(_token_ptrs(q_ptr, tok0, i_h, rows, offs_k, H, K), mask=k_mask, other=0.0).to(tl.float32)
-        k = tl.load(_token_ptrs(k_ptr, tok0, i_h, rows, offs_k, H, K), mask=k_mask, other=0.0).to(tl.float32)
+        qk_offs = (row0 * H + i_h) * K + offs_t[:, None] * (H * K) + offs_k[None, :]
+        qk_mask = (offs_t[:, None] < n_rows) & (offs_k[None, :] < K)
+        q = tl.load(q_ptr + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
         # [BK, BV]
         h = tl.load(states_ptr + state_base + offs_k[:, None] * V + offs_v[None, :],
                     mask=(offs_k[:, None] < K) & (offs_v[None, :] < V), other=0.0)
@@ -217,11 +205,13 @@ def _output_fwd_kernel(
         o = tl.dot(q, h, acc=o, input_precision=DOT_PRECISION)
 
     # -- add the intra-chunk term: decayed, causally masked scores times v
-    s = s * _intra_chunk_weights(G, i_t, n, BT, USE_G)
+    s = s * _intra_chunk_weights(G, n_rows, BT, USE_G)
     # [BT, BV]
-    v = tl.load(_token_ptrs(v_ptr, tok0, i_h, rows, offs_v, H, V), mask=v_mask, other=0.0).to(tl.float32)
+    v_offs = (row0 * H + i_h) * V + offs_t[:, None] * (H * V) + offs_v[None, :]
+    v_mask = (offs_t[:, None] < n_rows) & (offs_v[None, :] < V)
+    v = tl.load(v_ptr + v_offs, mask=v_mask, other=0.0).to(tl.float32)
     o = tl.dot(s, v, acc=o, input_precision=DOT_PRECISION)
-    tl.store(_token_ptrs(o_ptr, tok0, i_h, rows, offs_v, H, V), o * scale, mask=v_mask)
+    tl.store(o_ptr + v_offs, o * scale, mask=v_mask)
 
 
 @triton.jit
@@ -238,7 +228,6 @@ def _state_bwd_kernel(
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    tok0 = i_b.to(tl.int64) * n
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -249,17 +238,20 @@ def _state_bwd_kernel(
     dh = tl.zeros([BK, BV], dtype=tl.float32)
     for i_rev in range(NT):
         i_t = NT - 1 - i_rev
-        tl.store(dstates_ptr + (i_bh.to(tl.int64) * NT + i_t) * K * V + state_offs, dh, mask=state_mask)
-        rows = i_t * BT + offs_t
+        tl.store(dstates_ptr + (i_bh.to(tl.int64) * NT + i_t) * (K * V) + state_offs, dh, mask=state_mask)
+        row0 = i_b.to(tl.int64) * n + i_t * BT
+        n_rows = n - i_t * BT
         # [BT, BK]
-        q = tl.load(_token_ptrs(q_ptr, tok0, i_h, rows, offs_k, H, K),
-                    mask=(rows[:, None] < n) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + (row0 * H + i_h) * K + offs_t[:, None] * (H * K) + offs_k[None, :],
+                    mask=(offs_t[:, None] < n_rows) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
         # [BT, BV]
-        do = tl.load(_token_ptrs(do_ptr, tok0, i_h, rows, offs_v, H, V),
-                     mask=(rows[:, None] < n) & (offs_v[None, :] < V), other=0.0).to(tl.float32)
-        # -- dh <- exp(G_C) dh + scale * (q * exp(G))^T do: the state before this chunk
+        do = tl.load(do_ptr + (row0 * H + i_h) * V + offs_t[:, None] * (H * V) + offs_v[None, :],
+                     mask=(offs_t[:, None] < n_rows) & (offs_v[None, :] < V), other=0.0).to(tl.float32)
+        # -- dh <- exp(G_C) dh + scale * (q * exp(G))^T do: the gradient of the state before this chunk
         if USE_G:
-            G, G_last = _load_chunk_decay(G_ptr, tok0, i_h, i_t, n, H, BT)
+            # [BT]
+            G = tl.load(G_ptr + row0 * H + i_h + offs_t * H, mask=offs_t < n_rows, other=0.0)
+            G_last = tl.load(G_ptr + (row0 + tl.minimum(BT, n_rows) - 1) * H + i_h)
             q = q * tl.exp(G)[:, None]
             dh = dh * tl.exp(G_last)
         dh = tl.dot(tl.trans(q * scale), do, acc=dh, input_precision=DOT_PRECISION)
@@ -276,23 +268,24 @@ def _dqk_bwd_kernel(
     """dq, dk of one chunk and one [BK] slice of Dk, and that slice's share of dL/dG.
 
     Grid (NT, cdiv(K, BK), B*H); walks Dv in BV slices. dL/dG is linear in q_i . k_j, so
-    each Dk slice writes its own share to dA[b, t, h, i_k] (dA is `[B, n, H, NK]`) and
-    `_reverse_cumsum_kernel` adds them.
+    each Dk slice writes its own share to dA[b, t, h, i_k] and `_reverse_cumsum_kernel`
+    adds them.
     """
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_t, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    tok0 = i_b.to(tl.int64) * n
     offs_t = tl.arange(0, BT)
-    rows = i_t * BT + offs_t
     offs_k = i_k * BK + tl.arange(0, BK)
-    k_mask = (rows[:, None] < n) & (offs_k[None, :] < K)
-    state_base = (i_bh.to(tl.int64) * NT + i_t) * K * V
+    row0 = i_b.to(tl.int64) * n + i_t * BT
+    n_rows = n - i_t * BT
+    state_base = (i_bh.to(tl.int64) * NT + i_t) * (K * V)
 
     # -- load the chunk's queries and keys (this Dk slice)
     # [BT, BK]
-    q = tl.load(_token_ptrs(q_ptr, tok0, i_h, rows, offs_k, H, K), mask=k_mask, other=0.0).to(tl.float32)
-    k = tl.load(_token_ptrs(k_ptr, tok0, i_h, rows, offs_k, H, K), mask=k_mask, other=0.0).to(tl.float32)
+    qk_offs = (row0 * H + i_h) * K + offs_t[:, None] * (H * K) + offs_k[None, :]
+    qk_mask = (offs_t[:, None] < n_rows) & (offs_k[None, :] < K)
+    q = tl.load(q_ptr + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
 
     # -- walk Dv: accumulate do v^T and the cross-chunk products with the states
     # [BT, BK]
@@ -302,10 +295,11 @@ def _dqk_bwd_kernel(
     dov = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         offs_v = i_v * BV + tl.arange(0, BV)
-        v_mask = (rows[:, None] < n) & (offs_v[None, :] < V)
         # [BT, BV]
-        v = tl.load(_token_ptrs(v_ptr, tok0, i_h, rows, offs_v, H, V), mask=v_mask, other=0.0).to(tl.float32)
-        do = tl.load(_token_ptrs(do_ptr, tok0, i_h, rows, offs_v, H, V), mask=v_mask, other=0.0).to(tl.float32)
+        v_offs = (row0 * H + i_h) * V + offs_t[:, None] * (H * V) + offs_v[None, :]
+        v_mask = (offs_t[:, None] < n_rows) & (offs_v[None, :] < V)
+        v = tl.load(v_ptr + v_offs, mask=v_mask, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + v_offs, mask=v_mask, other=0.0).to(tl.float32)
         # [BK, BV] state before the chunk and gradient of the state after it
         state_offs = state_base + offs_k[:, None] * V + offs_v[None, :]
         state_mask = (offs_k[:, None] < K) & (offs_v[None, :] < V)
@@ -317,7 +311,9 @@ def _dqk_bwd_kernel(
 
     # -- cross-chunk parts: dq_i = scale exp(G_i) do_i h^T, dk_j = exp(G_C - G_j) v_j dh^T
     if USE_G:
-        G, G_last = _load_chunk_decay(G_ptr, tok0, i_h, i_t, n, H, BT)
+        # [BT]
+        G = tl.load(G_ptr + row0 * H + i_h + offs_t * H, mask=offs_t < n_rows, other=0.0)
+        G_last = tl.load(G_ptr + (row0 + tl.minimum(BT, n_rows) - 1) * H + i_h)
         dq_inter = dq_inter * (tl.exp(G) * scale)[:, None]
         dk_inter = dk_inter * tl.exp(G_last - G)[:, None]
     else:
@@ -325,12 +321,12 @@ def _dqk_bwd_kernel(
         dq_inter = dq_inter * scale
     # -- intra-chunk parts: ds_ij = scale * D_ij (do_i . v_j)
     # [BT, BT]
-    ds = dov * _intra_chunk_weights(G, i_t, n, BT, USE_G) * scale
+    ds = dov * _intra_chunk_weights(G, n_rows, BT, USE_G) * scale
     # [BT, BK]
     dq = tl.dot(ds, k, acc=dq_inter, input_precision=DOT_PRECISION)
     dk = tl.dot(tl.trans(ds), q, acc=dk_inter, input_precision=DOT_PRECISION)
-    tl.store(_token_ptrs(dq_ptr, tok0, i_h, rows, offs_k, H, K), dq, mask=k_mask)
-    tl.store(_token_ptrs(dk_ptr, tok0, i_h, rows, offs_k, H, K), dk, mask=k_mask)
+    tl.store(dq_ptr + qk_offs, dq, mask=qk_mask)
+    tl.store(dk_ptr + qk_offs, dk, mask=qk_mask)
 
     if USE_G:
         # -- dL/dG_t = q_t . dq_t - k_t . dk_t without the diagonal pairs, which cancel exactly
@@ -341,7 +337,7 @@ def _dqk_bwd_kernel(
         # [BT]
         dA = tl.sum(m, axis=1) - tl.sum(m, axis=0)
         dA += tl.sum(q * dq_inter, axis=1) - tl.sum(k * dk_inter, axis=1)
-        tl.store(dA_ptr + ((tok0 + rows) * H + i_h) * NK + i_k, dA, mask=rows < n)
+        tl.store(dA_ptr + (row0 * H + i_h) * NK + offs_t * (H * NK) + i_k, dA, mask=offs_t < n_rows)
 
 
 @triton.jit
@@ -355,13 +351,15 @@ def _dv_bwd_kernel(
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    tok0 = i_b.to(tl.int64) * n
-    rows = i_t * BT + tl.arange(0, BT)
+    offs_t = tl.arange(0, BT)
     offs_v = i_v * BV + tl.arange(0, BV)
-    v_mask = (rows[:, None] < n) & (offs_v[None, :] < V)
-    state_base = (i_bh.to(tl.int64) * NT + i_t) * K * V
+    row0 = i_b.to(tl.int64) * n + i_t * BT
+    n_rows = n - i_t * BT
+    state_base = (i_bh.to(tl.int64) * NT + i_t) * (K * V)
     if USE_G:
-        G, G_last = _load_chunk_decay(G_ptr, tok0, i_h, i_t, n, H, BT)
+        # [BT]
+        G = tl.load(G_ptr + row0 * H + i_h + offs_t * H, mask=offs_t < n_rows, other=0.0)
+        G_last = tl.load(G_ptr + (row0 + tl.minimum(BT, n_rows) - 1) * H + i_h)
         k_decay = tl.exp(G_last - G)
     else:
         G = tl.zeros([BT], dtype=tl.float32)
@@ -373,10 +371,11 @@ def _dv_bwd_kernel(
     dv = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         offs_k = i_k * BK + tl.arange(0, BK)
-        k_mask = (rows[:, None] < n) & (offs_k[None, :] < K)
         # [BT, BK]
-        q = tl.load(_token_ptrs(q_ptr, tok0, i_h, rows, offs_k, H, K), mask=k_mask, other=0.0).to(tl.float32)
-        k = tl.load(_token_ptrs(k_ptr, tok0, i_h, rows, offs_k, H, K), mask=k_mask, other=0.0).to(tl.float32)
+        qk_offs = (row0 * H + i_h) * K + offs_t[:, None] * (H * K) + offs_k[None, :]
+        qk_mask = (offs_t[:, None] < n_rows) & (offs_k[None, :] < K)
+        q = tl.load(q_ptr + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
         # [BK, BV]
         dh = tl.load(dstates_ptr + state_base + offs_k[:, None] * V + offs_v[None, :],
                      mask=(offs_k[:, None] < K) & (offs_v[None, :] < V), other=0.0)
@@ -385,32 +384,35 @@ def _dv_bwd_kernel(
             k = k * k_decay[:, None]
         dv = tl.dot(k, dh, acc=dv, input_precision=DOT_PRECISION)
 
-    # -- intra-chunk part: dv_j += sum_i a_ij do_i with a the forward's scaled, decayed, masked scores
+    # -- intra-chunk part: dv_j += sum_i a_ij do_i, a the forward's scaled, decayed, masked scores
     # [BT, BT]
-    a = s * _intra_chunk_weights(G, i_t, n, BT, USE_G) * scale
+    a = s * _intra_chunk_weights(G, n_rows, BT, USE_G) * scale
     # [BT, BV]
-    do = tl.load(_token_ptrs(do_ptr, tok0, i_h, rows, offs_v, H, V), mask=v_mask, other=0.0).to(tl.float32)
+    v_offs = (row0 * H + i_h) * V + offs_t[:, None] * (H * V) + offs_v[None, :]
+    v_mask = (offs_t[:, None] < n_rows) & (offs_v[None, :] < V)
+    do = tl.load(do_ptr + v_offs, mask=v_mask, other=0.0).to(tl.float32)
     dv = tl.dot(tl.trans(a), do, acc=dv, input_precision=DOT_PRECISION)
-    tl.store(_token_ptrs(dv_ptr, tok0, i_h, rows, offs_v, H, V), dv, mask=v_mask)
+    tl.store(dv_ptr + v_offs, dv, mask=v_mask)
 
 
 @triton.jit
 def _reverse_cumsum_kernel(dA_ptr, dg_ptr, n, NT, H: tl.constexpr, NK: tl.constexpr, BT: tl.constexpr):
-    """dg[b, s, h] = sum over t >= s and the NK Dk-slice shares of dA[b, t, h, :] (the whole block). Grid (B*H,)."""
+    """dg[b, s, h] = sum over t >= s (the whole block) and the NK Dk-slice shares of dA[b, t, h, :]. Grid (B*H,)."""
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
-    tok0 = i_b.to(tl.int64) * n
+    offs_t = tl.arange(0, BT)
     # sum of dA over the chunks after the current one
     carry = tl.zeros([], dtype=tl.float32)
     for i_rev in range(NT):
         i_t = NT - 1 - i_rev
-        rows = i_t * BT + tl.arange(0, BT)
-        offs = (tok0 + rows) * H + i_h
+        row0 = i_b.to(tl.int64) * n + i_t * BT
+        n_rows = n - i_t * BT
         # [BT]
+        offs = row0 * H + i_h + offs_t * H
         dA = tl.zeros([BT], dtype=tl.float32)
         for i_k in tl.static_range(NK):
-            dA += tl.load(dA_ptr + offs * NK + i_k, mask=rows < n, other=0.0)
-        tl.store(dg_ptr + offs, tl.cumsum(dA, axis=0, reverse=True) + carry, mask=rows < n)
+            dA += tl.load(dA_ptr + offs * NK + i_k, mask=offs_t < n_rows, other=0.0)
+        tl.store(dg_ptr + offs, tl.cumsum(dA, axis=0, reverse=True) + carry, mask=offs_t < n_rows)
         carry += tl.sum(dA, axis=0)
 
 
