@@ -221,7 +221,9 @@ def _state_bwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One [BK, BV] tile of the state gradient, carried over the chunks in reverse. Grid (cdiv(K, BK), cdiv(V, BV), B*H).
+    """One [BK, BV] tile of the state gradient, carried over the chunks in reverse.
+
+    Grid (cdiv(K, BK), cdiv(V, BV), B*H).
 
     dstates[b*H + h, c] = gradient of the state at the end of chunk c (0 for the last chunk).
     """
@@ -421,7 +423,8 @@ def _reverse_cumsum_kernel(dA_ptr, dg_ptr, n, NT, H: tl.constexpr, NK: tl.conste
 
 def _check(q, k, v, g, chunk_size) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v: expected 4-d [B, n, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"q, k, v: expected 4-d [B, n, H, D], "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k: expected equal shapes [B, n, H, Dk] and v [B, n, H, Dv], "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -452,8 +455,8 @@ class _Config:
         self.precision = "ieee" if q.dtype == torch.float32 else "tf32"
 
     def kernel_args(self, use_g: bool) -> dict:
-        return dict(H=self.H, K=self.K, V=self.V, BT=self.BT, BK=self.BK, BV=self.BV,
-                    USE_G=use_g, DOT_PRECISION=self.precision)
+        return {"H": self.H, "K": self.K, "V": self.V, "BT": self.BT, "BK": self.BK, "BV": self.BV,
+                "USE_G": use_g, "DOT_PRECISION": self.precision}
 
 
 def _chunk_cumsum(g: torch.Tensor, cfg: _Config) -> torch.Tensor:
