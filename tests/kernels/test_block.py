@@ -131,3 +131,8 @@ def test_gpu_backends_match_torch_math(backend, offset):
     ref_grads = block.torch_backward(do, q, k, v, ref_out.to(q.dtype), ref_lse, 0.125, offset)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_cuda_backend_without_the_extension_names_it():
+    with pytest.raises(ValueError, match="backend: cuda needs"):
+        block.resolve_backend("cuda", torch.device("cpu"), torch.float16, 64)

@@ -141,3 +141,18 @@ def test_bad_method_and_options_name_the_argument():
         seqpar.linear_attention(q, q, q, decay=-0.5)
     with pytest.raises(ValueError, match="backend"):
         seqpar.linear_attention(q, q, q, backend="sdpa")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("decay", ["none", "token"])
+def test_triton_backend_on_every_method(method, decay):
+    # under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU)
+    problem = LinearProblem(world_size=2, seq_len=37, batch=1, heads=2, key_dim=12, value_dim=20, decay=decay,
+                            dtype="float32", seed=3)
+    _check(problem, method=method, backend="triton")
+
+
+def test_triton_backend_refuses_float64_by_name():
+    q = torch.randn(1, 4, 1, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend: .*float64"):
+        seqpar.linear_attention(q, q, q, backend="triton")
