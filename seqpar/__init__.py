@@ -5,6 +5,7 @@ Public contract: `SeqLayout`, `attention` and one function per strategy (see REA
 from . import comm
 from ._version import __version__
 from .attention import attention
+from .dispatch import Plan, Topology, calibrate, plan, plan_linear
 from .layout import SeqLayout
 from .strategies.allgather import allgather_attention
 from .strategies.linear import linear_attention
@@ -13,4 +14,5 @@ from .strategies.token_ring import token_ring_attention
 from .strategies.ulysses import ulysses_attention
 from .strategies.usp import usp_attention
 
-__all__ = ["SeqLayout", "attention", "ring_attention", "allgather_attention", "linear_attention", "token_ring_attention", "ulysses_attention", "usp_attention", "comm", "__version__"]
+__all__ = ["SeqLayout", "attention", "ring_attention", "allgather_attention", "linear_attention", "token_ring_attention", "ulysses_attention", "usp_attention", "comm", "__version__",
+           "plan", "plan_linear", "calibrate", "Plan", "Topology"]
