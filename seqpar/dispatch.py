@@ -1155,3 +1155,65 @@ def choose_linear(layout, batch: int, heads: int, key_dim: int, value_dim: int, 
                          value_dim=value_dim, batch=batch, dtype=dtype, decay=decay, training=training,
                          chunk_size=chunk_size, topology=topo)
     return chosen.method, chosen.scan_pieces
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m seqpar plan`: print the plan table for a problem (no process group needed)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m seqpar plan",
+                                     description="Predict every strategy's time on a problem and show the choice.")
+    parser.add_argument("--seq-len", type=int, required=True, help="global sequence length N")
+    parser.add_argument("--world-size", type=int, required=True, help="ranks P")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="bfloat16")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--training", action=argparse.BooleanOptionalAction, default=True,
+                        help="forward + backward (default); --no-training plans the forward alone")
+    parser.add_argument("--scheme", choices=SCHEMES, default="contiguous")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="the default topology's device type (default: this machine's)")
+    parser.add_argument("--calibration", default=None, help="a calibration JSON file (from seqpar.calibrate)")
+    parser.add_argument("--ranks-per-node", type=int, default=None)
+    parser.add_argument("--intra-bandwidth", type=float, default=None, help="GB/s a rank sends within a node")
+    parser.add_argument("--intra-latency", type=float, default=None, help="microseconds per step within a node")
+    parser.add_argument("--inter-bandwidth", type=float, default=None, help="GB/s a rank sends between nodes")
+    parser.add_argument("--inter-latency", type=float, default=None, help="microseconds per step between nodes")
+    parser.add_argument("--tflops", type=float, default=None, help="block kernel forward TFLOP/s (backward: same)")
+    parser.add_argument("--memory-gib", type=float, default=None, help="memory a rank may spend on attention, GiB")
+    args = parser.parse_args(argv)
+    if args.calibration:
+        topo = load_calibration(Path(args.calibration))
+        if topo is None:
+            parser.error(f"--calibration: expected a readable calibration JSON file, got {args.calibration!r}")
+    else:
+        topo = default_topology(args.device, args.dtype, args.world_size, ranks_per_node=args.ranks_per_node)
+    changes = {}
+    if args.ranks_per_node is not None:
+        changes["ranks_per_node"] = args.ranks_per_node
+    for flag, key, unit in (("intra_bandwidth", "intra_bandwidth", 1e9), ("inter_bandwidth", "inter_bandwidth", 1e9),
+                            ("intra_latency", "intra_latency", 1e-6), ("inter_latency", "inter_latency", 1e-6),
+                            ("memory_gib", "memory_limit", 2 ** 30)):
+        if getattr(args, flag) is not None:
+            changes[key] = getattr(args, flag) * unit
+    if args.tflops is not None:
+        changes["compute_rate"] = changes["backward_rate"] = args.tflops * 1e12
+    if changes:
+        # measured per-kind links would override what the flags say: drop them
+        changes.setdefault("measured", () if any(k.endswith(("bandwidth", "latency")) for k in changes)
+                           else topo.measured)
+        topo = topo.replace(source=topo.source + " with command-line changes", **changes)
+    try:
+        result = plan(args.seq_len, world_size=args.world_size, heads=args.heads, kv_heads=args.kv_heads,
+                      head_dim=args.head_dim, dtype=args.dtype, causal=args.causal, training=args.training,
+                      batch=args.batch, scheme=args.scheme, topology=topo)
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+    print(result)
+    return 0
