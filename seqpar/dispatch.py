@@ -24,6 +24,7 @@ The model (all per rank; the busiest rank sets the pace):
   (the recomputing flash backward: 5 matmuls), at `compute_rate` / `backward_rate`, plus
   `kernel_overhead` seconds per block call.
 - **Overlap** follows each strategy's schedule: ring steps take `max(compute, exchange)`
+  (plus `1 - Topology.overlap` of the shorter: on CPUs the transfers share the cores)
   (the next exchange is posted before the current block); all-to-alls are fully exposed;
   the all-gather of the first KV-head chunk is exposed and the next chunk's gather hides
   behind the current chunk's work; reduce-scatters of dK/dV are exposed; TokenRing's
@@ -32,6 +33,7 @@ The model (all per rank; the busiest rank sets the pace):
   K/V or queries, fp32 accumulators, and in training what the backward saves and
   allocates); kernel workspace and the rest of the model are not counted. A candidate
   over `Topology.memory_limit` is infeasible.
+- Every call also pays the agreement check's 16-byte all-reduce (the same for all).
 
 Feasibility comes from each strategy's registered `check` (run on meta tensors), so the
 reasons a plan gives are the `ValueError` messages the strategy itself would raise.
@@ -96,7 +98,8 @@ class Topology:
     with a calibrated `(latency, bandwidth)`: `(("intra", "alltoall", 2e-5, 1.1e11), ...)`.
     `compute_rate` / `backward_rate`: flop/s of the block kernel's forward / backward
     (`FORWARD_FLOPS` / `BACKWARD_FLOPS` per visible score element and B H D);
-    `kernel_overhead`: seconds per block call. `memory_limit`: bytes a rank may spend on
+    `kernel_overhead`: seconds per block call. `overlap`: the fraction of a transfer that
+    hides behind compute posted with it (1: fully, 0: they serialize). `memory_limit`: bytes a rank may spend on
     attention buffers (None: no limit).
     """
 
@@ -108,6 +111,7 @@ class Topology:
     compute_rate: float = 3e10
     backward_rate: float = 3e10
     kernel_overhead: float = 5e-5
+    overlap: float = 1.0
     measured: Tuple[Tuple[str, str, float, float], ...] = ()
     memory_limit: Optional[float] = None
     device: str = "cpu"
@@ -124,6 +128,8 @@ class Topology:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+        if not (isinstance(self.overlap, (int, float)) and 0 <= self.overlap <= 1):
+            raise ValueError(f"overlap: expected a fraction in [0, 1], got {self.overlap!r}")
         for entry in self.measured:
             if len(entry) != 4 or entry[0] not in LEVELS or entry[1] not in KINDS:
                 raise ValueError(f"measured: expected (level in {LEVELS}, kind in {KINDS}, latency, bandwidth) "
@@ -175,7 +181,8 @@ class Topology:
         text = (f"{self.source}: {self.ranks_per_node} rank(s) per node; intra {rate(self.intra_bandwidth)}, "
                 f"{self.intra_latency * 1e6:.3g} us; inter {rate(self.inter_bandwidth)}, "
                 f"{self.inter_latency * 1e6:.3g} us; block kernel {self.compute_rate / 1e12:.3g} TFLOP/s fwd, "
-                f"{self.backward_rate / 1e12:.3g} bwd, {self.kernel_overhead * 1e6:.3g} us/call")
+                f"{self.backward_rate / 1e12:.3g} bwd, {self.kernel_overhead * 1e6:.3g} us/call; overlap "
+                f"{self.overlap:.2g}")
         if self.measured:
             text += "; measured: " + ", ".join(
                 f"{lv} {kd} {lat * 1e6:.3g} us/step {rate(bw)}" for lv, kd, lat, bw in self.measured)
@@ -196,12 +203,12 @@ def default_topology(device: str = "cpu", dtype=torch.float32, world_size: Optio
     """The topology "auto" assumes without a calibration, by device type.
 
     - "cpu" (gloo over loopback, one node): 1.5 GB/s and 100 us per step between ranks,
-      30 GFLOP/s per rank, 50 us per block call; ranks per node: `LOCAL_WORLD_SIZE`, else
-      the whole world.
+      30 GFLOP/s per rank, 50 us per block call, half of a transfer hidden behind compute
+      (gloo's threads share the cores); ranks per node: `LOCAL_WORLD_SIZE`, else the world.
     - "cuda": NVLink/NVSwitch-like within a node (300 GB/s, 10 us), InfiniBand-like
       between nodes (one 400 Gb/s NIC per GPU: 40 GB/s, 25 us); block kernel 300 / 200
       TFLOP/s (fwd / bwd) for float16/bfloat16, 15 for float32 (no fused CUDA kernel),
-      2 for float64; 20 us per block call; ranks per node: `LOCAL_WORLD_SIZE`, else the
+      2 for float64; 20 us per block call; transfers fully hidden behind compute; ranks per node: `LOCAL_WORLD_SIZE`, else the
       visible GPUs, else the world.
     """
     if device not in ("cpu", "cuda"):
@@ -211,7 +218,7 @@ def default_topology(device: str = "cpu", dtype=torch.float32, world_size: Optio
     if device == "cpu":
         return Topology(ranks_per_node=local or world_size or 1, intra_bandwidth=1.5e9, intra_latency=1e-4,
                         inter_bandwidth=1.0e9, inter_latency=1e-4, compute_rate=3e10, backward_rate=3e10,
-                        kernel_overhead=5e-5, device="cpu", source="default cpu (gloo loopback)")
+                        kernel_overhead=5e-5, overlap=0.5, device="cpu", source="default cpu (gloo loopback)")
     if local is None:
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         local = min(visible, world_size) if visible and world_size else (visible or world_size or 8)
@@ -308,9 +315,10 @@ class Candidate:
 class _Timeline:
     """Accumulates one rank's critical path: compute, transfers and what they leave exposed."""
 
-    def __init__(self):
+    def __init__(self, overlap: float = 1.0):
         self.total = self.compute = self.comm = self.exposed = 0.0
         self.messages = 0
+        self.overlap_fraction = overlap
 
     def work(self, seconds: float) -> None:
         self.total += seconds
@@ -324,11 +332,13 @@ class _Timeline:
         self.messages += messages
 
     def overlap(self, work: float, transfer: float, messages: int = 0) -> None:
-        """Compute while a posted transfer flies; the step ends when both are done."""
-        self.total += max(work, transfer)
+        """Compute while a posted transfer flies; the step ends when both are done. Only
+        `overlap_fraction` of the shorter one hides (CPU collectives share the cores)."""
+        step = max(work, transfer) + (1.0 - self.overlap_fraction) * min(work, transfer)
+        self.total += step
         self.compute += work
         self.comm += transfer
-        self.exposed += max(0.0, transfer - work)
+        self.exposed += step - work
         self.messages += messages
 
 
@@ -410,7 +420,7 @@ def _ring_phase(line: _Timeline, prob: _Problem, topo: Topology, ring_layout, he
 def _cost_ring(prob: _Problem, topo: Topology, options: Dict, nbytes: Dict[str, int]) -> _Timeline:
     layout = prob.layout()
     level = topo.level(range(prob.world_size))
-    line = _Timeline()
+    line = _Timeline(topo.overlap)
     fwd = nbytes["forward"]
     _ring_phase(line, prob, topo, layout, prob.heads, fwd, 0.0, level, backward=False)
     if prob.training:
@@ -440,7 +450,7 @@ def _cost_head_parallel(prob: _Problem, topo: Topology, size: int) -> Tuple[_Tim
     ring_level = "intra" if all(topo.level([g[m] for g in groups]) == "intra" for m in range(size)) else "inter"
     ring_layout = GroupLayout(prob.layout(), groups, 0)
     heads = prob.heads // size
-    line = _Timeline()
+    line = _Timeline(topo.overlap)
     # the all-to-alls are exposed: q/k/v in and the output back (forward); dO in and dQ/dK/dV back
     line.wait(topo.transfer(a2a_level, "alltoall", size, a2a["forward"], calls=2), 2 * steps("alltoall", size))
     _ring_phase(line, prob, topo, ring_layout, heads, around["forward"], 0.0, ring_level, backward=False)
@@ -465,7 +475,7 @@ def _cost_allgather(prob: _Problem, topo: Topology, options: Dict, nbytes: Dict[
                       + calls * topo.kernel_overhead * chunks).max()) / chunks
     gather = topo.transfer(level, "allgather", world, nbytes["forward"] / chunks)
     msgs = steps("allgather", world)
-    line = _Timeline()
+    line = _Timeline(topo.overlap)
 
     def gathered_pass(work: float, scatter: float) -> None:
         line.wait(gather, msgs)  # the first chunk's gather: nothing to hide it behind
@@ -488,7 +498,7 @@ def _cost_token_ring(prob: _Problem, topo: Topology, options: Dict, nbytes: Dict
     visible = visible_elements(prob.layout(), prob.causal)
     per = prob.batch * prob.heads * prob.head_dim
     rows = torch.arange(world)
-    line = _Timeline()
+    line = _Timeline(topo.overlap)
     hops = max(1, world - 1)
 
     def one_pass(flops: float, rate: float, outgoing: float, returning: float) -> None:
@@ -611,6 +621,9 @@ def _evaluate(prob: _Problem, topo: Topology, strategy: str, options: Dict) -> C
     else:
         nbytes = _busiest_bytes(prob, strategy, options)
         line = _COSTS[strategy](prob, topo, options, nbytes)
+    # every call first agrees on its arguments: one 16-byte all-reduce, the same for all
+    line.wait(topo.transfer(topo.level(range(prob.world_size)), "allreduce", prob.world_size, 16.0),
+              steps("allreduce", prob.world_size))
     memory = _peak_memory(prob, strategy, options)
     reason = None
     if topo.memory_limit is not None and memory > topo.memory_limit:
@@ -935,14 +948,13 @@ def _fit(points: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
     return intercept, slope
 
 
-def _time_collective(fn, repeats: int, group, device) -> float:
-    """Seconds of `fn()`: the fastest of `repeats` on each rank (the least disturbed by
-    other work on the machine), then the slowest rank's, so identical everywhere."""
+def _timed(fn, repeats: int, group, device) -> float:
+    """Median seconds of `fn()` over `repeats` on this rank, every call started together
+    on all ranks (a barrier first), so the ranks contend for the machine as they will when
+    attention runs; one untimed call first (connections, buffers, caches)."""
     import torch.distributed as dist
 
-    from .comm import collectives
-
-    fn()  # warm-up: connections, buffers
+    fn()
     times = []
     for _ in range(repeats):
         dist.barrier(group=group)
@@ -953,20 +965,31 @@ def _time_collective(fn, repeats: int, group, device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    mine = torch.tensor([min(times)], dtype=torch.float64, device=device)
+    return statistics.median(times)
+
+
+def _slowest(values: Sequence[float], group, device) -> List[float]:
+    """Each value's maximum over the ranks (the same list on every rank)."""
+    from .comm import collectives
+
+    mine = torch.tensor(list(values), dtype=torch.float64, device=device)
     collectives.all_reduce_max(mine, group, op="calibrate")
-    return float(mine.item())
+    return [float(x) for x in mine.tolist()]
+
+
+def _exchange(x: torch.Tensor, buf: torch.Tensor, group, rank: int, world: int):
+    """Post the ring's neighbour exchange: `x` to rank+1, `buf` from rank-1."""
+    from .comm import p2p
+
+    return p2p.post([(x, (rank + 1) % world)], [(buf, (rank - 1) % world)], group, op="calibrate", record=False)
 
 
 def _measure_links(group, world: int, rank: int, device, sizes: Sequence[int], repeats: int) -> Dict[str, Tuple]:
-    """(latency per step, bandwidth) of each kind, fitted over message sizes."""
+    """(latency per step, bandwidth, points) of each kind, fitted over message sizes."""
     import torch.distributed as dist
 
-    from .comm import p2p
-
-    results = {}
+    timed, sent = [], []
     for kind in KINDS:
-        points = []
         for size in sizes:
             numel = max(world, size // 4 // world * world)  # divisible by the world for the collectives
             x = torch.ones(numel, dtype=torch.float32, device=device)
@@ -974,73 +997,98 @@ def _measure_links(group, world: int, rank: int, device, sizes: Sequence[int], r
                 buf = torch.empty_like(x)
 
                 def fn(x=x, buf=buf):
-                    p2p.post([(x, (rank + 1) % world)], [(buf, (rank - 1) % world)], group, op="calibrate",
-                             record=False).wait()
-                sent = x.numel() * 4
+                    _exchange(x, buf, group, rank, world).wait()
+                nbytes = x.numel() * 4
             elif kind == "alltoall":
                 out = torch.empty_like(x)
 
                 def fn(x=x, out=out):
                     dist.all_to_all_single(out, x, group=group)
-                sent = x.numel() * 4 * (world - 1) // world
+                nbytes = x.numel() * 4 * (world - 1) // world
             elif kind == "allgather":
                 piece = x[: numel // world].clone()
                 outs = [torch.empty_like(piece) for _ in range(world)]
 
                 def fn(piece=piece, outs=outs):
                     dist.all_gather(outs, piece, group=group)
-                sent = piece.numel() * 4 * (world - 1)
+                nbytes = piece.numel() * 4 * (world - 1)
             elif kind == "reduce_scatter":
                 parts = list(x.chunk(world))
                 out = torch.empty_like(parts[0])
 
                 def fn(parts=parts, out=out):
                     dist.reduce_scatter(out, parts, group=group)
-                sent = parts[0].numel() * 4 * (world - 1)
+                nbytes = parts[0].numel() * 4 * (world - 1)
             else:
                 def fn(x=x):
                     dist.all_reduce(x, group=group)
-                sent = 2 * (world - 1) * x.numel() * 4 // world
-            points.append((float(sent), _time_collective(fn, repeats, group, device)))
+                nbytes = 2 * (world - 1) * x.numel() * 4 // world
+            timed.append(_timed(fn, repeats, group, device))
+            sent.append(float(nbytes))
+    # the slowest rank's time of each call: every rank fits the same points
+    timed = _slowest(timed, group, device)
+    results, i = {}, 0
+    for kind in KINDS:
+        points = list(zip(sent[i:i + len(sizes)], timed[i:i + len(sizes)]))
+        i += len(sizes)
         intercept, slope = _fit(points)
         results[kind] = (intercept / steps(kind, world), 1.0 / slope, points)
     return results
 
 
-def _measure_kernel(device, dtype, backend: str, sizes: Sequence[int], heads: int, head_dim: int,
-                    repeats: int) -> Tuple[float, float, float]:
-    """(forward flop/s, backward flop/s, seconds per call) of the block kernel, fitted over
-    square unmasked blocks of `sizes` tokens."""
+def _kernel_calls(device, dtype, backend: str, n: int, heads: int, head_dim: int):
+    """(forward call, backward call, flops of each) of the block kernel on a square n-token block."""
     from .kernels import block
 
-    fwd_points, bwd_points = [], []
     gen = torch.Generator().manual_seed(0)
     scale = head_dim ** -0.5
+    q, k, v, do = (torch.randn(1, n, heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+                   for _ in range(4))
+    q, k, v, do = (block.to_kernel_layout(t, backend) for t in (q, k, v, do))
+    fwd, bwd = block.kernels(backend, q, k)
+    out, lse = fwd(q, k, v, scale, None)
+    out = out.to(dtype)
+    elements = float(n * n * heads * head_dim)
+    return (lambda: fwd(q, k, v, scale, None), lambda: bwd(do, q, k, v, out, lse, scale, None),
+            FORWARD_FLOPS * elements, BACKWARD_FLOPS * elements)
+
+
+def _measure_kernel(group, device, dtype, backend: str, sizes: Sequence[int], heads: int, head_dim: int,
+                    repeats: int) -> Tuple[float, float, float]:
+    """(forward flop/s, backward flop/s, seconds per call) of the block kernel, fitted over
+    square unmasked blocks of `sizes` tokens, all ranks computing at once."""
+    timed, flops = [], []
     for n in sizes:
-        q = torch.randn(1, n, heads, head_dim, generator=gen).to(device=device, dtype=dtype)
-        k = torch.randn(1, n, heads, head_dim, generator=gen).to(device=device, dtype=dtype)
-        v, do = torch.randn_like(k), torch.randn_like(q)
-        q, k, v, do = (block.to_kernel_layout(t, backend) for t in (q, k, v, do))
-        fwd, bwd = block.kernels(backend, q, k)
-        out, lse = fwd(q, k, v, scale, None)
-        out = out.to(dtype)
-        elements = float(n * n * heads * head_dim)
-        for points, call, flops in ((fwd_points, lambda: fwd(q, k, v, scale, None), FORWARD_FLOPS),
-                                    (bwd_points, lambda: bwd(do, q, k, v, out, lse, scale, None), BACKWARD_FLOPS)):
-            call()
-            times = []
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                call()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - start)
-            points.append((flops * elements, min(times)))
-    f_overhead, f_slope = _fit(fwd_points)
-    b_overhead, b_slope = _fit(bwd_points)
+        fwd, bwd, f_flops, b_flops = _kernel_calls(device, dtype, backend, n, heads, head_dim)
+        timed += [_timed(fwd, repeats, group, device), _timed(bwd, repeats, group, device)]
+        flops += [f_flops, b_flops]
+    timed = _slowest(timed, group, device)
+    f_overhead, f_slope = _fit(list(zip(flops[0::2], timed[0::2])))
+    b_overhead, b_slope = _fit(list(zip(flops[1::2], timed[1::2])))
     return 1.0 / f_slope, 1.0 / b_slope, min(f_overhead, b_overhead)
+
+
+def _measure_overlap(group, world: int, rank: int, device, dtype, backend: str, n: int, heads: int,
+                     bandwidth: float, repeats: int) -> float:
+    """The fraction of a neighbour exchange that hides behind a block computed meanwhile:
+    `(t_compute + t_exchange - t_both) / min(t_compute, t_exchange)`, the exchange sized to
+    take about as long as the block; the smallest over the ranks."""
+    fwd, _, _, _ = _kernel_calls(device, dtype, backend, n, heads, 64)
+    t_compute = _timed(fwd, repeats, group, device)
+    # the message size must be the same on every rank: size it from the slowest rank's block
+    numel = int(min(max(_slowest([t_compute], group, device)[0] * bandwidth, 1 << 16), 1 << 26)) // 4
+    x = torch.ones(numel, dtype=torch.float32, device=device)
+    buf = torch.empty_like(x)
+    t_exchange = _timed(lambda: _exchange(x, buf, group, rank, world).wait(), repeats, group, device)
+
+    def both():
+        pending = _exchange(x, buf, group, rank, world)
+        fwd()
+        pending.wait()
+
+    t_both = _timed(both, repeats, group, device)
+    mine = (t_compute + t_exchange - t_both) / max(1e-12, min(t_compute, t_exchange))
+    return -_slowest([-min(1.0, max(0.0, mine))], group, device)[0]
 
 
 def calibrate(group=None, *, dtype=None, backend: str = "auto", save: bool = True,
@@ -1049,10 +1097,12 @@ def calibrate(group=None, *, dtype=None, backend: str = "auto", save: bool = Tru
 
     Collective over `group` (default: the world). Times p2p neighbour exchange, all-to-all,
     all-gather, reduce-scatter and all-reduce at `message_sizes` (bytes), fits `latency per
-    step + bytes / bandwidth` per kind, and times the resolved block kernel's forward and
+    step + bytes / bandwidth` per kind, times the resolved block kernel's forward and
     backward on square blocks (`dtype`: default bfloat16 on CUDA, float32 on CPU) for its
-    flop rates and per-call overhead. Each time is the slowest rank's (a MAX all-reduce),
-    so every rank fits the same numbers and returns the same Topology. Ranks per node come
+    flop rates and per-call overhead, and how much of an exchange hides behind a block
+    computed meanwhile (`overlap`). Every timing starts on all ranks together (a barrier)
+    and is the median of `repeats`; each is then the slowest rank's (a MAX all-reduce), so
+    every rank fits the same numbers and returns the same Topology. Ranks per node come
     from the ranks' hostnames. On one node the measurements describe the intra-node links
     and the inter-node ones keep the device type's defaults; across nodes the measurements
     describe the inter-node links (the slowest link bounds each call) and the intra-node
@@ -1087,15 +1137,16 @@ def calibrate(group=None, *, dtype=None, backend: str = "auto", save: bool = Tru
         else:
             base = base.replace(inter_latency=p2p_lat, inter_bandwidth=p2p_bw)
     concrete = resolve_backend(backend, device, dtype, 64)
-    sizes = (512, 2048) if device.type == "cuda" else (128, 512)
+    # a tiny block pins the per-call overhead, two larger ones the flop rate
+    sizes = (64, 512, 2048) if device.type == "cuda" else (16, 128, 512)
     heads = 16 if device.type == "cuda" else 4
-    rates = torch.tensor(_measure_kernel(device, dtype, concrete, sizes, heads, 64, repeats), dtype=torch.float64,
-                         device=device)
-    # the slowest rank's rates (MAX of the negated rates) and the largest overhead: one answer
-    rates = torch.cat([-rates[:2], rates[2:]])
-    collectives.all_reduce_max(rates, group, op="calibrate")
-    fwd_rate, bwd_rate, overhead = -float(rates[0]), -float(rates[1]), float(rates[2])
-    topo = base.replace(compute_rate=fwd_rate, backward_rate=bwd_rate, kernel_overhead=overhead, measured=measured,
+    fwd_rate, bwd_rate, overhead = _measure_kernel(group, device, dtype, concrete, sizes, heads, 64, repeats)
+    overlap = base.overlap
+    if world > 1:
+        overlap = _measure_overlap(group, world, rank, device, dtype, concrete, sizes[-1], heads, base.intra_bandwidth
+                                   if len(per_host) == 1 else base.inter_bandwidth, repeats)
+    topo = base.replace(compute_rate=fwd_rate, backward_rate=bwd_rate, kernel_overhead=overhead, overlap=overlap,
+                        measured=measured,
                         source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')} on {world} rank(s), "
                                f"{dist.get_backend(group)}, {_device_name(device)}, {_dtype_name(dtype)}, "
                                f"{concrete} kernel")
