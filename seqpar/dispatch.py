@@ -54,7 +54,7 @@ import platform
 import socket
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -1159,13 +1159,14 @@ def calibrate(group=None, *, dtype=None, backend: str = "auto", save: bool = Tru
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(payload, indent=2))
         os.replace(tmp, path)  # ranks of one host write the same content; the last rename wins
-        _loaded[str(path)] = topo
+        _loaded[(dist.get_backend(group), world, str(device), dtype)] = topo
     return topo
 
 
 # -- what "auto" uses -------------------------------------------------------------------------
 
-_loaded: Dict[str, Optional[Topology]] = {}
+# (backend, world size, device, dtype) -> this host's cached calibration or None, read once
+_loaded: Dict[tuple, Optional[Topology]] = {}
 
 
 def auto_topology(group, device: torch.device, dtype: torch.dtype) -> Topology:
@@ -1179,11 +1180,11 @@ def auto_topology(group, device: torch.device, dtype: torch.dtype) -> Topology:
 
     _, world = group_rank_and_size(group)
     if dist.is_available() and dist.is_initialized():
-        path = str(cache_path(dist.get_backend(group), world, device, dtype))
-        if path not in _loaded:
-            _loaded[path] = load_calibration(Path(path))
-        if _loaded[path] is not None:
-            return _loaded[path]
+        key = (dist.get_backend(group), world, str(device), dtype)
+        if key not in _loaded:
+            _loaded[key] = load_calibration(cache_path(key[0], world, device, dtype))
+        if _loaded[key] is not None:
+            return _loaded[key]
     return default_topology(device.type if device.type in ("cpu", "cuda") else "cpu", dtype, world)
 
 
