@@ -4,7 +4,8 @@ For each world size P, a local gloo world (`cores / P` threads per rank) is cali
 (`seqpar.calibrate`, not saved), then for every grid point (N, H, H_kv) the plan on that
 topology lists the feasible strategies; each runs (forward + backward, or forward alone
 with `--inference`) interleaved round by round, timed as the slowest rank per round,
-median over rounds. A point counts as a win for "auto" when the measured time of the
+median over rounds (warm-up rounds run once per strategy and world: what they warm,
+connections and kernel checks, belongs to the process). A point counts as a win for "auto" when the measured time of the
 plan's choice is within `tolerance` (default 1.1x) of the fastest measured strategy.
 
 Output: a progress line on stderr, a table (predicted against measured per strategy,
@@ -51,6 +52,9 @@ class GridConfig:
 
 # -- work done on each rank -------------------------------------------------------------------
 
+# (strategy, options) this rank process has run: its warm-up rounds are not repeated
+_WARMED: set = set()
+
 
 def calibrate_on_rank(dtype: str, backend: str):
     import seqpar
@@ -75,8 +79,11 @@ def measure_on_rank(cfg: GridConfig, seq_len: int, heads: int, kv_heads: int, ca
     q, k, v = (t.requires_grad_(cfg.training) for t in (q, k, v))
     times: Dict[int, List[float]] = {i: [] for i in range(len(candidates))}
     rounds = cfg.warmup + cfg.repeats
+    keys = [(strategy, tuple(sorted(options.items()))) for strategy, options in candidates]
     for round_ in range(rounds):
         for i, (strategy, options) in enumerate(candidates):
+            if round_ < cfg.warmup and keys[i] in _WARMED:
+                continue  # first-call costs (connections, kernel checks) are per process, paid already
             if rank == 0:
                 print(f"\r  {label}: round {round_ + 1}/{rounds} ({'warm-up' if round_ < cfg.warmup else 'timed'}), "
                       f"{strategy}{options or ''}".ljust(110), end="", file=sys.stderr, flush=True)
@@ -94,6 +101,7 @@ def measure_on_rank(cfg: GridConfig, seq_len: int, heads: int, kv_heads: int, ca
             elapsed = time.perf_counter() - start
             if round_ >= cfg.warmup:
                 times[i].append(elapsed)
+    _WARMED.update(keys)
     return times
 
 

@@ -12,7 +12,7 @@ def test_grid_runs_every_feasible_strategy_and_reports(tmp_path):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = bench_main(["--grid", "--world-sizes", "2", "--seq-lens", "32", "64", "--heads", "2:2", "2:1",
-                           "--head-dim", "8", "--repeats", "1", "--warmup", "0", "--json", str(json_path),
+                           "--head-dim", "8", "--repeats", "1", "--warmup", "1", "--json", str(json_path),
                            "--png", str(png_path)])
     assert code == 0
     report = json.loads(json_path.read_text())
