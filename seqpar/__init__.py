@@ -7,6 +7,7 @@ from . import comm
 from ._version import __version__
 from .attention import attention
 from .generation import StarKVCache, star_generate
+from .dispatch import Plan, Topology, calibrate, plan, plan_linear
 from .layout import SeqLayout
 from .strategies.allgather import allgather_attention
 from .strategies.linear import linear_attention
@@ -20,4 +21,5 @@ from .nn import SequenceParallelAttention, scaled_dot_product_attention
 
 __all__ = ["SeqLayout", "attention", "ring_attention", "allgather_attention", "linear_attention", "token_ring_attention",
            "ulysses_attention", "usp_attention", "star_attention", "star_query_attention", "StarKVCache", "star_generate",
-           "comm", "__version__", "nn", "SequenceParallelAttention", "scaled_dot_product_attention"]
+           "comm", "__version__", "nn", "SequenceParallelAttention", "scaled_dot_product_attention",
+           "plan", "plan_linear", "calibrate", "Plan", "Topology"]

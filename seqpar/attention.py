@@ -3,6 +3,9 @@
 Every exact strategy enters through `run_strategy`, which validates the call locally,
 agrees on it across ranks (`comm.groups.agree`: bad input on any rank raises on every
 rank, nobody waits), resolves the backend and hands over to the strategy.
+`strategy="auto"` asks the planner (`seqpar.dispatch.choose`) for a registered strategy
+and its options; the choice is part of the agreed signature, so ranks that would choose
+differently (e.g. from different cached calibrations) raise instead of mismatching.
 """
 from __future__ import annotations
 
@@ -45,12 +48,23 @@ def registered_strategies():
     return tuple(_REGISTRY)
 
 
+def check_strategy(strategy: str, q, k, v, layout, options) -> None:
+    """Raise the ValueError `strategy` would raise for these tensors (meta tensors do),
+    layout and options; return None when it can serve them. The planner's feasibility."""
+    if strategy not in _REGISTRY:
+        raise ValueError(f"strategy: expected one of {registered_strategies()}, got {strategy!r}")
+    unknown = sorted(set(options) - _REGISTRY[strategy].options)
+    if unknown:
+        raise ValueError(
+            f"options: strategy {strategy!r} takes {sorted(_REGISTRY[strategy].options) or 'no options'}, got {unknown}"
+        )
+    if _REGISTRY[strategy].check is not None:
+        _REGISTRY[strategy].check(q, k, v, layout, options)
+
+
 def _resolve_strategy(strategy: str) -> str:
     if not isinstance(strategy, str):
         raise TypeError(f"strategy: expected a str, got {type(strategy).__name__}")
-    if strategy == "auto":
-        # the dispatcher (cost model) is not built yet: ring serves every configuration
-        return "ring"
     if strategy in _REGISTRY:
         return strategy
     raise ValueError(f"strategy: expected one of {registered_strategies() + ('auto',)}, got {strategy!r}")
@@ -121,7 +135,7 @@ def no_seq(t) -> tuple:
     return d
 
 
-def _signature(strategy, backend, causal, scale, layout, q, k, v, options):
+def _signature(strategy, backend, causal, scale, layout, q, k, v, options, chosen=None):
     # root causes first: the first field that differs is the one the error names
     return (
         ("q [batch, heads, head_dim], dtype, device", no_seq(q)),
@@ -130,6 +144,7 @@ def _signature(strategy, backend, causal, scale, layout, q, k, v, options):
         ("seq_len", getattr(layout, "seq_len", None)),
         ("scheme", getattr(layout, "scheme", None)),
         ("strategy", strategy),
+        ("strategy='auto' chose (from its topology: the cached calibration or the defaults)", chosen),
         ("backend", backend),
         ("causal", causal),
         ("softmax_scale", scale),
@@ -143,7 +158,7 @@ def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=
     # through the same agreement, so the wrapper's peers raise too instead of waiting here.
     group = layout.group if isinstance(layout, SeqLayout) else None
     error = None
-    name = concrete_backend = scale = None
+    name = concrete_backend = scale = chosen = None
     try:
         if _error is not None:
             raise _error
@@ -152,23 +167,39 @@ def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
         scale = _resolve_scale(softmax_scale, q.shape[-1])
-        name = _resolve_strategy(strategy)
-        unknown = sorted(set(options) - _REGISTRY[name].options)
-        if unknown:
-            raise ValueError(
-                f"options: strategy {name!r} takes {sorted(_REGISTRY[name].options) or 'no options'}, got {unknown}"
-            )
-        if _REGISTRY[name].check is not None:
-            _REGISTRY[name].check(q, k, v, layout, options)
+        if strategy == "auto":
+            name, run_options = _auto(q, k, v, layout, causal, options)
+            chosen = (name, tuple(sorted((key, describe(val)) for key, val in run_options.items())))
+        else:
+            name, run_options = _resolve_strategy(strategy), options
+        check_strategy(name, q, k, v, layout, run_options)
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         concrete_backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale)
     except (ValueError, TypeError) as exc:
         error = exc
     _, world = group_rank_and_size(group)
-    signature = _signature(strategy, backend, causal, scale, layout, q, k, v, options)
+    signature = _signature(strategy, backend, causal, scale, layout, q, k, v, options, chosen)
     agree(group, world, signature, error, what=f"seqpar.attention(strategy={strategy!r})")
-    return _REGISTRY[name].apply(q, k, v, layout, causal, scale, concrete_backend, options)
+    return _REGISTRY[name].apply(q, k, v, layout, causal, scale, concrete_backend, run_options)
+
+
+def _auto(q, k, v, layout, causal, options):
+    """(strategy, options) that `strategy="auto"` runs: the plan's choice (`seqpar.plan`)."""
+    if layout.world_size == 1:
+        # one rank: every strategy is the same local blocks; ring validates the options
+        return "ring", options
+    if options:
+        raise ValueError(
+            f"options: strategy='auto' chooses the strategy's options itself; name a strategy to set them, "
+            f"got {sorted(options)}"
+        )
+    from . import dispatch
+
+    # the backward costs as much again: plan for it when autograd will run one
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return dispatch.choose(layout, q.shape[0], q.shape[2], k.shape[2], q.shape[3], q.dtype, causal, training,
+                           q.device)
 
 
 def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, strategy="auto", backend="auto", **options):
@@ -179,8 +210,9 @@ def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, strateg
     rows of dense attention over the global sequence, `[B, S/P, H, D]`, input dtype.
     `causal`: query at global position i sees keys j <= i. `softmax_scale`: default
     `D ** -0.5`. `strategy`: "ring", "ulysses", "usp" (option `ulysses_size`), "allgather"
-    (option `kv_head_chunk`), "token_ring" (option `route`) or "auto" (ring until the
-    dispatcher exists); `backend`: "auto", "torch", "sdpa", "triton",
+    (option `kv_head_chunk`), "token_ring" (option `route`) or "auto" (the fastest feasible
+    one by `seqpar.plan` on this group's cached calibration, else default topology; options
+    are then chosen too, so none may be given); `backend`: "auto", "torch", "sdpa", "triton",
     "flash_attn" (per-block kernel). Differentiable in q, k, v.
     """
     return run_strategy(strategy, q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,

@@ -439,6 +439,11 @@ class _TorchrunRunner:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--grid" in argv:  # the cost model against measurement: its own options
+        from .benchmark_grid import main as grid_main
+
+        return grid_main([a for a in argv if a != "--grid"])
     parser = argparse.ArgumentParser(prog="python -m seqpar bench", description=__doc__.splitlines()[0])
     for field in dataclasses.fields(BenchConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -451,6 +456,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-peers", action="store_true", help="skip the PyTorch templated-ring row")
     parser.add_argument("--json", default="bench/out/latest.json", help="where to write the results (JSON)")
     parser.add_argument("--quick", action="store_true", help="small problems (N=2048 exact, 4096 linear) for a smoke run")
+    parser.add_argument("--grid", action="store_true",
+                        help="instead: every feasible strategy on a grid of (P, N, H, H_kv), predicted against "
+                             "measured, and how often strategy='auto' picks the fastest (see --grid --help)")
     parser.add_argument("--linear", choices=("on", "off", "only"), default="on",
                         help="the linear-attention rows (methods by P, on local worlds): on (after the exact "
                              "strategies), off, or only")

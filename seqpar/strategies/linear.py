@@ -80,9 +80,10 @@ def default_scan_pieces(world: int, nbytes: int) -> int:
 
 
 def choose_method(world: int, nbytes: int) -> str:
-    """`method="auto"`: the all-gather while the states it gathers are small enough to hide
-    behind the intra-chunk work (no chain at all), else the All-Scan (flat in P). Ring
-    (LASP-1) is never faster than the All-Scan: it exists for comparison."""
+    """A rule of thumb without a topology: the all-gather while the states it gathers are
+    small enough to hide behind the intra-chunk work (no chain at all), else the All-Scan
+    (flat in P). Ring (LASP-1) is never faster than the All-Scan: it exists for comparison.
+    `method="auto"` uses `seqpar.plan_linear` (the cost model on this group's topology)."""
     if (world - 1) * nbytes <= _ALLGATHER_LIMIT_BYTES:
         return "allgather"
     return "allscan"
@@ -360,7 +361,7 @@ def _check(q, k, v, decay, layout, scale, method, options):
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
 
 
-def _signature(q, k, v, decay, layout, scale, method, backend, options):
+def _signature(q, k, v, decay, layout, scale, method, backend, options, chosen=None):
     def no_seq(t, dim=1):
         d = describe(t)
         if d[0] == "tensor" and len(d[1]) > dim:
@@ -375,6 +376,8 @@ def _signature(q, k, v, decay, layout, scale, method, backend, options):
         ("seq_len", getattr(layout, "seq_len", None)),
         ("scheme", getattr(layout, "scheme", None)),
         ("method", method),
+        ("method='auto' chose (method, scan_pieces; from its topology: the cached calibration or the defaults)",
+         chosen),
         ("backend", backend),
         ("scale", scale),
         ("options", tuple(sorted((key, describe(val)) for key, val in options.items()))),
@@ -393,7 +396,8 @@ def linear_attention(q, k, v, *, layout=None, decay=None, scale=None, method="au
       (per token, this rank's tokens). Differentiable.
     - `scale`: default `Dk ** -0.5`.
     - `method`: "ring" (LASP-1), "allgather" (LASP-2), "allscan" (ZeCO All-Scan) or
-      "auto" (`choose_method`). `backend`: "torch", "triton" or "auto".
+      "auto" (`seqpar.plan_linear` on this group's cached calibration, else default topology;
+      it also sets `scan_pieces` unless given). `backend`: "torch", "triton" or "auto".
     - options: `chunk_size` (tokens per chunk of the kernel, default 64), `scan_pieces`
       (allscan: pieces the state is pipelined in; default `default_scan_pieces`).
 
@@ -403,23 +407,35 @@ def linear_attention(q, k, v, *, layout=None, decay=None, scale=None, method="au
     from ..attention import _layout_for
 
     group = layout.group if isinstance(layout, SeqLayout) else None
-    error, concrete = None, None
+    error, concrete, auto_choice = None, None, None
+    _, world = group_rank_and_size(group)
+    chunk_size = options.get("chunk_size") or linear_kernels.DEFAULT_CHUNK
     try:
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
         layout = _layout_for(layout, q, group)
         _check(q, k, v, decay, layout, scale, method, options)
         concrete = _resolve_backend(backend, q)
+        nbytes = state_bytes(q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.dtype)
+        chosen = method
+        pieces = options.get("scan_pieces") or default_scan_pieces(world, nbytes)
+        if method == "auto" and world > 1:
+            from ..dispatch import choose_linear
+
+            # part of the agreed signature: ranks that would choose differently raise
+            training = torch.is_grad_enabled() and any(
+                isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, decay))
+            chosen, planned = choose_linear(layout, q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.dtype,
+                                            decay is not None, training, chunk_size, q.device)
+            pieces = options.get("scan_pieces") or planned
+            auto_choice = (chosen, pieces)
+        elif method == "auto":
+            chosen = choose_method(world, nbytes)  # one rank: nothing crosses ranks
     except (ValueError, TypeError) as exc:
         error = exc
-    _, world = group_rank_and_size(group)
-    agree(group, world, _signature(q, k, v, decay, layout, scale, method, backend, options), error,
+    agree(group, world, _signature(q, k, v, decay, layout, scale, method, backend, options, auto_choice), error,
           what="seqpar.linear_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    nbytes = state_bytes(q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.dtype)
-    chosen = choose_method(world, nbytes) if method == "auto" else method
-    pieces = options.get("scan_pieces") or default_scan_pieces(world, nbytes)
-    chunk_size = options.get("chunk_size") or linear_kernels.DEFAULT_CHUNK
     g = None
     if decay is not None:
         g = decay.to(torch.float64 if q.dtype == torch.float64 else torch.float32)

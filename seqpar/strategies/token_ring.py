@@ -33,6 +33,7 @@ ring's traffic, so ring wins. `analytic_bytes` gives exact numbers for a layout.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -284,7 +285,11 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
     """Bytes this rank sends, per pass and direction ("forward"/"backward" are the totals;
     "*_outgoing" is the queries' direction, "*_returning" the results' direction)."""
     rank, world = layout.rank, layout.world_size
-    plan = _Plan(layout, causal, route)
+    if isinstance(layout, SeqLayout):
+        # the rows depend on the layout's geometry only: every rank's call shares one plan
+        plan = _geometry_plan(layout.seq_len, world, layout.scheme, causal, route)
+    else:
+        plan = _Plan(layout, causal, route)
     a = 8 if element_size == 8 else 4
     row = batch * heads * head_dim
     if route == "direct":
@@ -303,6 +308,11 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
         "forward": out_rows * row * element_size + back_rows * (row * element_size + heads_rows * a),
         "backward": out_rows * (3 * row * element_size + heads_rows * a) + back_rows * row * a,
     }
+
+
+@lru_cache(maxsize=16)
+def _geometry_plan(seq_len: int, world: int, scheme: str, causal: bool, route: str) -> _Plan:
+    return _Plan(SeqLayout.simulated(seq_len, world, 0, scheme), causal, route)
 
 
 def _check(q, k, v, layout, options):

@@ -1,0 +1,275 @@
+"""`python -m seqpar bench --grid`: the cost model against measurement, and how often "auto" wins.
+
+For each world size P, a local gloo world (`cores / P` threads per rank) is calibrated
+(`seqpar.calibrate`, not saved), then for every grid point (N, H, H_kv) the plan on that
+topology lists the feasible strategies; each runs (forward + backward, or forward alone
+with `--inference`) interleaved round by round, timed as the slowest rank per round,
+median over rounds (warm-up rounds run once per strategy and world: what they warm,
+connections and kernel checks, belongs to the process). A point counts as a win for "auto" when the measured time of the
+plan's choice is within `tolerance` (default 1.1x) of the fastest measured strategy.
+
+Output: a progress line on stderr, a table (predicted against measured per strategy,
+per point), the fraction of points "auto" won, JSON, and a PNG of time against sequence
+length per strategy (measured solid, predicted dashed) when matplotlib is installed
+(`pip install seqpar[bench]`); without it the PNG is skipped and the report says so.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class GridConfig:
+    world_sizes: Tuple[int, ...] = (2, 4)
+    seq_lens: Tuple[int, ...] = (4096, 16384)
+    head_pairs: Tuple[Tuple[int, int], ...] = ((8, 8), (8, 2))  # (H, H_kv)
+    head_dim: int = 64
+    batch: int = 1
+    dtype: str = "float32"
+    causal: bool = True
+    scheme: str = "zigzag"
+    training: bool = True
+    backend: str = "auto"
+    repeats: int = 2
+    warmup: int = 1
+    tolerance: float = 1.1
+    seed: int = 0
+
+
+# -- work done on each rank -------------------------------------------------------------------
+
+# (strategy, options) this rank process has run: its warm-up rounds are not repeated
+_WARMED: set = set()
+
+
+def calibrate_on_rank(dtype: str, backend: str):
+    import seqpar
+
+    return seqpar.calibrate(dtype=dtype, backend=backend, save=False)
+
+
+def measure_on_rank(cfg: GridConfig, seq_len: int, heads: int, kv_heads: int, candidates: List[Tuple[str, Dict]],
+                    label: str) -> Dict[int, List[float]]:
+    """Seconds of each candidate per timed round on this rank (rounds interleave candidates)."""
+    import torch.distributed as dist
+
+    import seqpar
+
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dtype = DTYPES[cfg.dtype]
+    layout = seqpar.SeqLayout(seq_len, scheme=cfg.scheme)
+    shapes = ((cfg.batch, seq_len, heads, cfg.head_dim), (cfg.batch, seq_len, kv_heads, cfg.head_dim))
+    q, k, v, do = (layout.shard(torch.randn(shapes[i in (1, 2)], generator=gen)).to(dtype).contiguous()
+                   for i in range(4))
+    q, k, v = (t.requires_grad_(cfg.training) for t in (q, k, v))
+    times: Dict[int, List[float]] = {i: [] for i in range(len(candidates))}
+    rounds = cfg.warmup + cfg.repeats
+    keys = [(strategy, tuple(sorted(options.items()))) for strategy, options in candidates]
+    for round_ in range(rounds):
+        for i, (strategy, options) in enumerate(candidates):
+            if round_ < cfg.warmup and keys[i] in _WARMED:
+                continue  # first-call costs (connections, kernel checks) are per process, paid already
+            if rank == 0:
+                print(f"\r  {label}: round {round_ + 1}/{rounds} ({'warm-up' if round_ < cfg.warmup else 'timed'}), "
+                      f"{strategy}{options or ''}".ljust(110), end="", file=sys.stderr, flush=True)
+            q.grad = k.grad = v.grad = None
+            dist.barrier()
+            start = time.perf_counter()
+            if cfg.training:
+                out = seqpar.attention(q, k, v, layout=layout, causal=cfg.causal, strategy=strategy,
+                                       backend=cfg.backend, **options)
+                out.backward(do)
+            else:
+                with torch.no_grad():
+                    seqpar.attention(q, k, v, layout=layout, causal=cfg.causal, strategy=strategy,
+                                     backend=cfg.backend, **options)
+            elapsed = time.perf_counter() - start
+            if round_ >= cfg.warmup:
+                times[i].append(elapsed)
+    _WARMED.update(keys)
+    return times
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+def run(cfg: GridConfig, json_path: Optional[str] = None, png_path: Optional[str] = None) -> Dict:
+    import seqpar
+    from .benchmark import machine_description
+    from .testing import LocalWorld
+
+    cores = os.cpu_count() or 1
+    points = [(p, n, h, hkv) for p in cfg.world_sizes for n in cfg.seq_lens for h, hkv in cfg.head_pairs]
+    rows, summaries, topologies = [], [], {}
+    done = 0
+    for world_size in cfg.world_sizes:
+        world = LocalWorld(world_size, threads_per_rank=max(1, cores // world_size))
+        try:
+            print(f"seqpar bench --grid: calibrating a local world of {world_size} ranks", file=sys.stderr,
+                  flush=True)
+            topo = world.run(calibrate_on_rank, cfg.dtype, cfg.backend, timeout=600)[0]
+            topologies[world_size] = topo.to_dict()
+            for _, seq_len, heads, kv_heads in [pt for pt in points if pt[0] == world_size]:
+                done += 1
+                label = f"[{done}/{len(points)}] P={world_size} N={seq_len} H={heads} H_kv={kv_heads}"
+                plan = seqpar.plan(seq_len, world_size=world_size, heads=heads, kv_heads=kv_heads,
+                                   head_dim=cfg.head_dim, dtype=cfg.dtype, causal=cfg.causal,
+                                   training=cfg.training, batch=cfg.batch, scheme=cfg.scheme, topology=topo)
+                candidates = list(plan.feasible)
+                per_rank = world.run(measure_on_rank, cfg, seq_len, heads, kv_heads,
+                                     [(c.strategy, c.kwargs) for c in candidates], label, timeout=4 * 3600)
+                measured = {}
+                for i, c in enumerate(candidates):
+                    slowest = [max(ts) for ts in zip(*(r[i] for r in per_rank))]
+                    measured[c.label] = statistics.median(slowest)
+                    rows.append({"world_size": world_size, "seq_len": seq_len, "heads": heads, "kv_heads": kv_heads,
+                                 "candidate": c.label, "strategy": c.strategy, "options": c.kwargs,
+                                 "predicted_s": c.time_s, "measured_s": measured[c.label],
+                                 "times_s": slowest, "auto": c is plan.choice})
+                best = min(measured, key=measured.get)
+                ratio = measured[plan.choice.label] / measured[best]
+                summaries.append({"world_size": world_size, "seq_len": seq_len, "heads": heads,
+                                  "kv_heads": kv_heads, "auto": plan.choice.label, "best": best,
+                                  "auto_vs_best": ratio, "auto_ok": ratio <= cfg.tolerance,
+                                  "predicted_best": plan.choice.label == best})
+                # ends rank 0's live line (its own stderr) with this point's outcome
+                print(f"\r  {label}: auto {plan.choice.label}, fastest {best} (auto / fastest {ratio:.2f})".ljust(110),
+                      file=sys.stderr, flush=True)
+        finally:
+            world.close()
+    wins = sum(s["auto_ok"] for s in summaries)
+    logs = [abs(math.log(r["measured_s"] / r["predicted_s"])) for r in rows if r["predicted_s"] > 0]
+    report = {
+        "config": dataclasses.asdict(cfg), "machine": machine_description(), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "topologies": topologies, "rows": rows, "points": summaries,
+        "auto_win_fraction": wins / len(summaries) if summaries else 0.0,
+        "median_abs_log_error": statistics.median(logs) if logs else None,
+    }
+    report["png"], report["png_note"] = _plot(report, png_path) if png_path else (None, "no PNG path given")
+    print(format_table(report))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2))
+        print(f"results written to {json_path}", file=sys.stderr)
+    return report
+
+
+def format_table(report: Dict) -> str:
+    cfg = report["config"]
+    lines = [
+        f"seqpar bench --grid on {report['machine']} (torch {report['torch']}): D={cfg['head_dim']}, "
+        f"B={cfg['batch']}, {cfg['dtype']}, causal={cfg['causal']}, scheme={cfg['scheme']}, "
+        f"{'forward + backward' if cfg['training'] else 'forward'}; median of {cfg['repeats']} rounds "
+        f"(slowest rank), {report['date']}",
+        "",
+        "| P | N | H | H_kv | strategy | predicted s | measured s | measured / predicted | |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    best = {(s["world_size"], s["seq_len"], s["heads"], s["kv_heads"]): s["best"] for s in report["points"]}
+    for r in report["rows"]:
+        key = (r["world_size"], r["seq_len"], r["heads"], r["kv_heads"])
+        marks = " ".join(m for m, on in (("auto", r["auto"]), ("fastest", best[key] == r["candidate"])) if on)
+        lines.append(f"| {r['world_size']} | {r['seq_len']} | {r['heads']} | {r['kv_heads']} | {r['candidate']} | "
+                     f"{r['predicted_s']:.4f} | {r['measured_s']:.4f} | {r['measured_s'] / r['predicted_s']:.2f} | "
+                     f"{marks} |")
+    wins = sum(s["auto_ok"] for s in report["points"])
+    lines += ["", "| P | N | H | H_kv | auto | fastest measured | auto / fastest | within tolerance |",
+              "|---|---|---|---|---|---|---|---|"]
+    for s in report["points"]:
+        lines.append(f"| {s['world_size']} | {s['seq_len']} | {s['heads']} | {s['kv_heads']} | {s['auto']} | "
+                     f"{s['best']} | {s['auto_vs_best']:.3f} | {'yes' if s['auto_ok'] else 'NO'} |")
+    lines += ["", f"auto within {cfg['tolerance']}x of the fastest measured strategy at {wins} of "
+                  f"{len(report['points'])} points ({100 * report['auto_win_fraction']:.0f}%); median "
+                  f"|log(measured / predicted)| = {report['median_abs_log_error']:.2f}" if report["points"] else
+              "no grid points"]
+    lines.append(f"plot: {report['png'] or 'skipped'} ({report['png_note']})")
+    return "\n".join(lines)
+
+
+def _plot(report: Dict, png_path: str) -> Tuple[Optional[str], str]:
+    """Time against sequence length per strategy, one panel per (P, H, H_kv)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        message = "matplotlib is not installed (pip install seqpar[bench]); PNG skipped"
+        print(message, file=sys.stderr)
+        return None, message
+    panels = sorted({(r["world_size"], r["heads"], r["kv_heads"]) for r in report["rows"]})
+    cols = min(2, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.5 * cols, 4.2 * rows_n), squeeze=False)
+    for ax, (p, h, hkv) in zip(axes.flat, panels):
+        mine = [r for r in report["rows"] if (r["world_size"], r["heads"], r["kv_heads"]) == (p, h, hkv)]
+        for i, name in enumerate(sorted({r["candidate"] for r in mine})):
+            pts = sorted((r["seq_len"], r["measured_s"], r["predicted_s"]) for r in mine if r["candidate"] == name)
+            color = f"C{i % 10}"
+            ax.plot([x[0] for x in pts], [x[1] for x in pts], "o-", color=color, label=f"{name} measured")
+            ax.plot([x[0] for x in pts], [x[2] for x in pts], "--", color=color, alpha=0.7)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("seconds (dashed: predicted)")
+        ax.set_title(f"P={p}, H={h}, H_kv={hkv}")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path, "measured solid, predicted dashed"
+
+
+def _pairs(text: str) -> Tuple[int, int]:
+    try:
+        h, hkv = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H:H_kv such as 8:2, got {text!r}") from None
+    return h, hkv
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m seqpar bench --grid", description=__doc__.splitlines()[0])
+    defaults = GridConfig()
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=list(defaults.world_sizes))
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=list(defaults.seq_lens))
+    parser.add_argument("--heads", type=_pairs, nargs="+", default=list(defaults.head_pairs), metavar="H:H_KV")
+    parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
+    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--dtype", choices=list(DTYPES), default=defaults.dtype)
+    parser.add_argument("--scheme", choices=("contiguous", "zigzag", "stripe"), default=defaults.scheme)
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=defaults.causal)
+    parser.add_argument("--training", action=argparse.BooleanOptionalAction, default=defaults.training,
+                        help="time forward + backward (default) or, with --no-training, the forward")
+    parser.add_argument("--backend", default=defaults.backend)
+    parser.add_argument("--repeats", type=int, default=defaults.repeats)
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--tolerance", type=float, default=defaults.tolerance)
+    parser.add_argument("--json", default="bench/out/grid.json")
+    parser.add_argument("--png", default="bench/out/grid.png")
+    parser.add_argument("--quick", action="store_true", help="a small grid for a smoke run (N 1024 and 2048)")
+    args = parser.parse_args(argv)
+    cfg = GridConfig(world_sizes=tuple(args.world_sizes), seq_lens=(1024, 2048) if args.quick else tuple(args.seq_lens),
+                     head_pairs=tuple(args.heads), head_dim=args.head_dim, batch=args.batch, dtype=args.dtype,
+                     causal=args.causal, scheme=args.scheme, training=args.training, backend=args.backend,
+                     repeats=args.repeats, warmup=args.warmup, tolerance=args.tolerance)
+    run(cfg, json_path=args.json or None, png_path=args.png or None)
+    return 0

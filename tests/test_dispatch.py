@@ -1,0 +1,357 @@
+"""The planner, calibration, strategy="auto" / method="auto" and `python -m seqpar plan`."""
+import contextlib
+import io
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import seqpar
+from seqpar import dispatch
+from seqpar.__main__ import main as cli_main
+from seqpar.attention import analytic_bytes, check_strategy
+from seqpar.dispatch import Topology, default_topology, visible_elements
+from seqpar.layout import SCHEMES, GroupLayout, SeqLayout, visible_blocks
+from seqpar.strategies import linear as linear_strategy
+from seqpar.strategies import ulysses
+from seqpar.testing import AttentionProblem, LinearProblem, assert_matches_dense, check_attention, world
+from seqpar.testing.checks import check_linear_attention
+
+
+def _flat(**changes) -> Topology:
+    """A one-node topology with every link alike (tests change what they study)."""
+    base = dict(ranks_per_node=64, intra_bandwidth=1e10, intra_latency=1e-5, inter_bandwidth=1e10,
+                inter_latency=1e-5, compute_rate=1e12, backward_rate=1e12, kernel_overhead=0.0, source="test")
+    base.update(changes)
+    return Topology(**base)
+
+
+# -- exact counts ------------------------------------------------------------------------------
+
+
+def _count_blocks(layout, q_rank, k_rank, causal):
+    total = 0
+    for blk in visible_blocks(layout, q_rank, k_rank, causal):
+        if blk.offset is None:
+            total += blk.q_len * blk.k_len
+        else:
+            total += sum(min(max(i + blk.offset + 1, 0), blk.k_len) for i in range(blk.q_len))
+    return total
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("world_size, seq_len", [(1, 5), (2, 7), (3, 3), (3, 29), (4, 37), (5, 64)])
+def test_visible_elements_equal_visible_blocks(scheme, world_size, seq_len):
+    for causal in (True, False):
+        layout = SeqLayout.simulated(seq_len, world_size, 0, scheme)
+        got = visible_elements(layout, causal)
+        want = [[_count_blocks(layout, i, j, causal) for j in range(world_size)] for i in range(world_size)]
+        assert got.tolist() == want
+        # USP's outer ring over groups of two ranks sees the same pairs
+        if world_size % 2 == 0 and world_size > 2:
+            groups = [[2 * g, 2 * g + 1] for g in range(world_size // 2)]
+            ring = GroupLayout(layout, groups, 0)
+            want = [[_count_blocks(ring, i, j, causal) for j in range(ring.world_size)]
+                    for i in range(ring.world_size)]
+            assert visible_elements(ring, causal).tolist() == want
+
+
+def test_causal_work_depends_on_the_scheme():
+    """Contiguous causal: the last rank's queries see every key before them, rank 0's only
+    its own; zigzag splits the triangle evenly; the planner's ring compute follows."""
+    contiguous = visible_elements(SeqLayout.simulated(64, 4, 0, "contiguous"), True).sum(1)
+    zigzag = visible_elements(SeqLayout.simulated(64, 4, 0, "zigzag"), True).sum(1)
+    assert contiguous.tolist() == [136, 392, 648, 904]
+    assert len(set(zigzag.tolist())) == 1 and zigzag.sum() == contiguous.sum() == 64 * 65 // 2
+    kwargs = dict(world_size=4, heads=8, head_dim=64, dtype="float32", topology=_flat(compute_rate=1e9))
+    ring_c = seqpar.plan(4096, scheme="contiguous", **kwargs).candidate("ring")
+    ring_z = seqpar.plan(4096, scheme="zigzag", **kwargs).candidate("ring")
+    assert ring_c.compute_s > 1.5 * ring_z.compute_s
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+
+def test_infeasible_candidates_carry_the_strategies_own_reasons():
+    result = seqpar.plan(4096, world_size=4, heads=6, kv_heads=6, head_dim=64, topology=_flat())
+    uly = result.candidate("ulysses")
+    assert not uly.feasible
+    assert uly.reason == ulysses.head_constraint(6, 6, 4, "ulysses")
+    assert "query heads (6) must be divisible by the Ulysses size (4)" in uly.reason
+    assert result.strategy != "ulysses"
+    assert "ulysses: query heads (6)" in str(result)
+    # each feasible candidate is one the strategy itself accepts
+    layout = SeqLayout.simulated(4096, 4, 0, "contiguous")
+    q = torch.empty(1, 1024, 6, 64, device="meta")
+    for c in result.feasible:
+        check_strategy(c.strategy, q, q, q, layout, c.kwargs)
+    assert {c.strategy for c in result.feasible} >= {"ring", "usp", "allgather", "token_ring"}
+
+
+def test_kv_heads_that_no_split_allows():
+    result = seqpar.plan(4096, world_size=4, heads=12, kv_heads=3, head_dim=64, topology=_flat())
+    reasons = {c.label: c.reason for c in result.infeasible}
+    assert "KV heads (3) must divide or be divisible by the Ulysses size (4)" in reasons["ulysses"]
+    assert "usp(ulysses_size=2)" in reasons
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("world_size, seq_len, heads, kv_heads, causal, training, dtype", [
+    (4, 1000, 8, 2, True, True, "bfloat16"),
+    (3, 101, 6, 3, False, True, "float32"),
+    (4, 37, 4, 4, True, False, "float64"),
+    (6, 600, 12, 6, True, True, "float16"),
+])
+def test_predicted_bytes_are_the_analytic_volumes(scheme, world_size, seq_len, heads, kv_heads, causal, training,
+                                                  dtype):
+    result = seqpar.plan(seq_len, world_size=world_size, heads=heads, kv_heads=kv_heads, head_dim=16, dtype=dtype,
+                         causal=causal, training=training, batch=2, scheme=scheme, topology=_flat())
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    assert result.feasible
+    for c in result.feasible:
+        per_rank = [analytic_bytes(c.strategy, SeqLayout.simulated(seq_len, world_size, r, scheme), 2, heads,
+                                   kv_heads, 16, size, causal=causal, **c.kwargs) for r in range(world_size)]
+        assert c.bytes_forward == max(b["forward"] for b in per_rank), c.label
+        assert c.bytes_backward == (max(b["backward"] for b in per_rank) if training else 0), c.label
+        assert c.time_s == pytest.approx(c.compute_s + c.exposed_s)
+        assert c.exposed_s <= c.comm_s + 1e-12 and c.peak_memory > 0
+
+
+def test_slow_inter_node_links_and_many_heads_choose_usp_within_a_node():
+    topo = default_topology("cuda", "bfloat16", 16, ranks_per_node=8).replace(inter_bandwidth=1e9)
+    result = seqpar.plan(131072, world_size=16, heads=32, kv_heads=8, head_dim=128, scheme="zigzag", topology=topo)
+    assert (result.strategy, result.options) == ("usp", {"ulysses_size": 8})
+    # its all-to-alls stay in the node and its ring crosses the slow links with 1/8 of the KV heads;
+    # Ulysses' all-to-all and ring's K/V both cross them
+    usp = result.choice.time_s
+    assert result.candidate("ulysses").time_s > 2 * usp and result.candidate("ring").time_s > 2 * usp
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("world_size, heads", [(8, 8), (4, 6), (6, 4)])
+def test_tiny_problem_huge_latency_chooses_the_fewest_messages(training, world_size, heads):
+    topo = _flat(intra_latency=1.0, inter_latency=1.0)
+    result = seqpar.plan(64 * world_size, world_size=world_size, heads=heads, head_dim=8, dtype="float32",
+                         training=training, topology=topo)
+    fewest = min(c.messages for c in result.feasible)
+    assert result.choice.messages == fewest
+    assert result.choice.time_s == pytest.approx(fewest, rel=1e-3)
+
+
+def test_memory_limit_makes_candidates_infeasible():
+    unlimited = seqpar.plan(65536, world_size=8, heads=32, kv_heads=8, head_dim=128, topology=_flat())
+    smallest = min(c.peak_memory for c in unlimited.feasible)
+    limit = (smallest + sorted(c.peak_memory for c in unlimited.feasible)[1]) / 2
+    limited = seqpar.plan(65536, world_size=8, heads=32, kv_heads=8, head_dim=128,
+                          topology=_flat(memory_limit=limit))
+    assert len(limited.feasible) >= 1 and all(c.peak_memory <= limit for c in limited.feasible)
+    assert any(c.reason.startswith("memory: needs about") for c in limited.infeasible)
+    with pytest.raises(ValueError, match="topology: no strategy can serve this problem"):
+        seqpar.plan(65536, world_size=8, heads=32, kv_heads=8, head_dim=128,
+                    topology=_flat(memory_limit=smallest / 2))
+
+
+def test_gathering_everything_costs_memory():
+    result = seqpar.plan(262144, world_size=8, heads=32, kv_heads=8, head_dim=128, topology=_flat())
+    whole = result.candidate("allgather").peak_memory
+    chunked = result.candidate("allgather", kv_head_chunk=1).peak_memory
+    assert chunked < whole and result.candidate("ring").peak_memory < whole
+
+
+def test_plan_is_deterministic():
+    kwargs = dict(world_size=8, heads=16, kv_heads=4, head_dim=64, scheme="stripe", topology=_flat())
+    first = seqpar.plan(8192, **kwargs)
+    dispatch._plan.cache_clear()
+    again = seqpar.plan(8192, **kwargs)
+    assert first is not again and first == again and str(first) == str(again)
+
+
+@pytest.mark.parametrize("change, err, match", [
+    (dict(kv_heads=3), ValueError, "kv_heads: expected a divisor of heads=8, got 3"),
+    (dict(seq_len=3), ValueError, "seq_len: expected at least world_size=4"),
+    (dict(world_size=0), ValueError, "world_size: expected a positive int, got 0"),
+    (dict(scheme="spiral"), ValueError, "scheme: expected one of"),
+    (dict(dtype="int8"), ValueError, "dtype: expected one of"),
+    (dict(causal="yes"), TypeError, "causal: expected a bool"),
+    (dict(topology="fast"), TypeError, "topology: expected a seqpar.dispatch.Topology"),
+])
+def test_plan_bad_input(change, err, match):
+    kwargs = dict(seq_len=64, world_size=4, heads=8)
+    kwargs.update(change)
+    with pytest.raises(err, match=match):
+        seqpar.plan(kwargs.pop("seq_len"), **kwargs)
+
+
+def test_topology_bad_input_and_json_round_trip():
+    with pytest.raises(ValueError, match="intra_bandwidth: expected a positive finite number, got 0"):
+        _flat(intra_bandwidth=0)
+    with pytest.raises(ValueError, match="measured: expected"):
+        _flat(measured=(("intra", "teleport", 1.0, 1.0),))
+    topo = _flat(measured=(("intra", "alltoall", 2e-5, 5e9),))
+    assert Topology.from_dict(json.loads(json.dumps(topo.to_dict()))) == topo
+    assert topo.link("intra", "alltoall") == (2e-5, 5e9) and topo.link("intra", "p2p") == (1e-5, 1e10)
+    with pytest.raises(ValueError, match=r"topology: unknown fields \['speed'\]"):
+        Topology.from_dict({"speed": 1})
+
+
+def test_plan_linear_choices():
+    small = dispatch.plan_linear(65536, world_size=4, heads=4, key_dim=64, topology=_flat())
+    assert small.method == "allgather"
+    # a big state over many ranks of slow links: the pipelined scan, in several pieces
+    slow = _flat(intra_bandwidth=1e9, compute_rate=1e15, backward_rate=1e15)
+    big = dispatch.plan_linear(65536, world_size=64, heads=32, key_dim=256, topology=slow)
+    assert big.method == "allscan" and big.scan_pieces > 1
+    assert dispatch.best_scan_pieces(slow, 2, 1 << 20) == 1
+    assert [c.method for c in big.candidates][-1] == "ring"  # never faster than the scan
+    s = linear_strategy.state_bytes(1, 32, 256, 256)
+    assert {c.method: c.bytes_forward for c in big.candidates} == {"allgather": 63 * (s + 4 * 32), "allscan": s,
+                                                                    "ring": s}
+    assert "allscan" in str(big)
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_cli_plan_prints_the_table():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli_main(["plan", "--seq-len", "65536", "--world-size", "16", "--heads", "6", "--kv-heads", "2",
+                         "--ranks-per-node", "8", "--device", "cuda", "--inter-bandwidth", "2", "--no-training"])
+    text = out.getvalue()
+    assert code == 0
+    assert "| * |" in text and "predicted ms" in text and "chosen:" in text
+    assert "inference (fwd)" in text and "inter 2 GB/s" in text
+    assert "ulysses: query heads (6) must be divisible by the Ulysses size (16)" in text
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        cli_main(["plan", "--seq-len", "8", "--world-size", "16"])
+    assert exc.value.code == 2 and "seq_len: expected at least world_size=16" in err.getvalue()
+
+
+# -- on real worlds: auto, mismatches, calibration --------------------------------------------
+
+
+def _auto_with(problem, topo, linear=False):
+    """check_attention with strategy="auto" while this rank plans on `topo` (None: as
+    configured); returns the report and the strategies whose traffic was seen."""
+    original = dispatch.auto_topology
+    if topo is not None:
+        dispatch.auto_topology = lambda group, device, dtype: topo
+    try:
+        with seqpar.comm.track() as stats:
+            if linear:
+                report = check_linear_attention(problem, method="auto")
+            else:
+                report = check_attention(problem)  # seqpar.attention, strategy="auto"
+        return report, sorted({op.split(".")[0] for op in stats.ops} - {"check", "layout"})
+    finally:
+        dispatch.auto_topology = original
+
+
+_SLOW = dict(intra_latency=0.0, inter_latency=0.0, intra_bandwidth=1e3, compute_rate=1e3, backward_rate=1e3)
+AUTO_CASES = [
+    # (world, seq_len, heads, kv_heads, topology changes); the plan decides which strategy runs
+    (4, 40, 4, 4, dict(_SLOW, ranks_per_node=4)),  # ring: its exchanges hide behind the blocks
+    (4, 40, 4, 4, dict(_SLOW, inter_bandwidth=10.0, ranks_per_node=1)),  # ulysses: fewest bytes
+    (4, 40, 4, 1, dict(_SLOW, inter_bandwidth=10.0, ranks_per_node=1)),  # allgather: MQA, K/V once
+    (4, 40, 4, 4, dict(intra_latency=1e-6, inter_latency=1e-5, intra_bandwidth=1e15, inter_bandwidth=1e13,
+                       compute_rate=1e9, backward_rate=1e9, ranks_per_node=2)),  # usp: fewest latency steps
+    (2, 21, 2, 2, None),  # the CPU defaults
+]
+
+
+@pytest.mark.parametrize("world_size, seq_len, heads, kv_heads, topo", AUTO_CASES)
+def test_auto_is_exact_and_runs_the_planned_strategy(world_size, seq_len, heads, kv_heads, topo):
+    topology = _flat(**topo) if topo is not None else default_topology("cpu", "float64", world_size)
+    problem = AttentionProblem(world_size=world_size, seq_len=seq_len, heads=heads, kv_heads=kv_heads, causal=True,
+                               scheme="zigzag")
+    expected = seqpar.plan(seq_len, world_size=world_size, heads=heads, kv_heads=kv_heads, head_dim=8,
+                           dtype="float64", causal=True, training=True, scheme="zigzag", topology=topology)
+    report, seen = world(world_size).run(_auto_with, problem, topology)[0]
+    assert_matches_dense(problem, report)
+    assert seen == [expected.strategy]
+
+
+def test_auto_choices_cover_the_strategies():
+    """The cases above reach ring, Ulysses, USP and the all-gather."""
+    chosen = set()
+    for world_size, seq_len, heads, kv_heads, topo in AUTO_CASES[:4]:
+        chosen.add(seqpar.plan(seq_len, world_size=world_size, heads=heads, kv_heads=kv_heads, head_dim=8,
+                               dtype="float64", scheme="zigzag", topology=_flat(**topo)).strategy)
+    assert chosen == {"ring", "ulysses", "usp", "allgather"}
+
+
+def _disagree(problem, linear):
+    """Rank 1 plans on a topology that makes a different choice: every rank must raise."""
+    slow = _flat(intra_bandwidth=1e3, compute_rate=1e3, backward_rate=1e3, ranks_per_node=4)
+    fast_links = _flat(intra_bandwidth=1e15, intra_latency=1.0, compute_rate=1e15, backward_rate=1e15)
+    mine = fast_links if dist.get_rank() == 1 else slow
+    return _auto_with(problem, mine, linear)
+
+
+def test_auto_mismatch_between_ranks_raises_on_every_rank():
+    problem = AttentionProblem(world_size=4, seq_len=40, heads=4, kv_heads=4, causal=True)
+    outcomes = world(4).run(_disagree, problem, False, return_exceptions=True)
+    for outcome in outcomes:
+        assert isinstance(outcome, ValueError), outcome
+        assert "strategy='auto' chose" in str(outcome) and "must be the same on every rank" in str(outcome)
+
+
+def test_linear_auto_mismatch_between_ranks_raises_on_every_rank():
+    problem = LinearProblem(world_size=4, seq_len=64, heads=2, key_dim=8, value_dim=8)
+    outcomes = world(4).run(_disagree, problem, True, return_exceptions=True)
+    for outcome in outcomes:
+        assert isinstance(outcome, ValueError), outcome
+        assert "method='auto' chose" in str(outcome)
+
+
+def test_linear_auto_is_exact_and_follows_the_plan():
+    from seqpar.testing.checks import tolerance_violations
+
+    problem = LinearProblem(world_size=4, seq_len=64, heads=2, key_dim=8, value_dim=8)
+    topo = _flat(intra_bandwidth=1e3, intra_latency=0.0)  # the all-gather's (P-1) states cost most
+    report, seen = world(4).run(_auto_with, problem, topo, True)[0]
+    assert not tolerance_violations(problem, report)
+    expected = dispatch.plan_linear(64, world_size=4, heads=2, key_dim=8, dtype="float64", topology=topo)
+    assert expected.method != "allgather"
+    assert seen == ["linear"]
+
+
+def _calibrate_into(directory):
+    previous = os.environ.get("SEQPAR_CACHE_DIR")
+    os.environ["SEQPAR_CACHE_DIR"] = directory
+    try:
+        topo = seqpar.calibrate(message_sizes=(1 << 10, 1 << 16), repeats=2)
+        path = dispatch.cache_path("gloo", dist.get_world_size(), torch.device("cpu"), torch.float32)
+        dispatch._loaded.clear()  # as a fresh process would: read the file
+        loaded = dispatch.auto_topology(None, torch.device("cpu"), torch.float32)
+        return topo, loaded, str(path), sorted(os.listdir(directory))
+    finally:
+        if previous is None:
+            del os.environ["SEQPAR_CACHE_DIR"]
+        else:
+            os.environ["SEQPAR_CACHE_DIR"] = previous
+        dispatch._loaded.clear()
+
+
+def test_calibrate_agrees_across_ranks_and_caches(tmp_path):
+    results = world(2).run(_calibrate_into, str(tmp_path))
+    (topo0, loaded0, path0, files0), (topo1, loaded1, path1, _) = results
+    assert topo0 == topo1 == loaded0 == loaded1
+    assert topo0.source.startswith("calibrated") and topo0.ranks_per_node == 2
+    assert {kind for level, kind, _, _ in topo0.measured} == set(dispatch.KINDS)
+    assert all(level == "intra" and lat > 0 and bw > 0 for level, _, lat, bw in topo0.measured)
+    assert topo0.compute_rate > 0 and topo0.backward_rate > 0
+    assert path0 == path1 and files0 == [os.path.basename(path0)]
+    stored = json.loads((tmp_path / files0[0]).read_text())
+    assert Topology.from_dict(stored["topology"]) == topo0 and len(stored["hosts"]) == 2
+    assert dispatch.load_calibration(tmp_path / "missing.json") is None
+
+
+def test_calibrate_needs_a_process_group():
+    if dist.is_initialized():
+        pytest.skip("this process has a group")
+    with pytest.raises(ValueError, match="group: calibrate needs an initialized torch.distributed process group"):
+        seqpar.calibrate()
