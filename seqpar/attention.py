@@ -70,9 +70,9 @@ def _resolve_strategy(strategy: str) -> str:
     raise ValueError(f"strategy: expected one of {registered_strategies() + ('auto',)}, got {strategy!r}")
 
 
-def _check_tensors(q, k, v, same_seqlen: bool = True) -> None:
-    """Types, ranks, dtypes, devices and shapes of q, k, v; `same_seqlen=False` lets the
-    key length differ from the query length (Star's query phase)."""
+def check_qkv_types(q, k, v) -> None:
+    """q, k, v are 4-dim tensors `[batch, seqlen, heads, head_dim]` of one supported dtype
+    and one device (shared by every entry point: softmax, linear and Star attention)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -85,6 +85,12 @@ def _check_tensors(q, k, v, same_seqlen: bool = True) -> None:
             raise ValueError(f"{name}: expected dtype {q.dtype} (that of q), got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} (that of q), got {t.device}")
+
+
+def _check_tensors(q, k, v, same_seqlen: bool = True) -> None:
+    """Types, ranks, dtypes, devices and shapes of q, k, v; `same_seqlen=False` lets the
+    key length differ from the query length (Star's query phase)."""
+    check_qkv_types(q, k, v)
     if k.shape != v.shape:
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if k.shape[0] != q.shape[0]:

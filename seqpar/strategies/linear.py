@@ -58,7 +58,6 @@ from ..layout import SeqLayout, group_rank_and_size
 METHODS = ("auto", "ring", "allgather", "allscan")
 BACKENDS = ("auto", "torch", "triton")
 OPTIONS = ("chunk_size", "scan_pieces")
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Message size at which latency and transfer time are equal (alpha / beta) in the default
 # scan model; calibrated for loopback TCP and NVLink alike to within a factor of a few.
@@ -307,18 +306,9 @@ def _triton_unavailable(q) -> Optional[str]:
 
 
 def _check(q, k, v, decay, layout, scale, method, options):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dims [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}")
-    if q.dtype not in DTYPES:
-        raise ValueError(f"q: expected dtype in {[str(d) for d in DTYPES]}, got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}: expected dtype {q.dtype} (that of q), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} (that of q), got {t.device}")
+    from ..attention import check_qkv_types
+
+    check_qkv_types(q, k, v)
     if k.shape != q.shape:
         raise ValueError(f"k: expected the shape of q {tuple(q.shape)} [batch, seqlen, heads, Dk], got {tuple(k.shape)}")
     if v.shape[:3] != q.shape[:3]:
