@@ -944,8 +944,14 @@ def _fit(points: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
     my = sum(wi * y for wi, (_, y) in zip(w, points)) / sw
     var = sum(wi * (x - mx) ** 2 for wi, (x, _) in zip(w, points))
     slope = sum(wi * (x - mx) * (y - my) for wi, (x, y) in zip(w, points)) / var if var else 0.0
-    if slope <= 0:  # noise swamped the size dependence: charge everything to the bytes
-        slope = max(y / x for x, y in points if x > 0)
+    if slope <= 0:
+        # noise swamped the size dependence. Charging all of a point's time to its bytes
+        # would turn a latency-bound small message into a bandwidth of a few MB/s (that
+        # once priced Ulysses 30x too high); instead the smallest message gives the
+        # latency and the largest one's extra time, at least a tenth of it, the bytes
+        (x0, y0), (x1, y1) = min(points), max(points)
+        slope = max(y1 - y0, 0.1 * y1) / x1
+        return max(y0 - slope * x0, 1e-7), slope
     intercept = max(my - slope * mx, 1e-7)
     return intercept, slope
 

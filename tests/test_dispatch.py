@@ -355,3 +355,15 @@ def test_calibrate_needs_a_process_group():
         pytest.skip("this process has a group")
     with pytest.raises(ValueError, match="group: calibrate needs an initialized torch.distributed process group"):
         seqpar.calibrate()
+
+
+def test_fit_survives_sizes_that_do_not_show_in_the_time():
+    from seqpar.dispatch import _fit
+
+    # a latency-bound collective whose largest message happened to time fastest
+    latency, slope = _fit([(1e3, 8e-4), (1e5, 9e-4), (1e7, 7e-4)])
+    assert 5e-4 < latency < 9e-4
+    assert 1 / slope > 1e9  # bytes/s: the 10 MB message took under a millisecond
+    # a clean alpha-beta line is recovered
+    latency, slope = _fit([(x, 1e-4 + x / 2e9) for x in (1e3, 1e5, 1e7)])
+    assert abs(latency - 1e-4) < 1e-6 and abs(1 / slope - 2e9) < 2e7
