@@ -1163,14 +1163,18 @@ def calibrate(group=None, *, dtype=None, backend: str = "auto", save: bool = Tru
                                f"{concrete} kernel")
     # one answer everywhere, even if float arithmetic were to differ between hosts: rank 0's
     topo = Topology.from_dict(collectives.all_gather_object(topo.to_dict(), group, op="calibrate")[0])
+    rank = dist.get_rank(group)
     if save:
         path = cache_path(dist.get_backend(group), world, device, dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"topology": topo.to_dict(), "hosts": hosts, "seqpar_cache_version": 1}
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, path)  # ranks of one host write the same content; the last rename wins
+        if hosts.index(hosts[rank]) == rank:  # one writer per host (they would write the same)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            payload = {"topology": topo.to_dict(), "hosts": hosts, "seqpar_cache_version": 1}
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(payload, indent=2))
+            os.replace(tmp, path)
         _loaded[(dist.get_backend(group), world, str(device), dtype)] = topo
+    # every rank, whatever its `save`: when calibrate returns, each host's file is complete
+    dist.barrier(group=group)
     return topo
 
 

@@ -38,8 +38,9 @@ class _LayerKV:
         self.length = n
         self.lens = list(lens)
 
-    def check(self, k, v) -> None:
-        """New tokens' k, v must match the cached batch, KV heads, head dim, dtype, device."""
+    def check(self, k, v, new_tokens: Optional[int] = None) -> None:
+        """New tokens' k, v must match the cached batch, KV heads, head dim, dtype, device,
+        and hold `new_tokens` tokens (those of q) when given."""
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -53,6 +54,8 @@ class _LayerKV:
                 raise ValueError(
                     f"{name}: expected {self.k.dtype} on {self.k.device} (the cache's), got {t.dtype} on {t.device}"
                 )
+            if new_tokens is not None and t.shape[1] != new_tokens:
+                raise ValueError(f"{name}: expected {new_tokens} new tokens (dim 1, those of q), got {t.shape[1]}")
 
     def staged(self, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None):
         """Views of the valid rows plus `k`, `v` written after them (not yet committed)."""
@@ -111,16 +114,14 @@ class StarKVCache:
         tokens, the same on every rank. The last rank appends k, v; every rank then attends
         q causally to the whole cache (the new tokens are its last n positions) and gets
         the same `[B, n, H, D]`. A bad k or v raises on every rank and appends nothing."""
-        entry = self._layers.get(layer)
-        if entry is None:
-            raise ValueError(f"layer: no K/V for layer {layer!r}; run prefill first (filled: {sorted(self._layers)})")
+        entry = self._entry(layer)
         error = None
+        n = q.shape[1] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
         try:
-            entry.check(k, v)
+            entry.check(k, v, new_tokens=n if isinstance(q, torch.Tensor) and q.dim() == 4 else None)
         except (TypeError, ValueError) as exc:
             error = exc
         last = self.rank == self.world_size - 1
-        n = q.shape[1] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
         if error is None and last:
             cached_k, cached_v = entry.staged(k, v)
         else:
@@ -135,13 +136,19 @@ class StarKVCache:
         entry.lens = lens
         return out
 
+    def _entry(self, layer) -> "_LayerKV":
+        entry = self._layers.get(layer)
+        if entry is None:
+            raise ValueError(f"layer: no K/V for layer {layer!r}; run prefill first (filled: {sorted(self._layers)})")
+        return entry
+
     def kv(self, layer: int):
         """This rank's cached `(k, v)` of `layer`, each `[B, m_r, H_kv, D]` (views)."""
-        return self._layers[layer].staged()
+        return self._entry(layer).staged()
 
     def kv_lens(self, layer: int) -> List[int]:
         """Every rank's cached length for `layer`, in rank order."""
-        return list(self._layers[layer].lens)
+        return list(self._entry(layer).lens)
 
 
 def star_generate(forward: Callable, input_ids: torch.Tensor, *, layout: SeqLayout, anchor_len: int,

@@ -294,3 +294,39 @@ def test_bad_input_on_one_rank_raises_everywhere(case, message):
     assert "returned" not in results, results
     assert re.search(message, results[1]), results
     assert re.search(message, results[0]) or "rank 1 of the group got bad input" in results[0], results
+
+
+def _bad_label_on_rank_one():
+    layout = SeqLayout(8)
+    logits = torch.randn(1, layout.local_len, 10)
+    labels = torch.zeros(1, layout.local_len, dtype=torch.long)
+    if layout.rank == 1:
+        labels[0, 0] = 10  # one past the vocabulary
+    try:
+        seqpar.nn.cross_entropy_share(logits, labels, layout)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_bad_label_on_one_rank_raises_on_every_rank():
+    messages = world(2).run(_bad_label_on_rank_one, timeout=60)
+    assert all(m is not None for m in messages)
+    assert "labels: expected class indices in [0, 10) or ignore_index=-100, got 10" in messages[1]
+    assert "rank 1" in messages[0]
+
+
+def _buckets_differ():
+    layout = SeqLayout(4)
+    p = torch.nn.Parameter(torch.ones(40))
+    p.grad = torch.ones(40)
+    try:
+        seqpar.nn.all_reduce_gradients([p], layout, bucket_elements=10 if layout.rank == 0 else 30)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_bucket_sizes_must_agree():
+    for message in world(2).run(_buckets_differ, timeout=60):
+        assert message is not None and "bucket_elements" in message

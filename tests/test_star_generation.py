@@ -134,3 +134,22 @@ def test_cache_misuse_raises():
         seqpar.star_generate(None, torch.zeros(1, 4, dtype=torch.long), layout=layout, anchor_len=1, max_new_tokens=0)
     with pytest.raises(ValueError, match=r"input_ids: expected 4 tokens \(layout.local_len on rank 0\), got 3"):
         seqpar.star_generate(None, torch.zeros(1, 3, dtype=torch.long), layout=layout, anchor_len=1, max_new_tokens=2)
+
+
+def test_single_process_generation_needs_no_process_group():
+    # the test process itself has no default group: star_generate must not need one at P=1
+    assert not dist.is_initialized()
+    out = _generate(8, None, 3, "torch", batch=1)
+    assert torch.equal(out["tokens"], out["dense"][0])
+
+
+def test_decode_with_mismatched_token_counts_names_k():
+    cache = seqpar.StarKVCache()
+    x = torch.randn(1, 4, 2, 8)
+    cache.prefill(0, x, x, x, layout=SeqLayout(4), anchor_len=1)
+    with pytest.raises(ValueError, match=r"k: expected 2 new tokens \(dim 1, those of q\), got 3"):
+        cache.decode(0, x[:, :2], x[:, :3], x[:, :3])
+    with pytest.raises(ValueError, match="layer: no K/V for layer 5"):
+        cache.kv(5)
+    with pytest.raises(ValueError, match="layer: no K/V for layer 5"):
+        cache.kv_lens(5)

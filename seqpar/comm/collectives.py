@@ -67,7 +67,7 @@ def broadcast(x: torch.Tensor, src: int, group, op: str, async_op: bool = False)
     Counted as a pipelined chain `src -> src+1 -> ... -> src-1`, which moves the least per
     rank: every rank but `src` receives the tensor once, every rank but the chain's last
     (`src - 1`) sends it once."""
-    world = dist.get_world_size(group)
+    world = dist.get_world_size(group) if dist.is_initialized() else 1  # one process needs no group
     if world == 1:
         return None
     handle = dist.broadcast(x, src=global_rank(group, src), group=group, async_op=async_op)
@@ -83,7 +83,7 @@ def reduce_sum(x: torch.Tensor, dst: int, group, op: str) -> None:
 
     Counted as the reverse chain of `broadcast`: every rank but `dst` sends the tensor once,
     every rank but the chain's first (`dst - 1`) receives it once."""
-    world = dist.get_world_size(group)
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
     if world == 1:
         return
     dist.reduce(x, dst=global_rank(group, dst), group=group)

@@ -376,6 +376,14 @@ def _triton_unavailable(device: torch.device, dtype: torch.dtype, head_dim: int)
     return f"triton serves cuda devices (and cpu under TRITON_INTERPRET=1), got {device.type}"
 
 
+def cuda_flash_head_dim_reason(head_dim: int) -> Optional[str]:
+    """PyTorch's CUDA flash op (called directly, as here, not through F.sdpa, which pads)
+    takes head dims that are multiples of 8, up to 256."""
+    if head_dim % 8 or head_dim > 256:
+        return f"the CUDA flash op needs head_dim a multiple of 8 and <= 256, got {head_dim} (backend='triton' serves it)"
+    return None
+
+
 def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
                        scale: float = 1.0) -> Optional[str]:
     """Why `backend` cannot serve this case on this machine, or None when it can."""
@@ -390,7 +398,7 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, h
         if device.type == "cuda":
             if dtype not in (torch.float16, torch.bfloat16):
                 return f"sdpa on CUDA needs float16 or bfloat16 (the flash op), got {dtype}"
-            return None
+            return cuda_flash_head_dim_reason(head_dim)
         return f"sdpa supports cpu and cuda devices, got {device.type}"
     if backend == "flash_attn":
         from . import flash_adapter

@@ -67,8 +67,8 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int, 
         return f"cuda needs tensors on a CUDA device, got {torch.device(device).type}"
     if dtype not in _HALF:
         return f"cuda needs float16 or bfloat16 (PyTorch's flash op), got {dtype}"
-    if head_dim > _MAX_HEAD_DIM:
-        return f"cuda needs head_dim <= {_MAX_HEAD_DIM} (PyTorch's flash op), got {head_dim}"
+    if head_dim > _MAX_HEAD_DIM or head_dim % 8:
+        return f"cuda needs head_dim a multiple of 8 and <= {_MAX_HEAD_DIM} (PyTorch's flash op), got {head_dim}"
     if scale <= 0:
         return f"cuda needs softmax_scale > 0, got {scale} (backend='torch' serves it)"
     return None

@@ -144,6 +144,13 @@ def cross_entropy_share(logits: torch.Tensor, labels: torch.Tensor, layout: Opti
             )
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+        # cross_entropy would raise an IndexError on this rank alone, after its peers have
+        # entered the count's all-reduce: check the labels here, before the agreement
+        vocab_size = logits.shape[-1]
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+        if bool(bad.any()):
+            raise ValueError(f"labels: expected class indices in [0, {vocab_size}) or ignore_index={ignore_index}, "
+                             f"got {labels[bad][0].item()}")
     except (TypeError, ValueError) as exc:
         error = exc
     _, world = group_rank_and_size(group)
@@ -219,7 +226,8 @@ def all_reduce_gradients(parameters: Iterable[torch.Tensor], layout: Optional[Se
     except (TypeError, ValueError) as exc:
         error = exc
     _, world = group_rank_and_size(group)
-    signature = (("parameters [shape, dtype, device]", tuple(describe(p) for p in params)),)
+    signature = (("parameters [shape, dtype, device]", tuple(describe(p) for p in params)),
+                 ("bucket_elements", describe(bucket_elements)))
     agree(group, world, signature, error, what="seqpar.nn.all_reduce_gradients")
     if world == 1 or not params:
         return

@@ -58,6 +58,7 @@ from ..layout import SeqLayout, group_rank_and_size
 METHODS = ("auto", "ring", "allgather", "allscan")
 BACKENDS = ("auto", "torch", "triton")
 OPTIONS = ("chunk_size", "scan_pieces")
+DECAY_FLOOR = 60.0  # log decays below -DECAY_FLOOR act as -DECAY_FLOOR (see linear_attention)
 
 # Message size at which latency and transfer time are equal (alpha / beta) in the default
 # scan model; calibrated for loopback TCP and NVLink alike to within a factor of a few.
@@ -282,26 +283,26 @@ def _resolve_backend(backend, q) -> str:
 
 
 def _triton_unavailable(q) -> Optional[str]:
-    import importlib.util
-    import os
-
-    if importlib.util.find_spec("triton") is None:
-        return "backend 'triton' needs the triton package, which is not installed"
-    try:
-        built = importlib.util.find_spec("seqpar.kernels.triton.linear") is not None
-    except ModuleNotFoundError:
-        built = False
-    if not built:
-        return "backend 'triton' for linear attention is not built in this version of seqpar"
     if q.dtype == torch.float64:
         return f"backend 'triton' supports float16, bfloat16 and float32, got {q.dtype}"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"backend 'triton' supports cuda (and cpu under TRITON_INTERPRET=1), got {q.device.type}"
+    try:
+        from ..kernels.triton import linear as triton_linear
+    except Exception as exc:  # ImportError, or a triton build that does not load here
+        return f"backend 'triton' needs triton, which does not import ({type(exc).__name__}: {exc})"
+    # how the kernels were decorated decides, not today's environment: interpreted kernels
+    # cannot run on a GPU at speed, compiled ones cannot take CPU tensors
+    interpreted = type(triton_linear._chunk_cumsum_kernel).__name__ == "InterpretedFunction"
     if q.device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return "backend 'triton' on CPU needs TRITON_INTERPRET=1 in the environment"
+        if not interpreted:
+            return ("backend 'triton' on CPU runs only in Triton's interpreter: set TRITON_INTERPRET=1 before "
+                    "seqpar's triton kernels are first imported")
         if q.dtype == torch.bfloat16:
             return "backend 'triton' on CPU (the interpreter) cannot run bfloat16"
-    elif q.device.type != "cuda":
-        return f"backend 'triton' supports cuda (and cpu under TRITON_INTERPRET=1), got {q.device.type}"
+    elif interpreted:
+        return ("seqpar's triton kernels were imported under TRITON_INTERPRET=1 (the CPU interpreter); "
+                "unset it to compile them for cuda")
     return None
 
 
@@ -332,7 +333,7 @@ def _check(q, k, v, decay, layout, scale, method, options):
         if decay.device != q.device:
             raise ValueError(f"decay: expected device {q.device} (that of q), got {decay.device}")
         largest = decay.detach().max().item() if decay.numel() else 0.0
-        if not largest <= 0:  # also catches NaN
+        if not largest <= 0:  # also catches NaN; -inf is allowed (a full reset of the state)
             raise ValueError(f"decay: expected log-space values <= 0 (a decay factor exp(g) <= 1), got a maximum "
                              f"of {largest}")
     if scale is not None:
@@ -345,6 +346,9 @@ def _check(q, k, v, decay, layout, scale, method, options):
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"options: linear_attention takes {list(OPTIONS)}, got {unknown}")
+    if options.get("scan_pieces") is not None and method not in ("allscan", "auto"):
+        raise ValueError(f"scan_pieces: only method='allscan' (or 'auto') cuts the state into pieces, "
+                         f"got method={method!r}")
     for name in OPTIONS:
         value = options.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -383,7 +387,8 @@ def linear_attention(q, k, v, *, layout=None, decay=None, scale=None, method="au
     `o_t = scale q_t S_t`; returns this rank's `o` `[B, S/P, H, Dv]` in the input dtype.
 
     - `decay`: log decay `g <= 0`: None (no decay), `[H]` (per head) or `[B, S/P, H]`
-      (per token, this rank's tokens). Differentiable.
+      (per token, this rank's tokens); -inf resets the state. Values below -60 act as -60
+      (exp(-60) ~ 1e-26: no result changes). Differentiable.
     - `scale`: default `Dk ** -0.5`.
     - `method`: "ring" (LASP-1), "allgather" (LASP-2), "allscan" (ZeCO All-Scan) or
       "auto" (`seqpar.plan_linear` on this group's cached calibration, else default topology;
@@ -408,7 +413,8 @@ def linear_attention(q, k, v, *, layout=None, decay=None, scale=None, method="au
         concrete = _resolve_backend(backend, q)
         nbytes = state_bytes(q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.dtype)
         chosen = method
-        pieces = options.get("scan_pieces") or default_scan_pieces(world, nbytes)
+        # ring is LASP-1, whole states; only the All-Scan cuts them into pieces
+        pieces = options.get("scan_pieces") or default_scan_pieces(world, nbytes) if method == "allscan" else 1
         if method == "auto" and world > 1:
             from ..dispatch import choose_linear
 
@@ -428,7 +434,10 @@ def linear_attention(q, k, v, *, layout=None, decay=None, scale=None, method="au
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     g = None
     if decay is not None:
-        g = decay.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        # exp(-60) ~ 1e-26 is below every dtype's rounding of the terms it multiplies, so the
+        # floor changes no result; it keeps -inf (a full reset) out of the cumulative sums,
+        # where -inf - -inf would be NaN. The gradient below the floor is 0, as is exp's at -inf.
+        g = decay.to(torch.float64 if q.dtype == torch.float64 else torch.float32).clamp(min=-DECAY_FLOOR)
         if g.dim() == 1:
             g = g.view(1, 1, -1).expand(q.shape[0], q.shape[1], -1)
     return LinearAttention.apply(q, k, v, g, layout, scale, chosen, concrete, chunk_size, pieces)

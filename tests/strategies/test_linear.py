@@ -22,7 +22,7 @@ def _check(problem, **options):
 @given(problem=linear_problems(), method=st.sampled_from(METHODS + ("auto",)), pieces=st.sampled_from([None, 1, 2, 5]),
        chunk=st.sampled_from([None, 1, 3, 8]))
 def test_matches_recurrence_float64(problem, method, pieces, chunk):
-    _check(problem, method=method, scan_pieces=pieces, chunk_size=chunk)
+    _check(problem, method=method, scan_pieces=pieces if method in ("allscan", "auto") else None, chunk_size=chunk)
 
 
 @settings(max_examples=24)
@@ -36,7 +36,7 @@ def test_low_precision_within_dense_error(problem, method):
 def test_every_method_and_decay_on_uneven_world(method, decay):
     # 3 ranks of 11, 10 and 10 tokens; several chunks per rank; strong decays included
     problem = LinearProblem(world_size=3, seq_len=31, batch=2, heads=3, key_dim=5, value_dim=7, decay=decay)
-    report = _check(problem, method=method, chunk_size=4, scan_pieces=3)
+    report = _check(problem, method=method, chunk_size=4, scan_pieces=3 if method == "allscan" else None)
     assert report["err_out"] < 1e-12
     assert ("err_dg" in report) == (decay != "none")
 
@@ -156,3 +156,38 @@ def test_triton_backend_refuses_float64_by_name():
     q = torch.randn(1, 4, 1, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="backend: .*float64"):
         seqpar.linear_attention(q, q, q, backend="triton")
+
+
+def _ring_messages(method):
+    # a state big enough that the All-Scan's default cuts it (P=3, 256 KiB)
+    layout = seqpar.SeqLayout(6)
+    q = torch.randn(1, 2, 16, 64)
+    with seqpar.comm.track() as stats:
+        seqpar.linear_attention(q, q, q, layout=layout, method=method)
+    return stats.calls("linear")
+
+
+def test_ring_sends_whole_states_and_allscan_pieces():
+    ring, allscan = world(3).run(_ring_messages, "ring"), world(3).run(_ring_messages, "allscan")
+    assert ring[1] == 2  # LASP-1: one whole state in, one out
+    assert allscan[1] > 2
+
+
+def _reset_decay():
+    layout = seqpar.SeqLayout(8)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, layout.local_len, 1, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    g = torch.zeros(1, layout.local_len, 1, dtype=torch.float64)
+    g[0, 1, 0] = float("-inf")  # a full reset on every rank's second token
+    out = seqpar.linear_attention(q, k, v, layout=layout, decay=g, method="allscan")
+    return bool(torch.isfinite(out).all())
+
+
+def test_minus_infinity_decay_resets_instead_of_nan():
+    assert all(world(2).run(_reset_decay))
+
+
+def test_scan_pieces_only_for_allscan():
+    q = torch.randn(1, 4, 1, 2)
+    with pytest.raises(ValueError, match="scan_pieces: only method='allscan'"):
+        seqpar.linear_attention(q, q, q, method="ring", scan_pieces=4)
