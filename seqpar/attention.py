@@ -141,7 +141,12 @@ def no_seq(t) -> tuple:
     return d
 
 
-def _signature(strategy, backend, causal, scale, layout, q, k, v, options, chosen=None):
+def _grad_wanted(*tensors) -> bool:
+    """Whether autograd will run a backward (and its collectives) for this call."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _signature(strategy, backend, causal, scale, layout, q, k, v, options, chosen=None, concrete=None):
     # root causes first: the first field that differs is the one the error names
     return (
         ("q [batch, heads, head_dim], dtype, device", no_seq(q)),
@@ -152,9 +157,13 @@ def _signature(strategy, backend, causal, scale, layout, q, k, v, options, chose
         ("strategy", strategy),
         ("strategy='auto' chose (from its topology: the cached calibration or the defaults)", chosen),
         ("backend", backend),
+        # ranks exchange buffers in the resolved backend's memory layout: it must be one
+        ("backend resolved on this rank", concrete),
         ("causal", causal),
         ("softmax_scale", scale),
         ("options", tuple(sorted((key, describe(val)) for key, val in options.items()))),
+        # a backward on some ranks only would leave the others waiting in its collectives
+        ("gradients required (q, k or v requires grad, grad mode on)", _grad_wanted(q, k, v)),
     )
 
 
@@ -185,7 +194,7 @@ def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=
     except (ValueError, TypeError) as exc:
         error = exc
     _, world = group_rank_and_size(group)
-    signature = _signature(strategy, backend, causal, scale, layout, q, k, v, options, chosen)
+    signature = _signature(strategy, backend, causal, scale, layout, q, k, v, options, chosen, concrete_backend)
     agree(group, world, signature, error, what=f"seqpar.attention(strategy={strategy!r})")
     return _REGISTRY[name].apply(q, k, v, layout, causal, scale, concrete_backend, run_options)
 

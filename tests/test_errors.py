@@ -160,3 +160,26 @@ def test_fused_backends_refuse_nonpositive_scale_and_auto_routes_to_torch():
         from seqpar.kernels.reference import dense_attention
 
         torch.testing.assert_close(out, dense_attention(qq, kk, vv, causal=True, softmax_scale=scale))
+
+
+def _grad_on_rank_zero_only():
+    import seqpar as sp
+
+    layout = sp.SeqLayout(8)
+    q = torch.randn(1, layout.local_len, 2, 4, requires_grad=layout.rank == 0)
+    messages = []
+    for call in (lambda: sp.attention(q, q.detach(), q.detach(), layout=layout, strategy="ring"),
+                 lambda: sp.linear_attention(q, q.detach(), q.detach(), layout=layout)):
+        try:
+            call()
+            messages.append(None)
+        except ValueError as exc:
+            messages.append(str(exc))
+    return messages
+
+
+def test_gradients_wanted_on_some_ranks_only_raises_everywhere():
+    # otherwise the backward's collectives would run on rank 0 alone and wait forever
+    for rank_messages in world(2).run(_grad_on_rank_zero_only, timeout=60):
+        for message in rank_messages:
+            assert message is not None and "gradients required" in message

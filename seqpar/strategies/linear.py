@@ -355,7 +355,9 @@ def _check(q, k, v, decay, layout, scale, method, options):
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
 
 
-def _signature(q, k, v, decay, layout, scale, method, backend, options, chosen=None):
+def _signature(q, k, v, decay, layout, scale, method, backend, options, chosen=None, concrete=None):
+    from ..attention import _grad_wanted
+
     def no_seq(t, dim=1):
         d = describe(t)
         if d[0] == "tensor" and len(d[1]) > dim:
@@ -373,8 +375,11 @@ def _signature(q, k, v, decay, layout, scale, method, backend, options, chosen=N
         ("method='auto' chose (method, scan_pieces; from its topology: the cached calibration or the defaults)",
          chosen),
         ("backend", backend),
+        ("backend resolved on this rank", concrete),
         ("scale", scale),
         ("options", tuple(sorted((key, describe(val)) for key, val in options.items()))),
+        # a backward on some ranks only would leave the others waiting in its collectives
+        ("gradients required (q, k, v or decay requires grad, grad mode on)", _grad_wanted(q, k, v, decay)),
     )
 
 
@@ -429,7 +434,8 @@ def linear_attention(q, k, v, *, layout=None, decay=None, scale=None, method="au
             chosen = choose_method(world, nbytes)  # one rank: nothing crosses ranks
     except (ValueError, TypeError) as exc:
         error = exc
-    agree(group, world, _signature(q, k, v, decay, layout, scale, method, backend, options, auto_choice), error,
+    agree(group, world, _signature(q, k, v, decay, layout, scale, method, backend, options, auto_choice, concrete),
+          error,
           what="seqpar.linear_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     g = None
