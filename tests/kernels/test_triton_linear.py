@@ -271,7 +271,6 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             build(fn, c)
         build(L._dqk_bwd_kernel, dict(c, NK=2))
     build(L._chunk_cumsum_kernel, dict(H=2, BT=32))
-    build(L._reverse_cumsum_kernel, dict(H=2, NK=2, BT=32))
 """)
 
 
