@@ -183,3 +183,26 @@ def test_gradients_wanted_on_some_ranks_only_raises_everywhere():
     for rank_messages in world(2).run(_grad_on_rank_zero_only, timeout=60):
         for message in rank_messages:
             assert message is not None and "gradients required" in message
+
+
+def _star_grad_on_rank_zero_only():
+    import seqpar as sp
+
+    layout = sp.SeqLayout(8)
+    x = torch.randn(1, layout.local_len, 2, 4, requires_grad=layout.rank == 0)
+    messages = []
+    for call in (lambda: sp.star_attention(x, x.detach(), x.detach(), layout=layout, anchor_len=1),
+                 lambda: sp.star_query_attention(torch.randn(1, 2, 2, 4, requires_grad=layout.rank == 0), x.detach(),
+                                                 x.detach())):
+        try:
+            call()
+            messages.append(None)
+        except ValueError as exc:
+            messages.append(str(exc))
+    return messages
+
+
+def test_star_gradients_wanted_on_some_ranks_only_raises_everywhere():
+    for rank_messages in world(2).run(_star_grad_on_rank_zero_only, timeout=60):
+        for message in rank_messages:
+            assert message is not None and "gradients required" in message

@@ -173,7 +173,7 @@ def star_attention(q, k, v, *, layout=None, anchor_len: int, softmax_scale=None,
     `anchor_len` K/V rows per call. Differentiable in q, k, v (the anchor's K/V gradient
     is reduced onto rank 0); the backward is collective like the forward.
     """
-    from ..attention import _check_tensors, _layout_for, _resolve_scale, no_seq
+    from ..attention import _check_tensors, _grad_wanted, _layout_for, _resolve_scale, no_seq
 
     group = layout.group if isinstance(layout, SeqLayout) else None
     error = None
@@ -207,6 +207,8 @@ def star_attention(q, k, v, *, layout=None, anchor_len: int, softmax_scale=None,
         ("anchor_len", describe(anchor_len)),
         ("backend", describe(backend)),
         ("softmax_scale", scale),
+        # a backward on some ranks only would wait in the anchor's dK/dV reduce
+        ("gradients required (q, k or v requires grad, grad mode on)", _grad_wanted(q, k, v)),
     )
     agree(group, world, signature, error, what="seqpar.star_attention")
     anchor = _Anchor(k, v, anchor_len, layout) if world > 1 and anchor_len > 0 else None
@@ -322,7 +324,7 @@ def _query_call(q, k, v, *, group, causal, softmax_scale, backend, kv_lens, prio
     """`star_query_attention`, with a caller's own check folded into the cross-rank
     agreement: `prior_error` (this rank's failed check, or None) raises on every rank,
     and `prior_signature` fields must match across ranks (the KV cache's decode step)."""
-    from ..attention import _check_tensors, _resolve_scale, no_seq
+    from ..attention import _check_tensors, _grad_wanted, _resolve_scale, no_seq
 
     rank, world = group_rank_and_size(group)
     error = prior_error
@@ -345,6 +347,8 @@ def _query_call(q, k, v, *, group, causal, softmax_scale, backend, kv_lens, prio
         ("backend", describe(backend)),
         ("softmax_scale", scale),
         ("kv_lens", kv_lens if isinstance(kv_lens, tuple) else describe(kv_lens)),
+        # a backward on some ranks only would wait in the dq all-reduce
+        ("gradients required (q, k or v requires grad, grad mode on)", _grad_wanted(q, k, v)),
     )
     agree(group, world, signature, error, what="seqpar.star_query_attention")
     if kv_lens is None:
