@@ -143,6 +143,10 @@ def test_bad_method_and_options_name_the_argument():
         seqpar.linear_attention(q, q, q, backend="sdpa")
 
 
+_TRITON_REASON = linear_strategy._triton_unavailable(torch.empty(1, dtype=torch.float32))
+
+
+@pytest.mark.skipif(_TRITON_REASON is not None, reason=f"triton backend unavailable: {_TRITON_REASON}")
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("decay", ["none", "token"])
 def test_triton_backend_on_every_method(method, decay):
