@@ -374,11 +374,17 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
     if not _is_main():
         return report
     print(format_table(report))
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=2))
-        print(f"results written to {json_path}", file=sys.stderr)
+    write_json(report, json_path)
     return report
+
+
+def write_json(report: Dict, path: Optional[str]) -> None:
+    """Write a bench report as JSON (nothing when `path` is empty), and say where."""
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2))
+    print(f"results written to {path}", file=sys.stderr)
 
 
 def format_table(report: Dict) -> str:
@@ -483,8 +489,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         report["machine"], report["torch"] = machine_description(), torch.__version__
         print()
         print(benchmark_linear.format_tables(report))
-        if args.linear_json:
-            Path(args.linear_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.linear_json).write_text(json.dumps(report, indent=2))
-            print(f"results written to {args.linear_json}", file=sys.stderr)
+        write_json(report, args.linear_json)
     return 0

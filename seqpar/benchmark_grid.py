@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -110,7 +109,7 @@ def measure_on_rank(cfg: GridConfig, seq_len: int, heads: int, kv_heads: int, ca
 
 def run(cfg: GridConfig, json_path: Optional[str] = None, png_path: Optional[str] = None) -> Dict:
     import seqpar
-    from .benchmark import machine_description
+    from .benchmark import machine_description, write_json
     from .testing import LocalWorld
 
     cores = os.cpu_count() or 1
@@ -162,10 +161,7 @@ def run(cfg: GridConfig, json_path: Optional[str] = None, png_path: Optional[str
     }
     report["png"], report["png_note"] = _plot(report, png_path) if png_path else (None, "no PNG path given")
     print(format_table(report))
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=2))
-        print(f"results written to {json_path}", file=sys.stderr)
+    write_json(report, json_path)
     return report
 
 
