@@ -162,47 +162,29 @@ def test_fused_backends_refuse_nonpositive_scale_and_auto_routes_to_torch():
         torch.testing.assert_close(out, dense_attention(qq, kk, vv, causal=True, softmax_scale=scale))
 
 
-def _grad_on_rank_zero_only():
-    import seqpar as sp
-
-    layout = sp.SeqLayout(8)
-    q = torch.randn(1, layout.local_len, 2, 4, requires_grad=layout.rank == 0)
-    messages = []
-    for call in (lambda: sp.attention(q, q.detach(), q.detach(), layout=layout, strategy="ring"),
-                 lambda: sp.linear_attention(q, q.detach(), q.detach(), layout=layout)):
-        try:
-            call()
-            messages.append(None)
-        except ValueError as exc:
-            messages.append(str(exc))
-    return messages
-
-
-def test_gradients_wanted_on_some_ranks_only_raises_everywhere():
-    # otherwise the backward's collectives would run on rank 0 alone and wait forever
-    for rank_messages in world(2).run(_grad_on_rank_zero_only, timeout=60):
-        for message in rank_messages:
-            assert message is not None and "gradients required" in message
-
-
-def _star_grad_on_rank_zero_only():
+def _grad_on_rank_zero_only(entry):
+    """Call `entry` with inputs that require grad on rank 0 only; the error message or None."""
     import seqpar as sp
 
     layout = sp.SeqLayout(8)
     x = torch.randn(1, layout.local_len, 2, 4, requires_grad=layout.rank == 0)
-    messages = []
-    for call in (lambda: sp.star_attention(x, x.detach(), x.detach(), layout=layout, anchor_len=1),
-                 lambda: sp.star_query_attention(torch.randn(1, 2, 2, 4, requires_grad=layout.rank == 0), x.detach(),
-                                                 x.detach())):
-        try:
-            call()
-            messages.append(None)
-        except ValueError as exc:
-            messages.append(str(exc))
-    return messages
+    k = v = x.detach()
+    calls = {
+        "attention": lambda: sp.attention(x, k, v, layout=layout, strategy="ring"),
+        "linear_attention": lambda: sp.linear_attention(x, k, v, layout=layout),
+        "star_attention": lambda: sp.star_attention(x, k, v, layout=layout, anchor_len=1),
+        "star_query_attention": lambda: sp.star_query_attention(
+            torch.randn(1, 2, 2, 4, requires_grad=layout.rank == 0), k, v),
+    }
+    try:
+        calls[entry]()
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
-def test_star_gradients_wanted_on_some_ranks_only_raises_everywhere():
-    for rank_messages in world(2).run(_star_grad_on_rank_zero_only, timeout=60):
-        for message in rank_messages:
-            assert message is not None and "gradients required" in message
+@pytest.mark.parametrize("entry", ["attention", "linear_attention", "star_attention", "star_query_attention"])
+def test_gradients_wanted_on_some_ranks_only_raises_everywhere(entry):
+    # otherwise the backward's collectives would run on rank 0 alone and wait forever
+    for message in world(2).run(_grad_on_rank_zero_only, entry, timeout=60):
+        assert message is not None and "gradients required" in message
