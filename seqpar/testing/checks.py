@@ -76,6 +76,17 @@ def _dense_grads(q, k, v, do, causal, scale, use_sdpa):
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 
+def _check_results(results: Dict[str, Optional[torch.Tensor]], dtype: torch.dtype) -> None:
+    """Every output and gradient is present, in the input dtype and finite."""
+    for name, t in results.items():
+        if t is None:
+            raise AssertionError(f"{name} is missing")
+        if t.dtype != dtype:
+            raise AssertionError(f"{name} has dtype {t.dtype}, expected {dtype}")
+        if not torch.isfinite(t).all():
+            raise AssertionError(f"{name} has non-finite values")
+
+
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     scale = want.abs().max().item() or 1.0
     return (got.double() - want).abs().max().item() / scale
@@ -102,13 +113,7 @@ def check_attention(problem: AttentionProblem, attention_fn: Optional[Callable] 
         raise AssertionError(f"output has dtype {out.dtype} shape {tuple(out.shape)}, expected {dtype} {tuple(local[0].shape)}")
     out.backward(layout.shard(do).to(dtype))
     ours = {"out": out.detach(), "dq": local[0].grad, "dk": local[1].grad, "dv": local[2].grad}
-    for name, t in ours.items():
-        if t is None:
-            raise AssertionError(f"{name} is missing")
-        if t.dtype != dtype:
-            raise AssertionError(f"{name} has dtype {t.dtype}, expected {dtype}")
-        if not torch.isfinite(t).all():
-            raise AssertionError(f"{name} has non-finite values")
+    _check_results(ours, dtype)
     ours = {name: gather_global(t, layout, 1) if layout.world_size > 1 else t for name, t in ours.items()}
     ref = _dense_grads(q, k, v, do, problem.causal, problem.softmax_scale, use_sdpa=False)
     report = {f"err_{name}": _rel_err(ours[name], ref[name]) for name in ref}
@@ -222,13 +227,7 @@ def check_linear_attention(problem: LinearProblem, **options) -> Dict[str, float
     ours = {"out": out.detach(), "dq": local[0].grad, "dk": local[1].grad, "dv": local[2].grad}
     if g is not None:
         ours["dg"] = local_g.grad
-    for name, t in ours.items():
-        if t is None:
-            raise AssertionError(f"{name} is missing")
-        if t.dtype != dtype:
-            raise AssertionError(f"{name} has dtype {t.dtype}, expected {dtype}")
-        if not torch.isfinite(t).all():
-            raise AssertionError(f"{name} has non-finite values")
+    _check_results(ours, dtype)
     if layout.world_size > 1:
         for name, t in list(ours.items()):
             if name == "dg" and t.dim() == 1:  # a per-head decay: every rank holds a share
