@@ -3,10 +3,15 @@
 For each world size P, a local gloo world (`cores / P` threads per rank) is calibrated
 (`seqpar.calibrate`, not saved), then for every grid point (N, H, H_kv) the plan on that
 topology lists the feasible strategies; each runs (forward + backward, or forward alone
-with `--inference`) interleaved round by round, timed as the slowest rank per round,
-median over rounds (warm-up rounds run once per strategy and world: what they warm,
-connections and kernel checks, belongs to the process). A point counts as a win for "auto" when the measured time of the
-plan's choice is within `tolerance` (default 1.1x) of the fastest measured strategy.
+with `--no-training`) interleaved round by round, each round starting one candidate later,
+timed as the slowest rank per round. A point gets at least `--repeats` timed rounds and
+more while they fit in `--seconds-per-point` (up to `--max-repeats`): cheap points, where
+this machine's noise is largest against the time, get the most. Warm-up rounds run once
+per strategy and world (what they warm, connections and kernel checks, belongs to the
+process). A strategy's measured time is the median over rounds. "auto" wins a point when
+its choice is within `tolerance` (default 1.1x) of the fastest measured strategy, the
+ratio taken round by round (the median of the per-round ratios: drift of the machine
+within a round slows both alike); the ratio of the medians is reported beside it.
 
 Output: a progress line on stderr, a table (predicted against measured per strategy,
 per point), the fraction of points "auto" won, JSON, and a PNG of time against sequence
@@ -33,8 +38,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class GridConfig:
-    world_sizes: Tuple[int, ...] = (2, 4)
-    seq_lens: Tuple[int, ...] = (4096, 16384)
+    world_sizes: Tuple[int, ...] = (2, 3, 4)
+    seq_lens: Tuple[int, ...] = (2048, 4096, 8192)
     head_pairs: Tuple[Tuple[int, int], ...] = ((8, 8), (8, 2))  # (H, H_kv)
     head_dim: int = 64
     batch: int = 1
@@ -43,7 +48,9 @@ class GridConfig:
     scheme: str = "zigzag"
     training: bool = True
     backend: str = "auto"
-    repeats: int = 2
+    repeats: int = 5  # timed rounds at least
+    max_repeats: int = 40  # timed rounds at most
+    seconds_per_point: float = 60.0  # more rounds while they fit in this budget
     warmup: int = 1
     tolerance: float = 1.1
     seed: int = 0
@@ -77,14 +84,20 @@ def measure_on_rank(cfg: GridConfig, seq_len: int, heads: int, kv_heads: int, ca
                    for i in range(4))
     q, k, v = (t.requires_grad_(cfg.training) for t in (q, k, v))
     times: Dict[int, List[float]] = {i: [] for i in range(len(candidates))}
-    rounds = cfg.warmup + cfg.repeats
     keys = [(strategy, tuple(sorted(options.items()))) for strategy, options in candidates]
-    for round_ in range(rounds):
-        for i, (strategy, options) in enumerate(candidates):
-            if round_ < cfg.warmup and keys[i] in _WARMED:
+    count = len(candidates)
+    spent = 0.0  # seconds of timed rounds so far (the slowest rank's: every rank decides alike)
+    round_ = 0
+    while True:
+        timed = round_ >= cfg.warmup
+        round_start = time.perf_counter()
+        # each round starts one candidate later: no strategy always follows the same one
+        for i in [(round_ + j) % count for j in range(count)]:
+            strategy, options = candidates[i]
+            if not timed and keys[i] in _WARMED:
                 continue  # first-call costs (connections, kernel checks) are per process, paid already
             if rank == 0:
-                print(f"\r  {label}: round {round_ + 1}/{rounds} ({'warm-up' if round_ < cfg.warmup else 'timed'}), "
+                print(f"\r  {label}: {'timed round ' + str(round_ - cfg.warmup + 1) if timed else 'warm-up'}, "
                       f"{strategy}{options or ''}".ljust(110), end="", file=sys.stderr, flush=True)
             q.grad = k.grad = v.grad = None
             dist.barrier()
@@ -98,13 +111,37 @@ def measure_on_rank(cfg: GridConfig, seq_len: int, heads: int, kv_heads: int, ca
                     seqpar.attention(q, k, v, layout=layout, causal=cfg.causal, strategy=strategy,
                                      backend=cfg.backend, **options)
             elapsed = time.perf_counter() - start
-            if round_ >= cfg.warmup:
+            if timed:
                 times[i].append(elapsed)
+        round_ += 1
+        if not timed:
+            continue
+        took = torch.tensor([time.perf_counter() - round_start], dtype=torch.float64)
+        dist.all_reduce(took, op=dist.ReduceOp.MAX)
+        spent += float(took)
+        done = round_ - cfg.warmup
+        # at least `repeats` rounds; more while the point's time budget lasts (cheap points
+        # get many rounds, where this machine's noise is largest relative to the time)
+        if done >= cfg.max_repeats or (done >= cfg.repeats and spent + float(took) > cfg.seconds_per_point):
+            break
     _WARMED.update(keys)
     return times
 
 
-# -- the driver -------------------------------------------------------------------------------
+# -- the driver ---------------------------------------------------------------------------
+
+
+def paired_ratio(times: List[float], others: List[float]) -> float:
+    """How much slower `times` is than `others`, from rounds run side by side: the median
+    over rounds of the per-round ratio (drift the machine goes through in a round, such
+    as another process waking, slows both alike and cancels)."""
+    return statistics.median(a / b for a, b in zip(times, others))
+
+
+def _spread(times: List[float]) -> float:
+    """Relative spread of one candidate's rounds: (max - min) / median."""
+    return (max(times) - min(times)) / statistics.median(times) if len(times) > 1 else 0.0
+
 
 
 def run(cfg: GridConfig, json_path: Optional[str] = None, png_path: Optional[str] = None) -> Dict:
@@ -132,20 +169,23 @@ def run(cfg: GridConfig, json_path: Optional[str] = None, png_path: Optional[str
                 candidates = list(plan.feasible)
                 per_rank = world.run(measure_on_rank, cfg, seq_len, heads, kv_heads,
                                      [(c.strategy, c.kwargs) for c in candidates], label, timeout=4 * 3600)
-                measured = {}
+                measured, rounds = {}, {}
                 for i, c in enumerate(candidates):
                     slowest = [max(ts) for ts in zip(*(r[i] for r in per_rank))]
+                    rounds[c.label] = slowest
                     measured[c.label] = statistics.median(slowest)
                     rows.append({"world_size": world_size, "seq_len": seq_len, "heads": heads, "kv_heads": kv_heads,
                                  "candidate": c.label, "strategy": c.strategy, "options": c.kwargs,
                                  "predicted_s": c.time_s, "measured_s": measured[c.label],
-                                 "times_s": slowest, "auto": c is plan.choice})
+                                 "spread": _spread(slowest), "times_s": slowest, "auto": c is plan.choice})
                 best = min(measured, key=measured.get)
-                ratio = measured[plan.choice.label] / measured[best]
+                auto = plan.choice.label
+                ratio = paired_ratio(rounds[auto], rounds[best])
                 summaries.append({"world_size": world_size, "seq_len": seq_len, "heads": heads,
-                                  "kv_heads": kv_heads, "auto": plan.choice.label, "best": best,
-                                  "auto_vs_best": ratio, "auto_ok": ratio <= cfg.tolerance,
-                                  "predicted_best": plan.choice.label == best})
+                                  "kv_heads": kv_heads, "auto": auto, "best": best,
+                                  "auto_vs_best": ratio, "auto_vs_best_unpaired": measured[auto] / measured[best],
+                                  "auto_ok": ratio <= cfg.tolerance, "predicted_best": auto == best,
+                                  "spread": statistics.median(_spread(t) for t in rounds.values())})
                 # ends rank 0's live line (its own stderr) with this point's outcome
                 print(f"\r  {label}: auto {plan.choice.label}, fastest {best} (auto / fastest {ratio:.2f})".ljust(110),
                       file=sys.stderr, flush=True)
@@ -170,25 +210,29 @@ def format_table(report: Dict) -> str:
     lines = [
         f"seqpar bench --grid on {report['machine']} (torch {report['torch']}): D={cfg['head_dim']}, "
         f"B={cfg['batch']}, {cfg['dtype']}, causal={cfg['causal']}, scheme={cfg['scheme']}, "
-        f"{'forward + backward' if cfg['training'] else 'forward'}; median of {cfg['repeats']} rounds "
-        f"(slowest rank), {report['date']}",
+        f"{'forward + backward' if cfg['training'] else 'forward'}; median of {cfg['repeats']} to "
+        f"{cfg.get('max_repeats', cfg['repeats'])} rounds (as many as fit in "
+        f"{cfg.get('seconds_per_point', 0):.0f} s per point; slowest rank; spread: (max - min) / median), "
+        f"{report['date']}; auto / fastest (paired): median over rounds of the ratio within a round",
         "",
-        "| P | N | H | H_kv | strategy | predicted s | measured s | measured / predicted | |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| P | N | H | H_kv | strategy | predicted s | measured s | spread | measured / predicted | |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     best = {(s["world_size"], s["seq_len"], s["heads"], s["kv_heads"]): s["best"] for s in report["points"]}
     for r in report["rows"]:
         key = (r["world_size"], r["seq_len"], r["heads"], r["kv_heads"])
         marks = " ".join(m for m, on in (("auto", r["auto"]), ("fastest", best[key] == r["candidate"])) if on)
         lines.append(f"| {r['world_size']} | {r['seq_len']} | {r['heads']} | {r['kv_heads']} | {r['candidate']} | "
-                     f"{r['predicted_s']:.4f} | {r['measured_s']:.4f} | {r['measured_s'] / r['predicted_s']:.2f} | "
+                     f"{r['predicted_s']:.4f} | {r['measured_s']:.4f} | {100 * r.get('spread', 0.0):.0f}% | "
+                     f"{r['measured_s'] / r['predicted_s']:.2f} | "
                      f"{marks} |")
     wins = sum(s["auto_ok"] for s in report["points"])
-    lines += ["", "| P | N | H | H_kv | auto | fastest measured | auto / fastest | within tolerance |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| P | N | H | H_kv | auto | fastest measured | auto / fastest (paired) | unpaired | "
+                  "within tolerance |", "|---|---|---|---|---|---|---|---|---|"]
     for s in report["points"]:
         lines.append(f"| {s['world_size']} | {s['seq_len']} | {s['heads']} | {s['kv_heads']} | {s['auto']} | "
-                     f"{s['best']} | {s['auto_vs_best']:.3f} | {'yes' if s['auto_ok'] else 'NO'} |")
+                     f"{s['best']} | {s['auto_vs_best']:.3f} | {s.get('auto_vs_best_unpaired', s['auto_vs_best']):.3f} | "
+                     f"{'yes' if s['auto_ok'] else 'NO'} |")
     lines += ["", f"auto within {cfg['tolerance']}x of the fastest measured strategy at {wins} of "
                   f"{len(report['points'])} points ({100 * report['auto_win_fraction']:.0f}%); median "
                   f"|log(measured / predicted)| = {report['median_abs_log_error']:.2f}" if report["points"] else
@@ -256,7 +300,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--training", action=argparse.BooleanOptionalAction, default=defaults.training,
                         help="time forward + backward (default) or, with --no-training, the forward")
     parser.add_argument("--backend", default=defaults.backend)
-    parser.add_argument("--repeats", type=int, default=defaults.repeats)
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed rounds per point, at least")
+    parser.add_argument("--max-repeats", type=int, default=defaults.max_repeats,
+                        help="timed rounds per point, at most")
+    parser.add_argument("--seconds-per-point", type=float, default=defaults.seconds_per_point,
+                        help="after --repeats rounds, go on while the point's timed rounds fit in this budget")
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--tolerance", type=float, default=defaults.tolerance)
     parser.add_argument("--json", default="bench/out/grid.json")
@@ -266,6 +314,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = GridConfig(world_sizes=tuple(args.world_sizes), seq_lens=(1024, 2048) if args.quick else tuple(args.seq_lens),
                      head_pairs=tuple(args.heads), head_dim=args.head_dim, batch=args.batch, dtype=args.dtype,
                      causal=args.causal, scheme=args.scheme, training=args.training, backend=args.backend,
-                     repeats=args.repeats, warmup=args.warmup, tolerance=args.tolerance)
+                     repeats=args.repeats, max_repeats=max(args.repeats, args.max_repeats),
+                     seconds_per_point=args.seconds_per_point, warmup=args.warmup, tolerance=args.tolerance)
     run(cfg, json_path=args.json or None, png_path=args.png or None)
     return 0

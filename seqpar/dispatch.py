@@ -956,10 +956,11 @@ def _fit(points: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
     return intercept, slope
 
 
-def _timed(fn, repeats: int, group, device) -> float:
-    """Median seconds of `fn()` over `repeats` on this rank, every call started together
+def _timed(fn, repeats: int, group, device, calls: int = 1) -> float:
+    """Median seconds of `fn()` over `repeats` on this rank, every timing started together
     on all ranks (a barrier first), so the ranks contend for the machine as they will when
-    attention runs; one untimed call first (connections, buffers, caches)."""
+    attention runs; one untimed call first (connections, buffers, caches). A timing of
+    `calls` calls back to back gives seconds per call."""
     import torch.distributed as dist
 
     fn()
@@ -969,11 +970,22 @@ def _timed(fn, repeats: int, group, device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / calls)
     return statistics.median(times)
+
+
+def _calls_to_fill(fns: Sequence, window: float, group, device) -> List[int]:
+    """For each of `fns`, how many calls back to back take about `window` seconds on the
+    slowest rank (the same counts on every rank). A kernel timed alone can finish inside
+    one scheduler time slice while its rank has the core to itself; with more ranks than
+    cores that overstates the rate the ranks get together, which a window of many calls
+    (every rank computing for all of it) does not."""
+    once = _slowest([_timed(fn, 1, group, device) for fn in fns], group, device)
+    return [max(1, min(1000, math.ceil(window / max(t, 1e-6)))) for t in once]
 
 
 def _slowest(values: Sequence[float], group, device) -> List[float]:
@@ -1066,9 +1078,11 @@ def _measure_kernel(group, device, dtype, backend: str, sizes: Sequence[int], he
     """(forward flop/s, backward flop/s, seconds per call) of the block kernel, fitted over
     square unmasked blocks of `sizes` tokens, all ranks computing at once."""
     timed, flops = [], []
+    window = 0.02 if device.type == "cuda" else 0.15
     for n in sizes:
         fwd, bwd, f_flops, b_flops = _kernel_calls(device, dtype, backend, n, heads, head_dim)
-        timed += [_timed(fwd, repeats, group, device), _timed(bwd, repeats, group, device)]
+        f_calls, b_calls = _calls_to_fill((fwd, bwd), window, group, device)
+        timed += [_timed(fwd, repeats, group, device, f_calls), _timed(bwd, repeats, group, device, b_calls)]
         flops += [f_flops, b_flops]
     timed = _slowest(timed, group, device)
     f_overhead, f_slope = _fit(list(zip(flops[0::2], timed[0::2])))

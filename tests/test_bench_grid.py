@@ -12,14 +12,15 @@ def test_grid_runs_every_feasible_strategy_and_reports(tmp_path):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = bench_main(["--grid", "--world-sizes", "2", "--seq-lens", "32", "64", "--heads", "2:2", "2:1",
-                           "--head-dim", "8", "--repeats", "1", "--warmup", "1", "--json", str(json_path),
+                           "--head-dim", "8", "--repeats", "1", "--max-repeats", "2", "--seconds-per-point", "1000",
+                           "--warmup", "1", "--json", str(json_path),
                            "--png", str(png_path)])
     assert code == 0
     report = json.loads(json_path.read_text())
     assert len(report["points"]) == 4
     names = {(p["seq_len"], p["kv_heads"]): set() for p in report["points"]}
     for row in report["rows"]:
-        assert row["predicted_s"] > 0 and row["measured_s"] > 0 and len(row["times_s"]) == 1
+        assert row["predicted_s"] > 0 and row["measured_s"] > 0 and len(row["times_s"]) == 2  # the budget allows the maximum
         names[(row["seq_len"], row["kv_heads"])].add(row["candidate"])
     for names_at_point in names.values():
         assert {"ring", "ulysses", "allgather", "token_ring(route=direct)"} <= names_at_point
@@ -31,6 +32,9 @@ def test_grid_runs_every_feasible_strategy_and_reports(tmp_path):
                        (point["seq_len"], point["kv_heads"])), key=lambda r: r["measured_s"])
         assert point["best"] == fastest["candidate"]
         assert point["auto_ok"] == (point["auto_vs_best"] <= 1.1)
+        auto_times = next(r for r in autos)["times_s"]
+        ratios = sorted(a / b for a, b in zip(auto_times, fastest["times_s"]))
+        assert abs(point["auto_vs_best"] - sum(ratios) / 2) < 1e-12  # the paired median of two rounds
     assert report["auto_win_fraction"] == sum(p["auto_ok"] for p in report["points"]) / 4
     assert set(report["topologies"]) == {"2"}
     text = out.getvalue()
