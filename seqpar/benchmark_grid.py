@@ -309,12 +309,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--tolerance", type=float, default=defaults.tolerance)
     parser.add_argument("--json", default="bench/out/grid.json")
     parser.add_argument("--png", default="bench/out/grid.png")
-    parser.add_argument("--quick", action="store_true", help="a small grid for a smoke run (N 1024 and 2048)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: N 1024 and 2048, at most 10 s of timed rounds per point")
     args = parser.parse_args(argv)
+    budget = min(args.seconds_per_point, 10.0) if args.quick else args.seconds_per_point
     cfg = GridConfig(world_sizes=tuple(args.world_sizes), seq_lens=(1024, 2048) if args.quick else tuple(args.seq_lens),
                      head_pairs=tuple(args.heads), head_dim=args.head_dim, batch=args.batch, dtype=args.dtype,
                      causal=args.causal, scheme=args.scheme, training=args.training, backend=args.backend,
-                     repeats=args.repeats, max_repeats=max(args.repeats, args.max_repeats),
-                     seconds_per_point=args.seconds_per_point, warmup=args.warmup, tolerance=args.tolerance)
+                     repeats=args.repeats, max_repeats=max(args.repeats, args.max_repeats), seconds_per_point=budget,
+                     warmup=args.warmup, tolerance=args.tolerance)
     run(cfg, json_path=args.json or None, png_path=args.png or None)
     return 0

@@ -255,3 +255,27 @@ def test_gpu_sizes_with_default_tiles(dtype, offset):
     _check_block(q, k, v, do, 128 ** -0.5, offset, tiles=(None, None))
     q, k, v, do = _problem(300, 257, 4, 4, 80, dtype, seed=2, batch=2)
     _check_block(q, k, v, do, 80 ** -0.5, offset, tiles=(None, None))
+
+
+def test_folded_grid_visits_every_tile_of_every_row_once():
+    """The launch grid puts tiles x rows on axis 0 (axes 1 and 2 stop at 65535 on CUDA);
+    the kernels' (tile, row) from a program id is `divmod` in reverse."""
+    from seqpar.kernels.triton.grid import folded_grid
+
+    for n, block_rows, rows in [(1, 16, 1), (40, 16, 3), (64, 16, 70000), (1000, 128, 5)]:
+        (programs,) = folded_grid(n, block_rows, rows)
+        tiles = -(-n // block_rows)
+        assert programs == tiles * rows
+        seen = {(pid % tiles, pid // tiles) for pid in range(0, programs, max(1, programs // 5000))}
+        assert all(0 <= t < tiles and 0 <= r < rows for t, r in seen)
+        if programs <= 5000:
+            assert len(seen) == programs  # each (tile, row) once
+    with pytest.raises(ValueError, match="2\\^31 - 1 tiles"):
+        folded_grid(2 ** 20, 16, 2 ** 16)
+
+
+@pytest.mark.gpu
+def test_gpu_more_than_65535_batch_heads():
+    """B x H = 4100 x 16 = 65600 rows: past the 65535 of a second grid axis."""
+    q, k, v, do = _problem(20, 20, 16, 4, 16, torch.float16, seed=3, batch=4100)
+    _check_block(q, k, v, do, 0.25, 0, tiles=(None, None))

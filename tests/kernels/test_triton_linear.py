@@ -236,6 +236,12 @@ def test_gpu_sizes(dtype, decay):
     assert_within(run_and_compare(2, 1000, 4, 128, 96, 64, decay, dtype, seed=11, device="cuda"))
 
 
+@pytest.mark.gpu
+def test_gpu_more_than_65535_batch_heads():
+    """B x H = 4100 x 16 = 65600: past the 65535 of grid axes 1 and 2."""
+    assert_within(run_and_compare(4100, 20, 16, 16, 16, 16, "mixed", torch.float32, seed=5, device="cuda"))
+
+
 # Compiles every kernel for sm_90 in a fresh process (the interpreter accepts code the
 # compiler rejects: loop-carried types, dot shapes, int widths, shared memory). Needs
 # only triton's bundled ptxas, no GPU. Both decay variants, bf16 inputs (tf32 dots), two

@@ -105,3 +105,9 @@ def test_merge_kernel_goes_with_the_backend():
     assert block.merge_kernel("triton") is fused_merge
     for backend in ("torch", "sdpa", "flash_attn"):
         assert block.merge_kernel(backend) is reference_merge
+
+
+@pytest.mark.gpu
+def test_gpu_fused_merge_more_than_65535_batch_heads():
+    """B x H = 4100 x 16 rows: past the 65535 of a second grid axis."""
+    _assert_same_merge(*_random_state(4100, 3, 16, 8, torch.float32, torch.float32, seed=1))

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import folded_grid, tile_and_row
+
 # constexpr: the only globals a @triton.jit function may read
 LOG2E = tl.constexpr(1.4426950408889634)  # the kernels use exp2; scores are scaled by log2(e)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -98,8 +100,8 @@ def _attn_fwd(Q, K, V, Out, Lse,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)  # tl.dot's smallest tile
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    tile, off_bh = tile_and_row(n_q, BLOCK_M)
+    start_m = tile * BLOCK_M
     off_b = off_bh // heads
     off_h = off_bh % heads
     off_hk = off_h // group  # GQA: the KV head this query head reads
@@ -165,8 +167,8 @@ def _bwd_preprocess(Out, DO, Delta,
                     n_q, heads,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) in fp32, stored contiguous [B, H, nq]."""
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    tile, off_bh = tile_and_row(n_q, BLOCK_M)
+    start_m = tile * BLOCK_M
     off_b = off_bh // heads
     off_h = off_bh % heads
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -248,8 +250,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bh = tl.program_id(1)
+    tile, off_bh = tile_and_row(n_k, BLOCK_N)
+    start_n = tile * BLOCK_N
     off_b = off_bh // kv_heads
     off_hk = off_bh % kv_heads
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -349,8 +351,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    tile, off_bh = tile_and_row(n_q, BLOCK_M)
+    start_m = tile * BLOCK_M
     off_b = off_bh // heads
     off_h = off_bh % heads
     off_hk = off_h // group
@@ -494,7 +496,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, off
     block_d = head_block(head_dim)
     bm, bn, warps, stages = _tiles("fwd", block_d, q.dtype)
     bm, bn = block_m or bm, block_n or bn
-    grid = (triton.cdiv(n_q, bm), b * heads)
+    grid = folded_grid(n_q, bm, b * heads)
     _attn_fwd[grid](
         q, k, v, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(lse),
@@ -541,14 +543,14 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # -- 1. delta = rowsum(dO * O)
     delta = torch.empty(b, heads, n_q, dtype=torch.float32, device=q.device)
     pre_m = max(16, min(128, 8192 // block_d))
-    _bwd_preprocess[(triton.cdiv(n_q, pre_m), b * heads)](
+    _bwd_preprocess[folded_grid(n_q, pre_m, b * heads)](
         out, do, delta, *_strides(out), *_strides(do), n_q, heads,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m,
     )
     # -- 2. dK, dV: one program per key tile of a KV head
     bm, bn, warps, stages = _tiles("dkdv", block_d, q.dtype)
     bm, bn = block_m or bm, block_n or bn
-    _attn_bwd_dkdv[(triton.cdiv(n_k, bn), b * kv_heads)](
+    _attn_bwd_dkdv[folded_grid(n_k, bn, b * kv_heads)](
         q, k, v, do, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse), *_strides(dk), *_strides(dv),
         n_q, n_k, heads, kv_heads, group, off, scale * LOG2E.value, scale,
@@ -558,7 +560,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # -- 3. dQ: one program per query tile
     bm, bn, warps, stages = _tiles("dq", block_d, q.dtype)
     bm, bn = block_m or bm, block_n or bn
-    _attn_bwd_dq[(triton.cdiv(n_q, bm), b * heads)](
+    _attn_bwd_dq[folded_grid(n_q, bm, b * heads)](
         q, k, v, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse), *_strides(dq),
         n_q, n_k, heads, group, off, scale * LOG2E.value, scale,

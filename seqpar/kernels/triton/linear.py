@@ -19,12 +19,15 @@ Keeping `G` chunk-local also bounds `|G|` by C * max|g|, which bounds the roundi
 `G_i - G_j`.
 
 Forward (two kernels after the cumsum):
-1. `_state_fwd_kernel`, grid (Dk tiles, Dv tiles, B*H): walks the chunks in order, stores
+1. `_state_fwd_kernel`, grid (B*H, Dk tiles, Dv tiles): walks the chunks in order, stores
    `h_c` for every chunk and the final state. This is the only sequential part and it does
    one `[Dk, C] x [C, Dv]` product per chunk.
-2. `_output_fwd_kernel`, grid (NT, Dv tiles, B*H): every chunk in parallel, the `O(C^2)`
-   intra-chunk term and `q h_c`. (The layout of flash-linear-attention's chunk kernels: the
-   long-sequence work is parallel over chunks, not only over batch and heads.)
+2. `_output_fwd_kernel`, grid (NT x B*H folded on axis 0, Dv tiles): every chunk in
+   parallel, the `O(C^2)` intra-chunk term and `q h_c`. (The layout of
+   flash-linear-attention's chunk kernels: the long-sequence work is parallel over
+   chunks, not only over batch and heads.)
+B*H sits on grid axis 0, alone or folded with the chunks (`grid.py`): axes 1 and 2 stop
+at 65535.
 Every program holds at most 64 columns of Dk or Dv and walks the rest, so fp32 tiles fit
 shared memory for any head dim (a whole-Dk backward tile needed ~310 KB at Dk = 128,
 C = 64, compiled for sm_90; H100 allows 227 KB).
@@ -68,6 +71,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import folded_grid, tile_and_row
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # largest Dk / Dv slice of one program: every kernel walks or tiles longer head dims, which
 # keeps fp32 tiles within shared memory and registers whatever the head dim
@@ -105,8 +110,8 @@ def _intra_chunk_weights(G, n_rows, BT: tl.constexpr, USE_G: tl.constexpr):
 
 @triton.jit
 def _chunk_cumsum_kernel(g_ptr, G_ptr, n, H: tl.constexpr, BT: tl.constexpr):
-    """G[b, t, h] = sum of g[b, s, h] over the tokens s <= t of t's chunk. Grid (NT, B*H)."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    """G[b, t, h] = sum of g[b, s, h] over the tokens s <= t of t's chunk. Grid folded (NT x B*H)."""
+    i_t, i_bh = tile_and_row(n, BT)
     i_b, i_h = i_bh // H, i_bh % H
     offs_t = tl.arange(0, BT)
     row0 = i_b.to(tl.int64) * n + i_t * BT
@@ -123,12 +128,12 @@ def _state_fwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One [BK, BV] tile of the state, carried over the chunks in order. Grid (cdiv(K, BK), cdiv(V, BV), B*H).
+    """One [BK, BV] tile of the state, carried over the chunks in order. Grid (B*H, cdiv(K, BK), cdiv(V, BV)).
 
     states[b*H + h, c] = state before chunk c; final[b, h] = state after the last token.
     """
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -168,9 +173,10 @@ def _output_fwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """o for one chunk and one [BV] slice of Dv. Grid (NT, cdiv(V, BV), B*H); walks Dk in BK slices."""
+    """o for one chunk and one [BV] slice of Dv. Grid (NT x B*H folded, cdiv(V, BV)); walks Dk in BK slices."""
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_bh = tile_and_row(n, BT)
+    i_v = tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     offs_t = tl.arange(0, BT)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -223,12 +229,12 @@ def _state_bwd_kernel(
 ):
     """One [BK, BV] tile of the state gradient, carried over the chunks in reverse.
 
-    Grid (cdiv(K, BK), cdiv(V, BV), B*H).
+    Grid (B*H, cdiv(K, BK), cdiv(V, BV)).
 
     dstates[b*H + h, c] = gradient of the state at the end of chunk c (0 for the last chunk).
     """
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -269,11 +275,12 @@ def _dqk_bwd_kernel(
 ):
     """dq, dk of one chunk and one [BK] slice of Dk, and that slice's share of dL/dG.
 
-    Grid (NT, cdiv(K, BK), B*H); walks Dv in BV slices. dL/dG is linear in q_i . k_j, so
+    Grid (NT x B*H folded, cdiv(K, BK)); walks Dv in BV slices. dL/dG is linear in q_i . k_j, so
     each Dk slice writes its own share to dA[b, t, h, i_k] and the host adds them.
     """
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    i_t, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_bh = tile_and_row(n, BT)
+    i_k = tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -348,9 +355,10 @@ def _dv_bwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dv of one chunk and one [BV] slice of Dv. Grid (NT, cdiv(V, BV), B*H); walks Dk in BK slices."""
+    """dv of one chunk and one [BV] slice of Dv. Grid (NT x B*H folded, cdiv(V, BV)); walks Dk in BK slices."""
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_bh = tile_and_row(n, BT)
+    i_v = tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     offs_t = tl.arange(0, BT)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -440,7 +448,7 @@ class _Config:
 def _chunk_cumsum(g: torch.Tensor, cfg: _Config) -> torch.Tensor:
     """Chunk-local cumulative log decay `[B, n, H]` fp32."""
     G = _empty((cfg.B, cfg.n, cfg.H), g.device)
-    _chunk_cumsum_kernel[(cfg.NT, cfg.B * cfg.H)](g, G, cfg.n, H=cfg.H, BT=cfg.BT)
+    _chunk_cumsum_kernel[folded_grid(cfg.n, cfg.BT, cfg.B * cfg.H)](g, G, cfg.n, H=cfg.H, BT=cfg.BT)
     return G
 
 
@@ -448,7 +456,7 @@ def _forward_states(k, v, G, cfg: _Config):
     """States before every chunk `[B*H, NT, Dk, Dv]` and the final state `[B, H, Dk, Dv]`."""
     states = _empty((cfg.B * cfg.H, cfg.NT, cfg.K, cfg.V), k.device)
     final = _empty((cfg.B, cfg.H, cfg.K, cfg.V), k.device)
-    _state_fwd_kernel[(cfg.NK, cfg.NV, cfg.B * cfg.H)](
+    _state_fwd_kernel[(cfg.B * cfg.H, cfg.NK, cfg.NV)](
         k, v, k if G is None else G, states, final, cfg.n, cfg.NT, **cfg.kernel_args(G is not None),
     )
     return states, final
@@ -470,7 +478,7 @@ def chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional
     states, final = _forward_states(k, v, G, cfg)
 
     o = _empty((cfg.B, cfg.n, cfg.H, cfg.V), q.device)
-    _output_fwd_kernel[(cfg.NT, cfg.NV, cfg.B * cfg.H)](
+    _output_fwd_kernel[folded_grid(cfg.n, cfg.BT, cfg.B * cfg.H) + (cfg.NV,)](
         q, k, v, q if G is None else G, states, o, float(scale), cfg.n, cfg.NT, **cfg.kernel_args(G is not None),
     )
     return o, final
@@ -501,17 +509,17 @@ def chunk_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     # -- recompute the chunk-start states, then the end-of-chunk state gradients
     states, _ = _forward_states(k, v, G, cfg)
     dstates = _empty((B * H, NT, K, V), q.device)
-    _state_bwd_kernel[(cfg.NK, cfg.NV, B * H)](q, do, G_arg, dstates, float(scale), n, NT, **args)
+    _state_bwd_kernel[(B * H, cfg.NK, cfg.NV)](q, do, G_arg, dstates, float(scale), n, NT, **args)
 
     # -- every chunk in parallel: dq, dk and the Dk-slice shares of dL/dG; then dv
     dq = _empty((B, n, H, K), q.device)
     dk = _empty((B, n, H, K), q.device)
     dA = _empty((B, n, H, cfg.NK), q.device) if use_g else q
-    _dqk_bwd_kernel[(NT, cfg.NK, B * H)](
+    _dqk_bwd_kernel[folded_grid(n, cfg.BT, B * H) + (cfg.NK,)](
         q, k, v, G_arg, do, states, dstates, dq, dk, dA, float(scale), n, NT, NK=cfg.NK, **args,
     )
     dv = _empty((B, n, H, V), q.device)
-    _dv_bwd_kernel[(NT, cfg.NV, B * H)](q, k, G_arg, do, dstates, dv, float(scale), n, NT, **args)
+    _dv_bwd_kernel[folded_grid(n, cfg.BT, B * H) + (cfg.NV,)](q, k, G_arg, do, dstates, dv, float(scale), n, NT, **args)
     if not use_g:
         return dq, dk, dv, None
 

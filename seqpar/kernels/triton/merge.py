@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import folded_grid, tile_and_row
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -38,8 +40,8 @@ def _merge_kernel(Out, Lse, PartOut, PartLse,
                   n, heads,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    tile, off_bh = tile_and_row(n, BLOCK_M)
+    start_m = tile * BLOCK_M
     off_b = (off_bh // heads).to(tl.int64)
     off_h = (off_bh % heads).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -91,7 +93,7 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_ls
     block_d = triton.next_power_of_2(max(head_dim, 1))
     # about 4K elements of out per program: one row of D per thread group, rows in parallel
     block_m = max(1, min(triton.next_power_of_2(max(n, 1)), 4096 // block_d))
-    _merge_kernel[(triton.cdiv(n, block_m), b * heads)](
+    _merge_kernel[folded_grid(n, block_m, b * heads)](
         out, lse, part_out, part_lse,
         *out.stride(), *lse.stride(), *part_out.stride(), *part_lse.stride(),
         n, heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
