@@ -2,7 +2,8 @@
 
 `plan(seq_len, world_size=P, heads=H, ...)` predicts, for every registered exact strategy
 and each of its option values worth trying, the time of one attention call (forward, or
-forward + backward when `training`) on one rank, and picks the fastest feasible one.
+forward + backward when `training`) on one rank, and picks the fastest feasible one
+(candidates within `TIE` (2%) of the fastest are a tie, broken by `TIE_PREFERENCE`).
 Nothing here communicates: `plan` is pure arithmetic on a `Topology`, so every rank that
 plans with the same inputs gets the same answer.
 
@@ -42,9 +43,10 @@ What the model leaves out (read predictions as a ranking, not a stopwatch): rank
 lockstep per step (the slowest rank's block sets each ring step); per-step bytes are the
 busiest rank's total spread evenly over the steps; the agreement check and Python
 overhead outside block calls are not counted; link contention between concurrent
-collectives is not modelled; kernel rates do not depend on block shape or mask (on CPUs
-the rate falls as blocks outgrow the caches: calibration fits one rate over 16-, 256- and
-1024-token blocks).
+collectives is not modelled; kernel rates do not depend on block shape or mask
+(calibration fits one rate over 16-, 256- and 1024-token blocks; on the project's CPU the
+per-element rate measured flat from 1024- to 8192-token keys, and square causal pieces
+cost up to ~1.5x per visible element at 1024 tokens, less for longer ones).
 """
 from __future__ import annotations
 
@@ -75,6 +77,18 @@ FORWARD_FLOPS = 4
 BACKWARD_FLOPS = 10
 # ranks whose bytes and memory are evaluated one by one; above this, a sample
 EXACT_RANKS = 16
+# Candidates predicted within this fraction of the fastest are a tie (the calibrated
+# rates and links move by a few percent between calibrations, and the model leaves out
+# costs of that size); a tie goes to the strategy earliest in TIE_PREFERENCE: ring, whose
+# step-by-step schedule the model times most faithfully and which has no head-count
+# constraint, then the head-parallel ones (exposed all-to-alls, predictable), then the
+# all-gather (memory grows with N), then TokenRing (partials merged on their way back).
+TIE = 0.02
+TIE_PREFERENCE = ("ring", "ulysses", "usp", "allgather", "token_ring")
+
+
+def _preference(strategy: str) -> int:
+    return TIE_PREFERENCE.index(strategy) if strategy in TIE_PREFERENCE else len(TIE_PREFERENCE)
 
 
 def steps(kind: str, ranks: int) -> int:
@@ -642,7 +656,9 @@ def _evaluate(prob: _Problem, topo: Topology, strategy: str, options: Dict) -> C
 @dataclass(frozen=True)
 class Plan:
     """The planner's answer: `strategy` and `options` to pass to `seqpar.attention`, and
-    every candidate (feasible ones sorted fastest first, then the infeasible with reasons)."""
+    every candidate: the choice first, the other feasible ones by predicted time, then the
+    infeasible with reasons. The choice is the fastest, or a candidate tied with it (within
+    `TIE`) that comes earlier in `TIE_PREFERENCE`."""
 
     problem: Dict[str, object]
     topology: Topology
@@ -696,6 +712,10 @@ class Plan:
             lines += ["", "infeasible:"]
             lines += [f"  {c.label}: {c.reason}" for c in self.infeasible]
         lines += ["", f"chosen: {self.choice.label} (strategy={self.strategy!r}, options={self.options})"]
+        fastest = min(self.feasible, key=lambda c: c.time_s)
+        if fastest is not self.choice:
+            lines.append(f"  (predicted within {TIE:.0%} of the fastest, {fastest.label}: a tie, which goes to "
+                         f"{self.choice.strategy} by TIE_PREFERENCE)")
         return "\n".join(lines)
 
 
@@ -759,6 +779,11 @@ def _plan(prob: _Problem, topology: Topology) -> Plan:
     if not feasible:
         reasons = "; ".join(f"{c.label}: {c.reason}" for c in infeasible)
         raise ValueError(f"topology: no strategy can serve this problem on this topology ({reasons})")
+    # predictions closer than the model's resolution are a tie: the tie goes to the
+    # strategy earliest in TIE_PREFERENCE, the rest stay sorted by predicted time
+    tied = [c for c in feasible if c.time_s <= feasible[0].time_s * (1.0 + TIE)]
+    choice = min(tied, key=lambda c: (_preference(c.strategy), c.time_s, c.messages, order[id(c)]))
+    feasible = [choice] + [c for c in feasible if c is not choice]
     problem = {"seq_len": prob.seq_len, "world_size": prob.world_size, "heads": prob.heads,
                "kv_heads": prob.kv_heads, "head_dim": prob.head_dim, "dtype": _dtype_name(prob.dtype),
                "causal": prob.causal, "training": prob.training, "batch": prob.batch, "scheme": prob.scheme}
@@ -1159,9 +1184,8 @@ def calibrate(group=None, *, dtype=None, backend: str = "auto", save: bool = Tru
         else:
             base = base.replace(inter_latency=p2p_lat, inter_bandwidth=p2p_bw)
     concrete = resolve_backend(backend, device, dtype, 64)
-    # a tiny block pins the per-call overhead, two larger ones the flop rate
-    # (the rate falls with the block's working set on CPUs: 1024 tokens is a middle ground
-    # between cache-resident blocks and those of long sequences)
+    # a tiny block pins the per-call overhead, two larger ones the flop rate (on the
+    # project's 2-core CPU the rate per element stayed flat from 1024 to 8192 keys)
     sizes = (64, 512, 2048) if device.type == "cuda" else (16, 256, 1024)
     heads = 16 if device.type == "cuda" else 4
     fwd_rate, bwd_rate, overhead = _measure_kernel(group, device, dtype, concrete, sizes, heads, 64,

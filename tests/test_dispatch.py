@@ -168,6 +168,27 @@ def test_plan_is_deterministic():
     assert first is not again and first == again and str(first) == str(again)
 
 
+def test_near_ties_go_to_the_preferred_strategy(monkeypatch):
+    kwargs = dict(world_size=4, heads=8, kv_heads=8, head_dim=64, scheme="zigzag", topology=_flat())
+    monkeypatch.setattr(dispatch, "TIE", 0.0)
+    dispatch._plan.cache_clear()
+    exact = seqpar.plan(4096, **kwargs)
+    fastest = min(exact.feasible, key=lambda c: c.time_s)
+    assert exact.choice is fastest and "a tie" not in str(exact)
+    assert [c.time_s for c in exact.feasible] == sorted(c.time_s for c in exact.feasible)
+    # every candidate within the margin: the first of TIE_PREFERENCE wins, the rest keep their order
+    monkeypatch.setattr(dispatch, "TIE", 10.0)
+    dispatch._plan.cache_clear()
+    tied = seqpar.plan(4096, **kwargs)
+    assert tied.strategy == "ring" and tied.feasible[0] is tied.choice
+    rest = tied.feasible[1:]
+    assert [c.time_s for c in rest] == sorted(c.time_s for c in rest)
+    assert {c.label for c in tied.feasible} == {c.label for c in exact.feasible}
+    if fastest.strategy != "ring":
+        assert "a tie, which goes to ring by TIE_PREFERENCE" in str(tied)
+    dispatch._plan.cache_clear()
+
+
 @pytest.mark.parametrize("change, err, match", [
     (dict(kv_heads=3), ValueError, "kv_heads: expected a divisor of heads=8, got 3"),
     (dict(seq_len=3), ValueError, "seq_len: expected at least world_size=4"),
