@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqpar.kernels import block
+from triton_compile import compile_for_sm90
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _REASON = block.unavailable_reason("triton", DEVICE, torch.float32, 64)
@@ -281,56 +282,28 @@ def test_gpu_more_than_65535_batch_heads():
     _check_block(q, k, v, do, 0.25, 0, tiles=(None, None))
 
 
-# Compiles the attention and merge kernels for sm_90 in a fresh process, with the tile
-# sizes the host wrappers use (the interpreter accepts code the compiler rejects: int
-# widths, dot shapes, loop-carried types, shared memory). Needs only triton's bundled
-# ptxas, no GPU.
+# The attention and merge kernels compiled for sm_90 (see triton_compile.py) with the tile
+# sizes the host wrappers use, folded launch grids included.
 _COMPILE_SCRIPT = """
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-try:
-    from triton.backends.nvidia.compiler import get_ptxas
-    get_ptxas(90).path
-except Exception as exc:
-    print(f"no ptxas: {exc}")
-    sys.exit(77)
-import torch
 from seqpar.kernels.triton import attention as A, merge as M
 
-INPUTS = ("Q", "K", "V", "DO")
-SCALARS = ("qk_scale", "scale")
-
 def arg_type(name):
-    if name in INPUTS:
+    if name in ("Q", "K", "V", "DO"):
         return "*bf16"
     if name[0].isupper():
         return "*fp32"
-    return "fp32" if name in SCALARS else "i32"
-
-def build(fn, consts, warps=4, stages=1):
-    sig = {a: "constexpr" if a in consts else arg_type(a) for a in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": warps, "num_stages": stages})
+    return "fp32" if name in ("qk_scale", "scale") else "i32"
 
 for head_dim in (64, 128):
     for kind, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
         bm, bn, warps, stages = A._tiles(kind, head_dim, torch.bfloat16)
         build(fn, dict(CAUSAL=True, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=bm, BLOCK_N=bn,
-                       PRECISION="tf32"), warps, stages)
-    build(A._bwd_preprocess, dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=64))
-    build(M._merge_kernel, dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=32))
+                       PRECISION="tf32"), arg_type, warps, stages)
+    build(A._bwd_preprocess, dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=64), arg_type)
+    build(M._merge_kernel, dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=32), arg_type)
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests compile and run the kernels")
 def test_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600, check=False)
-    if proc.returncode == 77:
-        pytest.skip(proc.stdout.strip())
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    compile_for_sm90(_COMPILE_SCRIPT)

@@ -10,10 +10,6 @@ Every fp32 buffer the wrappers allocate is NaN-filled here, so an element a kern
 to write fails the comparison (and the explicit finiteness check).
 """
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import torch
 
@@ -25,6 +21,8 @@ import pytest
 
 # skipped (with triton's import error as the reason) where triton cannot load, e.g. off Linux
 linear = pytest.importorskip("seqpar.kernels.triton.linear", exc_type=ImportError)
+
+from triton_compile import compile_for_sm90  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS32 = torch.finfo(torch.float32).eps
@@ -242,52 +240,29 @@ def test_gpu_more_than_65535_batch_heads():
     assert_within(run_and_compare(4100, 20, 16, 16, 16, 16, "mixed", torch.float32, seed=5, device="cuda"))
 
 
-# Compiles every kernel for sm_90 in a fresh process (the interpreter accepts code the
-# compiler rejects: loop-carried types, dot shapes, int widths, shared memory). Needs
-# only triton's bundled ptxas, no GPU. Both decay variants, bf16 inputs (tf32 dots), two
-# Dk and Dv slices, a partial-chunk-capable BT.
-_COMPILE_SCRIPT = textwrap.dedent("""
-    import sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        get_ptxas(90).path
-    except Exception as exc:
-        print(f"no ptxas: {exc}")
-        sys.exit(77)
-    from seqpar.kernels.triton import linear as L
+# Every kernel compiled for sm_90 (see triton_compile.py): both decay variants, bf16 inputs
+# (tf32 dots), two Dk and Dv slices, a partial-chunk-capable BT.
+_COMPILE_SCRIPT = """
+from seqpar.kernels.triton import linear as L
 
-    TOKEN_INPUTS = ("q_ptr", "k_ptr", "v_ptr", "do_ptr")
+TOKEN_INPUTS = ("q_ptr", "k_ptr", "v_ptr", "do_ptr")
 
-    def arg_type(name):
-        if name in ("n", "NT"):
-            return "i32"
-        if name == "scale":
-            return "fp32"
-        return "*bf16" if name in TOKEN_INPUTS else "*fp32"
+def arg_type(name):
+    if name in ("n", "NT"):
+        return "i32"
+    if name == "scale":
+        return "fp32"
+    return "*bf16" if name in TOKEN_INPUTS else "*fp32"
 
-    def build(fn, consts):
-        sig = {a: "constexpr" if a in consts else arg_type(a) for a in fn.arg_names}
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
-
-    for use_g in (True, False):
-        c = dict(H=2, K=80, V=72, BT=32, BK=64, BV=64, USE_G=use_g, DOT_PRECISION="tf32")
-        for fn in (L._state_fwd_kernel, L._output_fwd_kernel, L._state_bwd_kernel, L._dv_bwd_kernel):
-            build(fn, c)
-        build(L._dqk_bwd_kernel, dict(c, NK=2))
-    build(L._chunk_cumsum_kernel, dict(H=2, BT=32))
-""")
+for use_g in (True, False):
+    c = dict(H=2, K=80, V=72, BT=32, BK=64, BV=64, USE_G=use_g, DOT_PRECISION="tf32")
+    for fn in (L._state_fwd_kernel, L._output_fwd_kernel, L._state_bwd_kernel, L._dv_bwd_kernel):
+        build(fn, c, arg_type)
+    build(L._dqk_bwd_kernel, dict(c, NK=2), arg_type)
+build(L._chunk_cumsum_kernel, dict(H=2, BT=32), arg_type)
+"""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests compile and run the kernels")
 def test_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600, check=False)
-    if proc.returncode == 77:
-        pytest.skip(proc.stdout.strip())
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    compile_for_sm90(_COMPILE_SCRIPT)
