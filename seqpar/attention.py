@@ -225,9 +225,10 @@ def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, strateg
     rows of dense attention over the global sequence, `[B, S/P, H, D]`, input dtype.
     `causal`: query at global position i sees keys j <= i. `softmax_scale`: default
     `D ** -0.5`. `strategy`: "ring", "ulysses", "usp" (option `ulysses_size`), "allgather"
-    (option `kv_head_chunk`), "token_ring" (option `route`) or "auto" (the fastest feasible
-    one by `seqpar.plan` on this group's cached calibration, else default topology; options
-    are then chosen too, so none may be given); `backend`: "auto", "torch", "sdpa", "triton",
+    (option `kv_head_chunk`), "token_ring" (option `route`) or "auto" (the choice of
+    `seqpar.plan` on this group's cached calibration, else default topology: the fastest
+    feasible one, near-ties to a fixed preference; options are then chosen too, so none may
+    be given); `backend`: "auto", "torch", "sdpa", "triton",
     "flash_attn" (per-block kernel). Differentiable in q, k, v.
     """
     return run_strategy(strategy, q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,

@@ -728,7 +728,8 @@ def _positive_int(name: str, value) -> int:
 def plan(seq_len: int, *, world_size: int, heads: int, kv_heads: Optional[int] = None, head_dim: int = 128,
          dtype="bfloat16", causal: bool = True, training: bool = True, batch: int = 1,
          scheme: str = "contiguous", topology: Optional[Topology] = None) -> Plan:
-    """Predict every exact strategy's time on this problem and pick the fastest feasible one.
+    """Predict every exact strategy's time on this problem and pick the fastest feasible one
+    (or, among candidates within `TIE` of the fastest, the first in `TIE_PREFERENCE`).
 
     Problem: global `seq_len` N over `world_size` P ranks, `heads` H query heads and
     `kv_heads` H_kv (default H) of `head_dim` D, `dtype` (name or torch dtype), `causal`,
@@ -1003,14 +1004,20 @@ def _timed(fn, repeats: int, group, device, calls: int = 1) -> float:
     return statistics.median(times)
 
 
+# calls per timing window at most: the smallest CPU block (16 tokens, ~30 us a call) gets
+# a window of ~30 ms instead of the full one (still many scheduler slices)
+_MAX_CALLS = 1000
+
+
 def _calls_to_fill(fns: Sequence, window: float, group, device) -> List[int]:
     """For each of `fns`, how many calls back to back take about `window` seconds on the
-    slowest rank (the same counts on every rank). A kernel timed alone can finish inside
-    one scheduler time slice while its rank has the core to itself; with more ranks than
-    cores that overstates the rate the ranks get together, which a window of many calls
-    (every rank computing for all of it) does not."""
+    slowest rank (at most `_MAX_CALLS`; the same counts on every rank). A kernel timed
+    alone can finish inside one scheduler time slice while its rank has the core to itself;
+    with more ranks than cores that overstates the rate the ranks get together, which a
+    window of many calls (every rank computing for all of it) does not."""
     once = _slowest([_timed(fn, 1, group, device) for fn in fns], group, device)
-    return [max(1, min(1000, math.ceil(window / max(t, 1e-6)))) for t in once]
+    return [max(1, min(_MAX_CALLS, math.ceil(window / max(t, 1e-6)))) for t in once]
+
 
 
 def _slowest(values: Sequence[float], group, device) -> List[float]:
@@ -1101,7 +1108,10 @@ def _kernel_calls(device, dtype, backend: str, n: int, heads: int, head_dim: int
 def _measure_kernel(group, device, dtype, backend: str, sizes: Sequence[int], heads: int, head_dim: int,
                     repeats: int) -> Tuple[float, float, float]:
     """(forward flop/s, backward flop/s, seconds per call) of the block kernel, fitted over
-    square unmasked blocks of `sizes` tokens, all ranks computing at once."""
+    square unmasked blocks of `sizes` tokens, all ranks computing at once. Each size is
+    timed over a window of calls back to back (`_calls_to_fill`); on CUDA the launches then
+    queue as they do inside a strategy, so the per-call overhead is the launch throughput,
+    not the latency of one synchronised call."""
     timed, flops = [], []
     window = 0.02 if device.type == "cuda" else 0.15
     for n in sizes:

@@ -46,3 +46,19 @@ def test_grid_runs_every_feasible_strategy_and_reports(tmp_path):
         assert not png_path.exists()
     else:
         assert report["png"] == str(png_path) and png_path.stat().st_size > 0
+
+
+def test_grid_stops_on_its_time_budget_and_reprints_a_saved_run(tmp_path):
+    json_path = tmp_path / "grid.json"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert bench_main(["--grid", "--world-sizes", "2", "--seq-lens", "32", "--heads", "2:2", "--head-dim", "8",
+                           "--repeats", "1", "--max-repeats", "3", "--seconds-per-point", "0", "--warmup", "0",
+                           "--json", str(json_path), "--png", ""]) == 0
+    report = json.loads(json_path.read_text())
+    assert report["rows"] and all(len(row["times_s"]) == 1 for row in report["rows"])  # the budget ran out
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert bench_main(["--grid", "--table", str(json_path)]) == 0
+    text = out.getvalue()
+    assert "best round s" in text and "auto within 1.1x of the fastest measured strategy at" in text
+    assert text.count("| 2 | 32 | 2 | 2 |") == len(report["rows"]) + 1  # every row, and the point

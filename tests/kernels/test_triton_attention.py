@@ -271,7 +271,7 @@ def test_folded_grid_visits_every_tile_of_every_row_once():
         assert all(0 <= t < tiles and 0 <= r < rows for t, r in seen)
         if programs <= 5000:
             assert len(seen) == programs  # each (tile, row) once
-    with pytest.raises(ValueError, match="2\\^31 - 1 tiles"):
+    with pytest.raises(ValueError, match="batch x heads: expected at most 2\\^31 - 1 programs"):
         folded_grid(2 ** 20, 16, 2 ** 16)
 
 

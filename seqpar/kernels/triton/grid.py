@@ -21,6 +21,7 @@ def folded_grid(n: int, block: int, rows: int) -> tuple:
     """`cdiv(n, block)` tiles for each of `rows` (batch x heads), on axis 0."""
     programs = triton.cdiv(n, block) * rows
     if programs > 2 ** 31 - 1:
-        raise ValueError(f"q: expected at most 2^31 - 1 tiles of {block} rows x batch x heads in one launch, "
-                         f"got {triton.cdiv(n, block)} x {rows} = {programs}; split the batch")
+        raise ValueError(f"batch x heads: expected at most 2^31 - 1 programs in one launch ("
+                         f"{triton.cdiv(n, block)} tiles of {block} tokens for each of batch x heads = {rows}), "
+                         f"got {programs}; split the batch")
     return (programs,)
