@@ -16,6 +16,8 @@ Routes (`route=`):
   of rank s start at the last rank they visit (s-1) and travel back along the reverse
   ring, each rank merging its own partial into them as they pass. They reach s P-1 hops
   after the last compute step; each rank holds its partials until their stream passes.
+  The partial outputs travel in fp32 on this route (in the input dtype on the direct one):
+  a stream merged and re-sent at every hop would be rounded P-1 times.
 
 Backward: K/V and so dK/dV stay on their owner (accumulated in fp32). q, dO, out and lse
 travel by the same route, with out in place of rowsum(dO * O) because the fused backward
@@ -29,7 +31,8 @@ size, a = 4 for fp32 lse/dQ, 8 for fp64 inputs), direct route:
               returning  sum_t B m(r-t -> r) H D a            (partial dQ)
 Ring's K/V volume is `2 B n H_kv D` per hop: with MHA TokenRing sends about half of that
 each way and uses both directions; with GQA (H = G H_kv) its queries alone are G/2 times
-ring's traffic, so ring wins. `analytic_bytes` gives exact numbers for a layout.
+ring's traffic, so ring wins. On the relayed route the returning partial out counts
+`D a` instead of `D e`. `analytic_bytes` gives exact numbers for a layout.
 """
 from __future__ import annotations
 
@@ -223,10 +226,15 @@ def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, route, name):
     out, lse = _attend(fwd, merge, q, k, v, visible_blocks(layout, rank, rank, causal), scale, acc, torch.float64)
     b, _, h, d = q.shape
 
+    # the partial outputs' wire dtype: the input dtype on the direct route (each partial is
+    # rounded once before its merge), fp32 on the relayed one, whose partials are merged
+    # and sent on at every hop (bf16 rounded P-1 times reached 2.3x dense's error at P=4)
+    wire = acc if route == "ring" else q.dtype
+
     def compute(src, t, tensors):
         blocks = _blocks_in(layout, src, rank, causal, plan.rows[src][t])
         part_out, part_lse = _attend(fwd, merge, tensors[0], k, v, blocks, scale, acc, acc)
-        return [part_out.to(q.dtype), part_lse]
+        return [part_out.to(wire), part_lse]
 
     def absorb(parts, ranges):
         _scatter_merge(merge, out, lse, parts[0], parts[1], ranges)
@@ -236,10 +244,10 @@ def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, route, name):
         kept_out, kept_lse = kept[0].to(acc), kept[1].to(torch.float64)
         _scatter_merge(merge, kept_out, kept_lse, incoming[0], incoming[1],
                        [(_packed_index(rows_kept, a), n) for a, n in rows_in])
-        kept[0], kept[1] = kept_out.to(q.dtype), kept_lse.to(acc)
+        kept[0], kept[1] = kept_out.to(wire), kept_lse.to(acc)
 
     results = [
-        (1, lambda n: q.new_empty(b, n, h, d)),
+        (1, lambda n: torch.empty(b, n, h, d, dtype=wire, device=q.device)),
         (2, lambda n: torch.empty(b, h, n, dtype=acc, device=q.device)),
     ]
     _travel(layout, plan, [(q, 1)], results, compute, absorb, combine, op=f"{name}.forward")
@@ -300,12 +308,13 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
         out_rows = sum(_count(plan.rows[(rank - t + 1) % world][t]) for t in range(1, world))
         back_rows = sum(_count(plan.rows[(rank + hop) % world][world - hop]) for hop in range(1, world))
     heads_rows = batch * heads
+    wire = a if route == "ring" else element_size  # the returning partial outputs (see _forward)
     return {
         "forward_outgoing": out_rows * row * element_size,
-        "forward_returning": back_rows * (row * element_size + heads_rows * a),
+        "forward_returning": back_rows * (row * wire + heads_rows * a),
         "backward_outgoing": out_rows * (3 * row * element_size + heads_rows * a),
         "backward_returning": back_rows * row * a,
-        "forward": out_rows * row * element_size + back_rows * (row * element_size + heads_rows * a),
+        "forward": out_rows * row * element_size + back_rows * (row * wire + heads_rows * a),
         "backward": out_rows * (3 * row * element_size + heads_rows * a) + back_rows * row * a,
     }
 
