@@ -144,11 +144,10 @@ def _unfold_groups(x, n, h):
 
 def _cpu_fp32(*tensors):
     """fp16/bf16 blocks run PyTorch's CPU flash op in fp32. Its fp16/bf16 variants return
-    each block's output rounded to the input dtype, and a merge of rounded partials then
-    rounds the final output twice (measured up to 2.3x dense's bf16 error at P=4); on CPUs
-    the fp32 op is also as fast for bf16 and 10x faster for the fp16 backward (2-core AVX-512
-    VM, 1024 tokens x 8 heads). Outputs and gradients come back in fp32, as the Triton
-    kernels' do; the merges and accumulators are fp32 anyway."""
+    each block's output rounded to the input dtype, so a merge of partials would round the
+    final output twice; on CPUs the fp32 op is also about as fast for bf16 and 10x faster
+    for the fp16 backward (2-core AVX-512 VM, 1024 tokens x 8 heads). Outputs and gradients
+    come back in fp32, as the Triton kernels' do; the merges and accumulators are fp32."""
     return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
 
 
