@@ -105,6 +105,13 @@ def test_cancelled_gradients_are_judged_against_the_terms_they_sum():
     assert not tolerance_violations(problem, report)
     without = {key: value for key, value in report.items() if not key.startswith("cond_")}
     assert set(tolerance_violations(problem, without)) == {"dq", "dk"}  # judged against the result
+    # float64: two tokens, a dq cancelled 1e8-fold below its terms, ~1e-8 of rounding noise
+    f64 = AttentionProblem(2, 2, batch=2, heads=1, kv_heads=1, head_dim=16, scheme="stripe", dtype="float64",
+                           logit_scale=16.0, seed=1)
+    report = world(2).run(check_attention, f64, seqpar.ring_attention)[0]
+    assert report["cond_dq"] > 1e6 and report["err_dq"] > 1e-10 and not tolerance_violations(f64, report)
+    without = {key: value for key, value in report.items() if not key.startswith("cond_")}
+    assert "dq" in tolerance_violations(f64, without)
     # the widened floor follows the conditioning: the same error on a healthy problem fails
     healthy = AttentionProblem(2, 16, causal=True, scheme="zigzag", dtype="float32")
     report = world(2).run(check_attention, healthy, gradient_noise_attention)[0]
