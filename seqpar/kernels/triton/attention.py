@@ -47,6 +47,25 @@ MAX_HEAD_DIM = 256  # one padded head row must fit a tile in registers
 
 
 @triton.jit
+def _key_tile_scores(q, kT_ptrs, cols, offs_m, d_ok, n_k, offset, qk_scale,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """`(K^T [D, BN], scores [BM, BN] in log2 units)` of one key tile for a query tile; a
+    masked stage (it may reach past the last key) sets invisible scores to -inf."""
+    if MASKED:
+        kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (cols[None, :] < n_k), other=0.0)
+    else:
+        kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+    qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+    if MASKED:
+        # after the scaling: a negative scale must not turn -inf into +inf
+        visible = cols[None, :] < n_k
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+        qk = tl.where(visible, qk, float("-inf"))
+    return kT, qk
+
+
+@triton.jit
 def _fwd_key_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kn, stride_vn,
                    lo, hi, offs_m, offs_n, offs_d, n_k, offset, qk_scale,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -56,22 +75,13 @@ def _fwd_key_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kn, stride_vn,
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        # -- load K^T and V (a masked stage may reach past the last key)
+        # -- V (a masked stage may reach past the last key), and the scores in log2 units
         if MASKED:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (cols[None, :] < n_k), other=0.0)
             v = tl.load(v_ptrs, mask=(cols[:, None] < n_k) & d_ok[None, :], other=0.0)
         else:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        # -- scores in log2 units
         # [BM, BN]
-        qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        if MASKED:
-            # after the scaling: a negative scale must not turn -inf into +inf
-            visible = cols[None, :] < n_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
-            qk = tl.where(visible, qk, float("-inf"))
+        _, qk = _key_tile_scores(q, kT_ptrs, cols, offs_m, d_ok, n_k, offset, qk_scale, MASKED, CAUSAL, PRECISION)
         # -- update m_i and l_i (a row that has seen no key yet keeps m = -inf, l = 0)
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
@@ -314,19 +324,12 @@ def _dq_key_tiles(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kn, stride_vn,
         cols = start_n + offs_n
         # [D, BN]
         if MASKED:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (cols[None, :] < n_k), other=0.0)
             vT = tl.load(vT_ptrs, mask=d_ok[:, None] & (cols[None, :] < n_k), other=0.0)
         else:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
         # -- P = exp2(S - lse)
-        # [BM, BN]
-        qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        if MASKED:
-            visible = cols[None, :] < n_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
-            qk = tl.where(visible, qk, float("-inf"))
+        # [D, BN], [BM, BN]
+        kT, qk = _key_tile_scores(q, kT_ptrs, cols, offs_m, d_ok, n_k, offset, qk_scale, MASKED, CAUSAL, PRECISION)
         p = tl.math.exp2(qk - lse[:, None])
         # -- dS = P * (dP - delta), dP = dO V^T
         dp = tl.dot(do, vT, input_precision=PRECISION)

@@ -167,6 +167,36 @@ def _state_fwd_kernel(
 
 
 @triton.jit
+def _scores_and_state_product(q_ptr, k_ptr, states_ptr, state_base, row0, i_h, offs_t, offs_v, n_rows, decay,
+                              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                              BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                              KEYS_TIMES_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One chunk, walking Dk in BK slices: `(q k^T [BT, BT], x S [BT, BV])` with S the chunk's
+    `[K, V]` state slice at `states_ptr + state_base` and x = q (forward output: S = h_c) or k
+    (`KEYS_TIMES_STATE`, the dv backward: S = dh_c), each row scaled by `decay` when USE_G."""
+    # [BT, BT]
+    s = tl.zeros([BT, BT], dtype=tl.float32)
+    # [BT, BV]
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        offs_k = i_k * BK + tl.arange(0, BK)
+        # [BT, BK]
+        qk_offs = (row0 * H + i_h) * K + offs_t[:, None] * (H * K) + offs_k[None, :]
+        qk_mask = (offs_t[:, None] < n_rows) & (offs_k[None, :] < K)
+        q = tl.load(q_ptr + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
+        # [BK, BV]
+        state = tl.load(states_ptr + state_base + offs_k[:, None] * V + offs_v[None, :],
+                        mask=(offs_k[:, None] < K) & (offs_v[None, :] < V), other=0.0)
+        s = tl.dot(q, tl.trans(k), acc=s, input_precision=DOT_PRECISION)
+        x = k if KEYS_TIMES_STATE else q
+        if USE_G:
+            x = x * decay[:, None]
+        acc = tl.dot(x, state, acc=acc, input_precision=DOT_PRECISION)
+    return s, acc
+
+
+@triton.jit
 def _output_fwd_kernel(
     q_ptr, k_ptr, v_ptr, G_ptr, states_ptr, o_ptr, scale, n, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -189,26 +219,11 @@ def _output_fwd_kernel(
         q_decay = tl.exp(G)
     else:
         G = tl.zeros([BT], dtype=tl.float32)
+        q_decay = G  # unread without decay
 
     # -- accumulate q k^T and (q * exp(G)) h_c over Dk
-    # [BT, BT]
-    s = tl.zeros([BT, BT], dtype=tl.float32)
-    # [BT, BV]
-    o = tl.zeros([BT, BV], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        offs_k = i_k * BK + tl.arange(0, BK)
-        # [BT, BK]
-        qk_offs = (row0 * H + i_h) * K + offs_t[:, None] * (H * K) + offs_k[None, :]
-        qk_mask = (offs_t[:, None] < n_rows) & (offs_k[None, :] < K)
-        q = tl.load(q_ptr + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
-        # [BK, BV]
-        h = tl.load(states_ptr + state_base + offs_k[:, None] * V + offs_v[None, :],
-                    mask=(offs_k[:, None] < K) & (offs_v[None, :] < V), other=0.0)
-        s = tl.dot(q, tl.trans(k), acc=s, input_precision=DOT_PRECISION)
-        if USE_G:
-            q = q * q_decay[:, None]
-        o = tl.dot(q, h, acc=o, input_precision=DOT_PRECISION)
+    s, o = _scores_and_state_product(q_ptr, k_ptr, states_ptr, state_base, row0, i_h, offs_t, offs_v, n_rows,
+                                     q_decay, H, K, V, BT, BK, BV, USE_G, False, DOT_PRECISION)
 
     # -- add the intra-chunk term: decayed, causally masked scores times v
     s = s * _intra_chunk_weights(G, n_rows, BT, USE_G)
@@ -372,26 +387,11 @@ def _dv_bwd_kernel(
         k_decay = tl.exp(G_last - G)
     else:
         G = tl.zeros([BT], dtype=tl.float32)
+        k_decay = G  # unread without decay
 
     # -- accumulate q k^T and the cross-chunk part (k * exp(G_C - G)) dh over Dk
-    # [BT, BT]
-    s = tl.zeros([BT, BT], dtype=tl.float32)
-    # [BT, BV]
-    dv = tl.zeros([BT, BV], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        offs_k = i_k * BK + tl.arange(0, BK)
-        # [BT, BK]
-        qk_offs = (row0 * H + i_h) * K + offs_t[:, None] * (H * K) + offs_k[None, :]
-        qk_mask = (offs_t[:, None] < n_rows) & (offs_k[None, :] < K)
-        q = tl.load(q_ptr + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
-        # [BK, BV]
-        dh = tl.load(dstates_ptr + state_base + offs_k[:, None] * V + offs_v[None, :],
-                     mask=(offs_k[:, None] < K) & (offs_v[None, :] < V), other=0.0)
-        s = tl.dot(q, tl.trans(k), acc=s, input_precision=DOT_PRECISION)
-        if USE_G:
-            k = k * k_decay[:, None]
-        dv = tl.dot(k, dh, acc=dv, input_precision=DOT_PRECISION)
+    s, dv = _scores_and_state_product(q_ptr, k_ptr, dstates_ptr, state_base, row0, i_h, offs_t, offs_v, n_rows,
+                                      k_decay, H, K, V, BT, BK, BV, USE_G, True, DOT_PRECISION)
 
     # -- intra-chunk part: dv_j += sum_i a_ij do_i, a the forward's scaled, decayed, masked scores
     # [BT, BT]
