@@ -29,13 +29,18 @@ class Strategy:
     analytic_bytes: Callable  # (layout, batch, heads, kv_heads, head_dim, element_size, **options) -> {"forward", "backward"}
     options: FrozenSet[str] = frozenset()
     check: Callable = None  # (q, k, v, layout, options): raises ValueError if it cannot serve
+    # (q, k, v, layout, options) -> options with every default filled in. Defaults may come
+    # from this rank's environment (USP's LOCAL_WORLD_SIZE); the resolved values shape the
+    # collectives, so they are what ranks agree on
+    resolve: Callable = None
 
 
 _REGISTRY: Dict[str, Strategy] = {}
 
 
-def register_strategy(name: str, apply: Callable, analytic_bytes: Callable, options=(), check: Callable = None) -> None:
-    _REGISTRY[name] = Strategy(apply, analytic_bytes, frozenset(options), check)
+def register_strategy(name: str, apply: Callable, analytic_bytes: Callable, options=(), check: Callable = None,
+                      resolve: Callable = None) -> None:
+    _REGISTRY[name] = Strategy(apply, analytic_bytes, frozenset(options), check, resolve)
 
 
 def analytic_bytes(strategy: str, layout, batch: int, heads: int, kv_heads: int, head_dim: int, element_size: int,
@@ -70,37 +75,51 @@ def _resolve_strategy(strategy: str) -> str:
     raise ValueError(f"strategy: expected one of {registered_strategies() + ('auto',)}, got {strategy!r}")
 
 
+def _raise_all(problems, kind=ValueError) -> None:
+    if problems:
+        raise kind("; ".join(problems))
+
+
 def check_qkv_types(q, k, v) -> None:
     """q, k, v are 4-dim tensors `[batch, seqlen, heads, head_dim]` of one supported dtype
-    and one device (shared by every entry point: softmax, linear and Star attention)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dims [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}")
+    and one device that holds data (shared by every entry point: softmax, linear and Star
+    attention). Every problem found is named at once."""
+    _raise_all([f"{name}: expected a torch.Tensor, got {type(t).__name__}" for name, t in (("q", q), ("k", k), ("v", v))
+                if not isinstance(t, torch.Tensor)], TypeError)
+    problems = [f"{name}: expected 4 dims [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}"
+                for name, t in (("q", q), ("k", k), ("v", v)) if t.dim() != 4]
     if q.dtype not in DTYPES:
-        raise ValueError(f"q: expected dtype in {[str(d) for d in DTYPES]}, got {q.dtype}")
+        problems.append(f"q: expected dtype in {[str(d) for d in DTYPES]}, got {q.dtype}")
+    if q.device.type == "meta":
+        # a meta tensor has no values to attend over (the planner checks shapes with meta
+        # tensors through check_strategy, not here)
+        problems.append("q: expected a tensor with data (on cpu, cuda, ...), got one on the meta device")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise ValueError(f"{name}: expected dtype {q.dtype} (that of q), got {t.dtype}")
+            problems.append(f"{name}: expected dtype {q.dtype} (that of q), got {t.dtype}")
         if t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} (that of q), got {t.device}")
+            problems.append(f"{name}: expected device {q.device} (that of q), got {t.device}")
+    _raise_all(problems)
 
 
 def _check_tensors(q, k, v, same_seqlen: bool = True) -> None:
     """Types, ranks, dtypes, devices and shapes of q, k, v; `same_seqlen=False` lets the
-    key length differ from the query length (Star's query phase)."""
+    key length differ from the query length (Star's query phase). k is checked against q
+    and then v against k, so each message blames the tensor that is wrong; every problem
+    found is named at once."""
     check_qkv_types(q, k, v)
-    if k.shape != v.shape:
-        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    problems = []
     if k.shape[0] != q.shape[0]:
-        raise ValueError(f"k: expected batch {q.shape[0]} (that of q), got {k.shape[0]}")
+        problems.append(f"k: expected batch {q.shape[0]} (that of q), got {k.shape[0]}")
     if same_seqlen and k.shape[1] != q.shape[1]:
-        raise ValueError(f"k: expected local seqlen {q.shape[1]} (that of q), got {k.shape[1]}")
+        problems.append(f"k: expected local seqlen {q.shape[1]} (that of q), got {k.shape[1]}")
     if k.shape[3] != q.shape[3]:
-        raise ValueError(f"k: expected head_dim {q.shape[3]} (that of q), got {k.shape[3]}")
+        problems.append(f"k: expected head_dim {q.shape[3]} (that of q), got {k.shape[3]}")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-        raise ValueError(f"k: expected a number of KV heads that divides q's {q.shape[2]} heads, got {k.shape[2]}")
+        problems.append(f"k: expected a number of KV heads that divides q's {q.shape[2]} heads, got {k.shape[2]}")
+    if not problems and k.shape != v.shape:
+        problems.append(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    _raise_all(problems)
 
 
 def _resolve_scale(softmax_scale, head_dim: int) -> float:
@@ -146,7 +165,12 @@ def _grad_wanted(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def _signature(strategy, backend, causal, scale, layout, q, k, v, options, chosen=None, concrete=None):
+def _describe_options(options) -> tuple:
+    return tuple(sorted((key, describe(val)) for key, val in options.items()))
+
+
+def _signature(strategy, backend, causal, scale, layout, q, k, v, options, chosen=None, concrete=None,
+               resolved=None):
     # root causes first: the first field that differs is the one the error names
     return (
         ("q [batch, heads, head_dim], dtype, device", no_seq(q)),
@@ -161,7 +185,9 @@ def _signature(strategy, backend, causal, scale, layout, q, k, v, options, chose
         ("backend resolved on this rank", concrete),
         ("causal", causal),
         ("softmax_scale", scale),
-        ("options", tuple(sorted((key, describe(val)) for key, val in options.items()))),
+        ("options", _describe_options(options)),
+        # defaults read from this rank's environment shape the collectives too
+        ("options with defaults resolved on this rank", None if resolved is None else _describe_options(resolved)),
         # a backward on some ranks only would leave the others waiting in its collectives
         ("gradients required (q, k or v requires grad, grad mode on)", _grad_wanted(q, k, v)),
     )
@@ -184,17 +210,21 @@ def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=
         scale = _resolve_scale(softmax_scale, q.shape[-1])
         if strategy == "auto":
             name, run_options = _auto(q, k, v, layout, causal, options)
-            chosen = (name, tuple(sorted((key, describe(val)) for key, val in run_options.items())))
+            chosen = (name, _describe_options(run_options))
         else:
             name, run_options = _resolve_strategy(strategy), options
         check_strategy(name, q, k, v, layout, run_options)
+        if _REGISTRY[name].resolve is not None:
+            run_options = _REGISTRY[name].resolve(q, k, v, layout, run_options)
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         concrete_backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale)
     except (ValueError, TypeError) as exc:
         error = exc
     _, world = group_rank_and_size(group)
-    signature = _signature(strategy, backend, causal, scale, layout, q, k, v, options, chosen, concrete_backend)
+    resolved = None if error is not None else run_options
+    signature = _signature(strategy, backend, causal, scale, layout, q, k, v, options, chosen, concrete_backend,
+                           resolved)
     agree(group, world, signature, error, what=f"seqpar.attention(strategy={strategy!r})")
     return _REGISTRY[name].apply(q, k, v, layout, causal, scale, concrete_backend, run_options)
 
@@ -240,7 +270,8 @@ def _register_builtin() -> None:
 
     register_strategy("ring", ring._apply, ring.analytic_bytes)
     register_strategy("ulysses", ulysses._apply, ulysses.analytic_bytes, check=ulysses._check)
-    register_strategy("usp", usp._apply, usp.analytic_bytes, options=("ulysses_size",), check=usp._check)
+    register_strategy("usp", usp._apply, usp.analytic_bytes, options=("ulysses_size",), check=usp._check,
+                      resolve=usp._resolve)
     register_strategy("token_ring", token_ring._apply, token_ring.analytic_bytes, options=("route",),
                       check=token_ring._check)
     register_strategy("allgather", allgather._apply, allgather.analytic_bytes, options=("kv_head_chunk",),

@@ -34,6 +34,15 @@ LOCAL_CASES = [
     ("scale_nan", dict(softmax_scale=float("nan")), ValueError, "softmax_scale: expected a finite float"),
     ("scale_str", dict(softmax_scale="0.5"), TypeError, "softmax_scale: expected a float or None, got str"),
     ("sdpa_scale_zero", dict(softmax_scale=0.0, backend="sdpa"), ValueError, "backend: sdpa needs softmax_scale > 0"),
+    # k wrong, v right: k is blamed (before, "v: expected the shape of k")
+    ("k_head_dim_only", dict(k=torch.randn(1, 6, 2, 4)), ValueError, r"^k: expected head_dim 8 .that of q., got 4$"),
+    ("k_len_only", dict(k=torch.randn(1, 5, 2, 8)), ValueError, r"^k: expected local seqlen 6 .that of q., got 5$"),
+    ("all_at_once", dict(k=torch.randn(2, 5, 3, 4)), ValueError,
+     r"k: expected batch 1 .*; k: expected local seqlen 6 .*; k: expected head_dim 8 .*; k: expected a number of KV"),
+    ("dtype_and_device_at_once", dict(k=k.double(), v=v.half()), ValueError,
+     r"k: expected dtype torch.float32 .that of q., got torch.float64; v: expected dtype torch.float32"),
+    ("meta", dict(q=q.to("meta"), k=k.to("meta"), v=v.to("meta")), ValueError,
+     r"q: expected a tensor with data \(on cpu, cuda, ...\), got one on the meta device"),
     ("unknown_option", dict(ulysses_size=2), ValueError, r"options: strategy 'ring' takes no options, got \['ulysses_size'\]"),
 ]
 
@@ -174,7 +183,7 @@ def _grad_on_rank_zero_only(entry):
         "linear_attention": lambda: sp.linear_attention(x, k, v, layout=layout),
         "star_attention": lambda: sp.star_attention(x, k, v, layout=layout, anchor_len=1),
         "star_query_attention": lambda: sp.star_query_attention(
-            torch.randn(1, 2, 2, 4, requires_grad=layout.rank == 0), k, v),
+            torch.randn(1, 2, 2, 4, generator=torch.Generator().manual_seed(0), requires_grad=layout.rank == 0), k, v),
     }
     try:
         calls[entry]()
@@ -188,3 +197,56 @@ def test_gradients_wanted_on_some_ranks_only_raises_everywhere(entry):
     # otherwise the backward's collectives would run on rank 0 alone and wait forever
     for message in world(2).run(_grad_on_rank_zero_only, entry, timeout=60):
         assert message is not None and "gradients required" in message
+
+
+def _usp_with_local_world_size(values):
+    """USP without `ulysses_size`: its default reads LOCAL_WORLD_SIZE, here different per rank."""
+    import os
+
+    rank = dist.get_rank()
+    old = os.environ.get("LOCAL_WORLD_SIZE")
+    os.environ["LOCAL_WORLD_SIZE"] = str(values[rank])
+    try:
+        layout = SeqLayout(16, scheme="zigzag")
+        seqpar.usp_attention(*_qkv(layout.local_len), layout=layout, causal=True)
+        return "returned"
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        if old is None:
+            os.environ.pop("LOCAL_WORLD_SIZE")
+        else:
+            os.environ["LOCAL_WORLD_SIZE"] = old
+
+
+def test_usp_default_from_the_environment_is_agreed():
+    # before, rank 0 ran ring (U=1) and rank 1 Ulysses (U=2): different collectives, a hang
+    results = world(2).run(_usp_with_local_world_size, (1, 2), timeout=60)
+    for message in results:
+        assert "options with defaults resolved on this rank must be the same on every rank" in message, results
+        assert "'ulysses_size', ('int', 1)" in message and "'ulysses_size', ('int', 2)" in message
+    assert world(2).run(_usp_with_local_world_size, (2, 2), timeout=60) == ["returned"] * 2
+
+
+def _star_query_with_rank_dependent_q(change: str):
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 3, 4, 8, generator=gen)
+    k, v = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    if rank == 1 and change == "value":
+        q[0, 2, 1, 7] += 1e-3
+    elif rank == 1 and change == "order":
+        q = q.flip(1)  # the same values, rows swapped: a sum alone would not see it
+    try:
+        seqpar.star_query_attention(q, k, v)
+        return "returned"
+    except ValueError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("change", ["value", "order"])
+def test_star_query_q_that_differs_between_ranks_raises_everywhere(change):
+    # before, every rank returned the same wrong answer (relative error 0.4-1.2)
+    for message in world(2).run(_star_query_with_rank_dependent_q, change, timeout=60):
+        assert "q (its values) must be the same on every rank" in message, message
+    assert world(2).run(_star_query_with_rank_dependent_q, "none", timeout=60) == ["returned"] * 2

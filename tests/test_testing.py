@@ -80,8 +80,9 @@ def test_checker_is_tight_in_float64():
 
 
 def gradient_noise_attention(q, k, v, *, layout, causal, softmax_scale):
-    """Ring attention whose q-gradient is off by 64 fp32 ulps of its largest value: within
-    the floor of a cancelled gradient, far over it on a healthy one."""
+    """Ring attention whose q-gradient is off by 1024 fp32 ulps of its largest value: within
+    the floor of a cancelled gradient, far over it on a healthy one (where dense fp32's own
+    error is a few ulps on any machine)."""
 
     class Noise(torch.autograd.Function):
         @staticmethod
@@ -90,7 +91,7 @@ def gradient_noise_attention(q, k, v, *, layout, causal, softmax_scale):
 
         @staticmethod
         def backward(ctx, grad):
-            return grad + 64 * torch.finfo(torch.float32).eps * grad.abs().max() * torch.sign(grad)
+            return grad + 1024 * torch.finfo(torch.float32).eps * grad.abs().max() * torch.sign(grad)
 
     return seqpar.ring_attention(Noise.apply(q), k, v, layout=layout, causal=causal, softmax_scale=softmax_scale)
 
@@ -98,21 +99,26 @@ def gradient_noise_attention(q, k, v, *, layout, causal, softmax_scale):
 def test_cancelled_gradients_are_judged_against_the_terms_they_sum():
     """Two tokens, logits ~16/sqrt(D): the softmax saturates and dq cancels far below its
     terms (cond in the thousands and up); before the conditioning entered the floor, such
-    fp32 problems broke the rule on rounding noise (7 of 800 drawn)."""
+    fp32 problems broke the rule on rounding noise (7 of 800 drawn). The premises that do not
+    depend on the machine are asserted on real runs (these problems are cancelled, and pass);
+    that the conditioning decides the verdict is shown on reports built by hand, since how
+    far a given BLAS lands from float64 dense on one problem is not a property of seqpar."""
     problem = AttentionProblem(2, 2, causal=True, scheme="zigzag", dtype="float32", logit_scale=16.0, seed=11)
     report = world(2).run(check_attention, problem, None, strategy="ring")[0]
     assert report["cond_dq"] > 1e3 and 1.0 <= report["cond_out"] < 16
     assert not tolerance_violations(problem, report)
-    without = {key: value for key, value in report.items() if not key.startswith("cond_")}
-    assert set(tolerance_violations(problem, without)) == {"dq", "dk"}  # judged against the result
-    # float64: two tokens, a dq cancelled 1e8-fold below its terms, ~1e-8 of rounding noise
+    # float64: two tokens, a dq cancelled 1e6-fold and more below its terms
     f64 = AttentionProblem(2, 2, batch=2, heads=1, kv_heads=1, head_dim=16, scheme="stripe", dtype="float64",
                            logit_scale=16.0, seed=1)
     report = world(2).run(check_attention, f64, seqpar.ring_attention)[0]
-    assert report["cond_dq"] > 1e6 and report["err_dq"] > 1e-10 and not tolerance_violations(f64, report)
-    without = {key: value for key, value in report.items() if not key.startswith("cond_")}
-    assert "dq" in tolerance_violations(f64, without)
-    # the widened floor follows the conditioning: the same error on a healthy problem fails
+    assert report["cond_dq"] > 1e6 and not tolerance_violations(f64, report)
+    # the rule itself, dense exact: 256 fp32 ulps at cond 1e3, 4 float64 ulps x cond at cond 1e7
+    eps32, eps64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+    for prob, err, cond in ((problem, 256 * eps32, 1e3), (f64, 4 * eps64 * 1e7, 1e7)):
+        judged = {"err_dq": err, "dense_dq": 0.0, "cond_dq": cond}
+        assert not tolerance_violations(prob, judged)
+        assert "dq" in tolerance_violations(prob, {"err_dq": err, "dense_dq": 0.0})  # judged against the result
+    # the widened floor follows the conditioning: the same kind of error on a healthy problem fails
     healthy = AttentionProblem(2, 16, causal=True, scheme="zigzag", dtype="float32")
     report = world(2).run(check_attention, healthy, gradient_noise_attention)[0]
     assert report["cond_dq"] < 16 and "dq" in tolerance_violations(healthy, report)

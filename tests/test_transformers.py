@@ -120,7 +120,7 @@ def _misuse(case):
     ("padding", "attention_mask: expected None .* 3 padded token"),
     ("default_positions", "position_ids: expected the layout's global positions"),
     ("dropout", "dropout: expected 0.0"),
-    ("sliding_window", "sliding_window: expected None or an int >= seq_len=24 .*got 5"),
+    ("sliding_window", "sliding_window: expected None or an int >= seq_len=24.*got 5"),
 ])
 def test_misuse_raises_on_every_rank(case, message):
     import re
@@ -139,3 +139,28 @@ def test_register_is_idempotent():
 
     assert register() == "seqpar" and register() == "seqpar"
     assert AttentionInterface()["seqpar"] is attention_forward
+
+
+def test_refusals_name_every_argument_in_one_line_without_printing_tensors():
+    from seqpar.integrations.transformers import attention_forward
+
+    q = torch.randn(1, 4, 6, 8)  # [B, H, S, D], one process
+    sinks = torch.randn(64)
+    with pytest.raises(ValueError) as info:
+        attention_forward(torch.nn.Module(), q, q[:, :2], q[:, :2], None, sliding_window=3, s_aux=sinks, softcap=30.0)
+    message = str(info.value)
+    assert "\n" not in message and "tensor([" not in message, message
+    for part in ("sliding_window: expected None or an int >= seq_len=6, got 3",
+                 "s_aux: expected None, got a tensor of shape (64,), dtype torch.float32", "softcap: expected None"):
+        assert part in message, message
+
+
+def test_position_message_shows_where_positions_differ():
+    from seqpar.integrations.transformers import attention_forward
+
+    q = torch.randn(1, 2, 12, 8)
+    positions = torch.arange(12)[None].clone()
+    positions[0, 9:] = torch.arange(3)  # a packed second document starting at index 9
+    with pytest.raises(ValueError, match=r"got 3 that differ, the first at row 0, index 9: expected \[6:13\] = "
+                                         r"\[6, 7, 8, 9, 10, 11\], got \[6, 7, 8, 0, 1, 2\]"):
+        attention_forward(torch.nn.Module(), q, q, q, None, position_ids=positions)

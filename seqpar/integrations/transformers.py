@@ -48,6 +48,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..attention import _layout_for
+from ..errors import brief
 from ..layout import SeqLayout
 from ..nn.functional import sequence_parallel_sdpa
 
@@ -98,14 +99,20 @@ def _check_positions(position_ids, layout) -> None:
         return
     expected = layout.positions(device=position_ids.device)
     rows = position_ids.reshape(-1, position_ids.shape[-1]) if position_ids.dim() >= 1 else position_ids.reshape(1, 1)
-    if rows.shape[-1] != expected.numel() or not bool((rows == expected).all()):
-        shown = rows[0, :8].tolist()
+    if rows.shape[-1] != expected.numel():
         raise ValueError(
-            f"position_ids: expected the layout's global positions layout.positions() = "
-            f"{expected[:8].tolist()}{'...' if expected.numel() > 8 else ''} in every row (pass "
-            f"position_ids=layout.positions() or shard_batch's; the model's default arange(local_len) is wrong under "
-            f"sequence parallelism, and packed sequences are not supported), got shape {tuple(position_ids.shape)} "
-            f"starting {shown}"
+            f"position_ids: expected {expected.numel()} positions per row (layout.local_len on rank {layout.rank}), "
+            f"got shape {tuple(position_ids.shape)}"
+        )
+    wrong = (rows != expected).nonzero()
+    if wrong.numel():
+        row, col = wrong[0].tolist()
+        lo, hi = max(0, col - 3), min(expected.numel(), col + 4)
+        raise ValueError(
+            f"position_ids: expected the layout's global positions (layout.positions(): pass those or shard_batch's; "
+            f"the model's default arange(local_len) is wrong under sequence parallelism, and packed sequences are not "
+            f"supported) on rank {layout.rank}, got {len(wrong)} that differ, the first at row {row}, index {col}: "
+            f"expected [{lo}:{hi}] = {expected[lo:hi].tolist()}, got {rows[row, lo:hi].tolist()}"
         )
     _verified.update(tensor=weakref.ref(position_ids), version=position_ids._version, positions_of=positions_of)
 
@@ -123,6 +130,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             raise TypeError(f"layout: expected a seqpar.SeqLayout or None, got {type(layout).__name__}")
         # the default layout is built from the local length: the one seqpar.attention will use
         resolved = layout if layout is not None else _layout_for(None, query.transpose(1, 2), None)
+        refused = []
         for name in _UNSUPPORTED_KWARGS:
             value = kwargs.get(name)
             if value is None:
@@ -131,8 +139,11 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             if name == "sliding_window" and isinstance(value, int) and resolved.seq_len <= value:
                 continue
             limit = f" or an int >= seq_len={resolved.seq_len}" if name == "sliding_window" else ""
-            raise ValueError(f"{name}: expected None{limit} (seqpar attention is plain causal or full attention over "
-                             f"the global sequence), got {value!r}")
+            refused.append(f"{name}: expected None{limit}, got {brief(value)}")
+        if refused:
+            # every refused argument at once, so a user fixes them in one go
+            raise ValueError("; ".join(refused) + " (seqpar attention is plain causal or full attention over the "
+                             "global sequence)")
         _check_positions(kwargs.get("position_ids"), resolved)
 
     out = sequence_parallel_sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal,

@@ -290,6 +290,25 @@ def query_analytic_bytes(world_size: int, batch: int, n_q: int, heads: int, head
     }
 
 
+_DIGEST_MODULUS = 2 ** 31 - 1
+
+
+def values_digest(t: torch.Tensor) -> tuple:
+    """Two checksums of `t`'s bits (its sum and a position-weighted sum, modulo a prime), so
+    ranks can agree that a replicated tensor is the same everywhere: computed on t's device
+    in O(numel), then 16 bytes reach the host. Exact integer arithmetic, so equal tensors
+    give equal digests on every device; reordered rows change the weighted sum."""
+    flat = t.detach().reshape(-1)
+    bits = flat.view(torch.int16 if flat.element_size() == 2 else torch.int32).to(torch.int64)
+    bits = torch.remainder(bits, _DIGEST_MODULUS)
+    weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64)
+    weights = torch.remainder(weights * 2654435761, _DIGEST_MODULUS)
+    # every term is below 2**31, so the sums stay exact for up to 2**32 elements
+    total = bits.sum()
+    weighted = torch.remainder(bits * weights, _DIGEST_MODULUS).sum()
+    return tuple(torch.stack([total, weighted]).tolist())
+
+
 def _check_kv_lens(kv_lens, world: int, rank: int, m: int) -> tuple:
     if not isinstance(kv_lens, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) for x in kv_lens):
         raise TypeError(f"kv_lens: expected a list of ints or None, got {kv_lens!r}")
@@ -341,6 +360,9 @@ def _query_call(q, k, v, *, group, causal, softmax_scale, backend, kv_lens, prio
         error = error or exc
     signature = tuple(prior_signature) + (
         ("q [batch, n_q, heads, head_dim], dtype, device", describe(q)),
+        # the queries are replicated: a rank with other values would make every rank's
+        # output a wrong mixture of the two, silently (checked every call; q is small)
+        ("q (its values)", values_digest(q) if error is None else None),
         ("k [batch, heads, head_dim], dtype, device", no_seq(k)),
         ("v [batch, heads, head_dim], dtype, device", no_seq(v)),
         ("causal", describe(causal)),

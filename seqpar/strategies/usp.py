@@ -46,6 +46,12 @@ def _ulysses_size(layout, heads: int, kv_heads: int, options) -> int:
     return default_ulysses_size(layout.world_size, heads, kv_heads) if size is None else size
 
 
+def _resolve(q, k, v, layout, options):
+    """`options` with `ulysses_size` filled in: its default reads this rank's LOCAL_WORLD_SIZE,
+    so the value is agreed across ranks before any collective (`attention.run_strategy`)."""
+    return {**options, "ulysses_size": _ulysses_size(layout, q.shape[2], k.shape[2], options)}
+
+
 def _check(q, k, v, layout, options):
     size = options.get("ulysses_size")
     if size is None:
