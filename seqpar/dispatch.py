@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from .errors import brief
 
 KINDS = ("p2p", "alltoall", "allgather", "reduce_scatter", "allreduce")
 LEVELS = ("intra", "inter")
@@ -139,17 +140,17 @@ class Topology:
         for name in ("intra_bandwidth", "inter_bandwidth", "compute_rate", "backward_rate"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
+                raise ValueError(f"{name}: expected a positive finite number, got {brief(value)}")
         for name in ("intra_latency", "inter_latency", "kernel_overhead"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+                raise ValueError(f"{name}: expected a finite number >= 0, got {brief(value)}")
         if not (isinstance(self.overlap, (int, float)) and 0 <= self.overlap <= 1):
             raise ValueError(f"overlap: expected a fraction in [0, 1], got {self.overlap!r}")
         for entry in self.measured:
             if len(entry) != 4 or entry[0] not in LEVELS or entry[1] not in KINDS:
                 raise ValueError(f"measured: expected (level in {LEVELS}, kind in {KINDS}, latency, bandwidth) "
-                                 f"entries, got {entry!r}")
+                                 f"entries, got {brief(entry)}")
 
     def link(self, level: str, kind: str) -> Tuple[float, float]:
         """(latency per step, bandwidth) of a call of `kind` at `level`."""
@@ -721,7 +722,7 @@ class Plan:
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        raise ValueError(f"{name}: expected a positive int, got {brief(value)}")
     return value
 
 

@@ -23,6 +23,7 @@ from .comm import collectives
 from .comm.groups import agree, describe
 from .layout import SeqLayout, group_rank_and_size
 from .strategies.star import _query_call, star_attention
+from .errors import brief
 
 
 class _LayerKV:
@@ -88,7 +89,7 @@ class StarKVCache:
 
     def __init__(self, *, group=None, decode_room: int = 256):
         if isinstance(decode_room, bool) or not isinstance(decode_room, int) or decode_room < 0:
-            raise ValueError(f"decode_room: expected a non-negative int, got {decode_room!r}")
+            raise ValueError(f"decode_room: expected a non-negative int, got {brief(decode_room)}")
         self.group = group
         self.rank, self.world_size = group_rank_and_size(group)
         self.decode_room = decode_room
@@ -100,7 +101,7 @@ class StarKVCache:
         keeping this rank's k, v. `q` `[B, n_r, H, D]`, `k`/`v` `[B, n_r, H_kv, D]`: this
         rank's block of `layout` (contiguous, on the cache's group). Returns `[B, n_r, H, D]`."""
         if not isinstance(layout, SeqLayout) or layout.group is not self.group:
-            raise ValueError(f"layout: expected a seqpar.SeqLayout on the cache's group, got {layout!r}")
+            raise ValueError(f"layout: expected a seqpar.SeqLayout on the cache's group, got {brief(layout)}")
         if layer in self._layers:
             raise ValueError(f"layer: layer {layer!r} is already filled; use a new StarKVCache per sequence")
         out = star_attention(q, k, v, layout=layout, anchor_len=anchor_len, softmax_scale=softmax_scale,
@@ -182,7 +183,7 @@ def star_generate(forward: Callable, input_ids: torch.Tensor, *, layout: SeqLayo
                 f"got {input_ids.shape[1]}"
             )
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+            raise ValueError(f"max_new_tokens: expected a positive int, got {brief(max_new_tokens)}")
     except (TypeError, ValueError) as exc:
         error = exc
     batch = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else None

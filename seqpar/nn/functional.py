@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..attention import run_strategy
 from ..layout import SeqLayout
+from ..errors import brief
 
 # argument names of torch's function; the transformers glue passes its own (attention_mask, dropout, scaling)
 _TORCH_NAMES = {"attn_mask": "attn_mask", "dropout_p": "dropout_p", "scale": "scale"}
@@ -57,7 +58,7 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     if dropout_p != 0:
         raise ValueError(
             f"{names['dropout_p']}: expected 0.0 (attention dropout is not supported under sequence parallelism), "
-            f"got {dropout_p!r}"
+            f"got {brief(dropout_p)}"
         )
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal: expected a bool, got {type(is_causal).__name__}")
@@ -65,7 +66,7 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"{names['scale']}: expected a float or None, got {type(scale).__name__}")
         if not math.isfinite(scale):
-            raise ValueError(f"{names['scale']}: expected a finite float or None, got {scale!r}")
+            raise ValueError(f"{names['scale']}: expected a finite float or None, got {brief(scale)}")
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"enable_gqa: expected a bool, got {type(enable_gqa).__name__}")
     for name, t in (("key", key), ("value", value)):

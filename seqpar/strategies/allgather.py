@@ -27,6 +27,7 @@ from ..comm import collectives
 from ..kernels import block as block_kernels
 from ..layout import SeqLayout, visible_blocks
 from .common import SavedOutputAttention, attend_blocks, attend_blocks_backward
+from ..errors import brief
 
 
 def _chunks(kv_heads: int, chunk: Optional[int]):
@@ -119,7 +120,7 @@ def _check(q, k, v, layout, options):
     if chunk is None:
         return
     if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk:
-        raise ValueError(f"kv_head_chunk: expected a positive int or None, got {chunk!r}")
+        raise ValueError(f"kv_head_chunk: expected a positive int or None, got {brief(chunk)}")
 
 
 def _apply(q, k, v, layout, causal, scale, backend, options):

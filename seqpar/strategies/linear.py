@@ -54,6 +54,7 @@ from ..comm.groups import agree, describe
 from ..comm.scan import StateScan
 from ..kernels import linear as linear_kernels
 from ..layout import SeqLayout, group_rank_and_size
+from ..errors import brief
 
 METHODS = ("auto", "ring", "allgather", "allscan")
 BACKENDS = ("auto", "torch", "triton")
@@ -340,7 +341,7 @@ def _check(q, k, v, decay, layout, scale, method, options):
         if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
             raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
         if not math.isfinite(scale):
-            raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
+            raise ValueError(f"scale: expected a finite float or None, got {brief(scale)}")
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     unknown = sorted(set(options) - set(OPTIONS))
@@ -352,7 +353,7 @@ def _check(q, k, v, decay, layout, scale, method, options):
     for name in OPTIONS:
         value = options.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            raise ValueError(f"{name}: expected a positive int, got {brief(value)}")
 
 
 def _signature(q, k, v, decay, layout, scale, method, backend, options, chosen=None, concrete=None):

@@ -77,6 +77,7 @@ from ..comm.groups import agree, describe
 from ..kernels import block as block_kernels
 from ..layout import Block, SeqLayout, group_rank_and_size
 from .common import SavedOutputAttention, attend_blocks, attend_blocks_backward
+from ..errors import brief
 
 
 def _accumulator_size(element_size: int) -> int:
@@ -311,7 +312,7 @@ def values_digest(t: torch.Tensor) -> tuple:
 
 def _check_kv_lens(kv_lens, world: int, rank: int, m: int) -> tuple:
     if not isinstance(kv_lens, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) for x in kv_lens):
-        raise TypeError(f"kv_lens: expected a list of ints or None, got {kv_lens!r}")
+        raise TypeError(f"kv_lens: expected a list of ints or None, got {brief(kv_lens)}")
     if len(kv_lens) != world or min(kv_lens) < 0:
         raise ValueError(f"kv_lens: expected {world} non-negative ints (one per rank), got {list(kv_lens)}")
     if kv_lens[rank] != m:
