@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .comm import collectives
-from .comm.groups import agree, describe
+from .call import collective_call
+from .comm.groups import describe
 from .layout import SeqLayout, group_rank_and_size
 from .strategies.star import _query_call, star_attention
 from .errors import brief
@@ -189,7 +190,7 @@ def star_generate(forward: Callable, input_ids: torch.Tensor, *, layout: SeqLayo
     batch = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else None
     signature = (("input_ids batch", batch), ("max_new_tokens", describe(max_new_tokens)),
                  ("return_logits", describe(return_logits)))
-    agree(group, world, signature, error, what="seqpar.star_generate")
+    collective_call(group, "seqpar.star_generate", lambda: None, signature, prior_error=error)
 
     cache = StarKVCache(group=group, decode_room=max_new_tokens)
     device = input_ids.device

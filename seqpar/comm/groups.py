@@ -77,11 +77,11 @@ def agree(group, world_size: int, signature: Tuple[Tuple[str, object], ...], err
     for rank, (_, msg) in enumerate(gathered):
         if msg is not None:
             raise ValueError(f"{what}: rank {rank} of the group got bad input, so every rank stops: {msg[1]}")
+    # fields in signature order, so the first (root-cause) field that differs on any rank is named
     mine_fields = dict(signature)
-    for sig, _ in gathered:
-        theirs = dict(sig)
-        for name in mine_fields:
-            if theirs.get(name) != mine_fields[name]:
+    for name in mine_fields:
+        for sig, _ in gathered:
+            if dict(sig).get(name) != mine_fields[name]:
                 values = ", ".join(f"rank {r}: {dict(s).get(name)!r}" for r, (s, _) in enumerate(gathered))
                 raise ValueError(f"{what}: {name} must be the same on every rank, got {values}")
     seen.add(signature)  # the digests differed but the signatures do not: a hash collision

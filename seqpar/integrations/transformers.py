@@ -47,7 +47,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..attention import _layout_for
+from ..call import layout_for
 from ..errors import brief
 from ..layout import SeqLayout
 from ..nn.functional import sequence_parallel_sdpa
@@ -129,7 +129,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         if layout is not None and not isinstance(layout, SeqLayout):
             raise TypeError(f"layout: expected a seqpar.SeqLayout or None, got {type(layout).__name__}")
         # the default layout is built from the local length: the one seqpar.attention will use
-        resolved = layout if layout is not None else _layout_for(None, query.transpose(1, 2), None)
+        resolved = layout if layout is not None else layout_for(None, query.transpose(1, 2), None)
         refused = []
         for name in _UNSUPPORTED_KWARGS:
             value = kwargs.get(name)

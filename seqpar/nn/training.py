@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ..comm import collectives
-from ..comm.groups import agree, describe
+from ..call import collective_call
+from ..comm.groups import describe
 from ..layout import SeqLayout, group_rank_and_size
 
 IGNORE_INDEX = -100
@@ -160,7 +161,7 @@ def cross_entropy_share(logits: torch.Tensor, labels: torch.Tensor, layout: Opti
         ("labels dtype", describe(labels)[2:]),
         ("ignore_index", describe(ignore_index)),
     )
-    agree(group, world, signature, error, what="seqpar.nn.cross_entropy_share")
+    collective_call(group, "seqpar.nn.cross_entropy_share", lambda: None, signature, prior_error=error)
     acc = torch.promote_types(logits.dtype, torch.float32)
     local_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(acc), labels.reshape(-1),
                                 ignore_index=ignore_index, reduction="sum")
@@ -186,7 +187,7 @@ def global_loss(share: torch.Tensor, layout: Optional[SeqLayout] = None) -> torc
     except (TypeError, ValueError) as exc:
         error = exc
     _, world = group_rank_and_size(group)
-    agree(group, world, (("share", describe(share)),), error, what="seqpar.nn.global_loss")
+    collective_call(group, "seqpar.nn.global_loss", lambda: None, (("share", describe(share)),), prior_error=error)
     total = share.detach().reshape(1).to(torch.float64).clone()
     if world > 1:
         total = total.to(collectives.device_of(group))
@@ -228,7 +229,7 @@ def all_reduce_gradients(parameters: Iterable[torch.Tensor], layout: Optional[Se
     _, world = group_rank_and_size(group)
     signature = (("parameters [shape, dtype, device]", tuple(describe(p) for p in params)),
                  ("bucket_elements", describe(bucket_elements)))
-    agree(group, world, signature, error, what="seqpar.nn.all_reduce_gradients")
+    collective_call(group, "seqpar.nn.all_reduce_gradients", lambda: None, signature, prior_error=error)
     if world == 1 or not params:
         return
     has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8,

@@ -49,12 +49,13 @@ from typing import Dict, Optional
 
 import torch
 
+from ..call import check_qkv_types, collective_call, grad_wanted, group_of, layout_for
 from ..comm import collectives, stats
-from ..comm.groups import agree, describe
+from ..comm.groups import describe
 from ..comm.scan import StateScan
+from ..errors import brief
 from ..kernels import linear as linear_kernels
 from ..layout import SeqLayout, group_rank_and_size
-from ..errors import brief
 
 METHODS = ("auto", "ring", "allgather", "allscan")
 BACKENDS = ("auto", "torch", "triton")
@@ -308,8 +309,6 @@ def _triton_unavailable(q) -> Optional[str]:
 
 
 def _check(q, k, v, decay, layout, scale, method, options):
-    from ..attention import check_qkv_types
-
     check_qkv_types(q, k, v)
     if k.shape != q.shape:
         raise ValueError(f"k: expected the shape of q {tuple(q.shape)} [batch, seqlen, heads, Dk], got {tuple(k.shape)}")
@@ -357,8 +356,6 @@ def _check(q, k, v, decay, layout, scale, method, options):
 
 
 def _signature(q, k, v, decay, layout, scale, method, backend, options, chosen=None, concrete=None):
-    from ..attention import _grad_wanted
-
     def no_seq(t, dim=1):
         d = describe(t)
         if d[0] == "tensor" and len(d[1]) > dim:
@@ -380,7 +377,7 @@ def _signature(q, k, v, decay, layout, scale, method, backend, options, chosen=N
         ("scale", scale),
         ("options", tuple(sorted((key, describe(val)) for key, val in options.items()))),
         # a backward on some ranks only would leave the others waiting in its collectives
-        ("gradients required (q, k, v or decay requires grad, grad mode on)", _grad_wanted(q, k, v, decay)),
+        ("gradients required (q, k, v or decay requires grad, grad mode on)", grad_wanted(q, k, v, decay)),
     )
 
 
@@ -405,39 +402,38 @@ def linear_attention(q, k, v, *, layout=None, decay=None, scale=None, method="au
     Differentiable in q, k, v and a tensor decay. States and decay products are fp32 (fp64
     for fp64 inputs). Volumes and critical paths: the module docstring.
     """
-    from ..attention import _layout_for
-
-    group = layout.group if isinstance(layout, SeqLayout) else None
-    error, concrete, auto_choice = None, None, None
+    group = group_of(layout)
     _, world = group_rank_and_size(group)
     chunk_size = options.get("chunk_size") or linear_kernels.DEFAULT_CHUNK
-    try:
+
+    def check():
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
-        layout = _layout_for(layout, q, group)
-        _check(q, k, v, decay, layout, scale, method, options)
+        local = layout_for(layout, q, group)
+        _check(q, k, v, decay, local, scale, method, options)
         concrete = _resolve_backend(backend, q)
         nbytes = state_bytes(q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.dtype)
-        chosen = method
+        chosen, auto_choice = method, None
         # ring is LASP-1, whole states; only the All-Scan cuts them into pieces
         pieces = options.get("scan_pieces") or default_scan_pieces(world, nbytes) if method == "allscan" else 1
         if method == "auto" and world > 1:
             from ..dispatch import choose_linear
 
             # part of the agreed signature: ranks that would choose differently raise
-            training = torch.is_grad_enabled() and any(
-                isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, decay))
-            chosen, planned = choose_linear(layout, q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.dtype,
+            training = grad_wanted(q, k, v, decay)
+            chosen, planned = choose_linear(local, q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.dtype,
                                             decay is not None, training, chunk_size, q.device)
             pieces = options.get("scan_pieces") or planned
             auto_choice = (chosen, pieces)
         elif method == "auto":
             chosen = choose_method(world, nbytes)  # one rank: nothing crosses ranks
-    except (ValueError, TypeError) as exc:
-        error = exc
-    agree(group, world, _signature(q, k, v, decay, layout, scale, method, backend, options, auto_choice, concrete),
-          error,
-          what="seqpar.linear_attention")
+        return local, concrete, chosen, pieces, auto_choice
+
+    def signature(r):
+        local = layout if r is None else r[0]
+        return _signature(q, k, v, decay, local, scale, method, backend, options, r and r[4], r and r[1])
+
+    layout, concrete, chosen, pieces, _ = collective_call(group, "seqpar.linear_attention", check, signature)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     g = None
     if decay is not None:

@@ -72,8 +72,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..call import check_tensors, collective_call, grad_wanted, group_of, layout_for, no_seq, resolve_scale
 from ..comm import collectives
-from ..comm.groups import agree, describe
+from ..comm.groups import describe
 from ..kernels import block as block_kernels
 from ..layout import Block, SeqLayout, group_rank_and_size
 from .common import SavedOutputAttention, attend_blocks, attend_blocks_backward
@@ -174,44 +175,43 @@ def star_attention(q, k, v, *, layout=None, anchor_len: int, softmax_scale=None,
     `anchor_len` K/V rows per call. Differentiable in q, k, v (the anchor's K/V gradient
     is reduced onto rank 0); the backward is collective like the forward.
     """
-    from ..attention import _check_tensors, _grad_wanted, _layout_for, _resolve_scale, no_seq
+    group = group_of(layout)
 
-    group = layout.group if isinstance(layout, SeqLayout) else None
-    error = None
-    scale = concrete_backend = None
-    try:
-        _check_tensors(q, k, v)
-        layout = _layout_for(layout, q, group)
-        if layout.scheme != "contiguous":
+    def check():
+        check_tensors(q, k, v)
+        local = layout_for(layout, q, group)
+        if local.scheme != "contiguous":
             raise ValueError(
                 f"layout: expected scheme 'contiguous' (Star attention splits the context into contiguous "
-                f"blocks), got {layout.scheme!r}"
+                f"blocks), got {local.scheme!r}"
             )
         if isinstance(anchor_len, bool) or not isinstance(anchor_len, int):
             raise TypeError(f"anchor_len: expected an int, got {type(anchor_len).__name__}")
-        if not 0 <= anchor_len <= layout.local_len_of(0):
+        if not 0 <= anchor_len <= local.local_len_of(0):
             raise ValueError(
-                f"anchor_len: expected an int in [0, {layout.local_len_of(0)}] (at most rank 0's local_len), "
+                f"anchor_len: expected an int in [0, {local.local_len_of(0)}] (at most rank 0's local_len), "
                 f"got {anchor_len}"
             )
-        scale = _resolve_scale(softmax_scale, q.shape[-1])
-        concrete_backend = block_kernels.resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale)
-    except (ValueError, TypeError) as exc:
-        error = exc
-    _, world = group_rank_and_size(group)
-    signature = (
-        ("q [batch, heads, head_dim], dtype, device", no_seq(q)),
-        ("k [batch, heads, head_dim], dtype, device", no_seq(k)),
-        ("v [batch, heads, head_dim], dtype, device", no_seq(v)),
-        ("seq_len", getattr(layout, "seq_len", None)),
-        ("scheme", getattr(layout, "scheme", None)),
-        ("anchor_len", describe(anchor_len)),
-        ("backend", describe(backend)),
-        ("softmax_scale", scale),
-        # a backward on some ranks only would wait in the anchor's dK/dV reduce
-        ("gradients required (q, k or v requires grad, grad mode on)", _grad_wanted(q, k, v)),
-    )
-    agree(group, world, signature, error, what="seqpar.star_attention")
+        scale = resolve_scale(softmax_scale, q.shape[-1])
+        return local, scale, block_kernels.resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale)
+
+    def signature(resolved):
+        local = layout if resolved is None else resolved[0]
+        return (
+            ("q [batch, heads, head_dim], dtype, device", no_seq(q)),
+            ("k [batch, heads, head_dim], dtype, device", no_seq(k)),
+            ("v [batch, heads, head_dim], dtype, device", no_seq(v)),
+            ("seq_len", getattr(local, "seq_len", None)),
+            ("scheme", getattr(local, "scheme", None)),
+            ("anchor_len", describe(anchor_len)),
+            ("backend", describe(backend)),
+            ("softmax_scale", resolved and resolved[1]),
+            # a backward on some ranks only would wait in the anchor's dK/dV reduce
+            ("gradients required (q, k or v requires grad, grad mode on)", grad_wanted(q, k, v)),
+        )
+
+    layout, scale, concrete_backend = collective_call(group, "seqpar.star_attention", check, signature)
+    world = layout.world_size
     anchor = _Anchor(k, v, anchor_len, layout) if world > 1 and anchor_len > 0 else None
     q_k, k_k, v_k = (block_kernels.to_kernel_layout(t, concrete_backend) for t in (q, k, v))
     out = SavedOutputAttention.apply(q_k, k_k, v_k, _context_forward, _context_backward,
@@ -344,36 +344,35 @@ def _query_call(q, k, v, *, group, causal, softmax_scale, backend, kv_lens, prio
     """`star_query_attention`, with a caller's own check folded into the cross-rank
     agreement: `prior_error` (this rank's failed check, or None) raises on every rank,
     and `prior_signature` fields must match across ranks (the KV cache's decode step)."""
-    from ..attention import _check_tensors, _grad_wanted, _resolve_scale, no_seq
-
     rank, world = group_rank_and_size(group)
-    error = prior_error
-    scale = concrete_backend = None
-    try:
-        _check_tensors(q, k, v, same_seqlen=False)
+
+    def check():
+        check_tensors(q, k, v, same_seqlen=False)
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-        scale = _resolve_scale(softmax_scale, q.shape[-1])
-        concrete_backend = block_kernels.resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale)
-        if kv_lens is not None:
-            kv_lens = _check_kv_lens(kv_lens, world, rank, k.shape[1])
-    except (ValueError, TypeError) as exc:
-        error = error or exc
-    signature = tuple(prior_signature) + (
-        ("q [batch, n_q, heads, head_dim], dtype, device", describe(q)),
-        # the queries are replicated: a rank with other values would make every rank's
-        # output a wrong mixture of the two, silently (checked every call; q is small)
-        ("q (its values)", values_digest(q) if error is None else None),
-        ("k [batch, heads, head_dim], dtype, device", no_seq(k)),
-        ("v [batch, heads, head_dim], dtype, device", no_seq(v)),
-        ("causal", describe(causal)),
-        ("backend", describe(backend)),
-        ("softmax_scale", scale),
-        ("kv_lens", kv_lens if isinstance(kv_lens, tuple) else describe(kv_lens)),
-        # a backward on some ranks only would wait in the dq all-reduce
-        ("gradients required (q, k or v requires grad, grad mode on)", _grad_wanted(q, k, v)),
-    )
-    agree(group, world, signature, error, what="seqpar.star_query_attention")
+        scale = resolve_scale(softmax_scale, q.shape[-1])
+        concrete = block_kernels.resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale)
+        lens = None if kv_lens is None else _check_kv_lens(kv_lens, world, rank, k.shape[1])
+        return scale, concrete, lens
+
+    def signature(resolved):
+        return tuple(prior_signature) + (
+            ("q [batch, n_q, heads, head_dim], dtype, device", describe(q)),
+            # the queries are replicated: a rank with other values would make every rank's
+            # output a wrong mixture of the two, silently (checked every call; q is small)
+            ("q (its values)", None if resolved is None else values_digest(q)),
+            ("k [batch, heads, head_dim], dtype, device", no_seq(k)),
+            ("v [batch, heads, head_dim], dtype, device", no_seq(v)),
+            ("causal", describe(causal)),
+            ("backend", describe(backend)),
+            ("softmax_scale", resolved and resolved[0]),
+            ("kv_lens", describe(kv_lens) if resolved is None or resolved[2] is None else resolved[2]),
+            # a backward on some ranks only would wait in the dq all-reduce
+            ("gradients required (q, k or v requires grad, grad mode on)", grad_wanted(q, k, v)),
+        )
+
+    scale, concrete_backend, kv_lens = collective_call(group, "seqpar.star_query_attention", check, signature,
+                                                       prior_error=prior_error)
     if kv_lens is None:
         if causal and world > 1:
             mine = torch.tensor([k.shape[1]], dtype=torch.int64, device=collectives.device_of(group))
