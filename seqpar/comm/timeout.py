@@ -12,8 +12,9 @@ waited for and the time waited.
 The limit: `set_timeout(seconds)` if set, else the process group's own timeout (the one
 given to `init_process_group` / `new_group`, read from the group's backend options), so
 seqpar never fails earlier than torch would, only more clearly. A limit set above the
-group's timeout does not extend it: gloo still fails its own operation at the group's
-timeout, and seqpar reports that as the same `CommTimeout` (with the time actually waited).
+group's timeout does not extend it for collectives: gloo runs each collective under the
+group's timeout and fails it there, which seqpar reports as the same `CommTimeout` (with
+the time actually waited); gloo's send/recv take the limit seqpar passes.
 
 NCCL (any accelerator tensor): `Work.wait()` there only makes the current CUDA stream
 wait for the communication stream; `Work.wait(timeout)` instead blocks the host thread
