@@ -1,5 +1,6 @@
 """torch.distributed only, no attention math: exchanges, collectives, checks, accounting."""
 from .groups import set_validation
 from .stats import CommStats, track
+from .timeout import CommError, CommTimeout, get_timeout, set_timeout
 
-__all__ = ["CommStats", "track", "set_validation"]
+__all__ = ["CommStats", "track", "set_validation", "CommError", "CommTimeout", "set_timeout", "get_timeout"]

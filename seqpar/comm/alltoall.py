@@ -6,7 +6,7 @@ from typing import List, Sequence
 import torch
 import torch.distributed as dist
 
-from . import p2p, stats
+from . import p2p, stats, timeout
 
 
 def all_to_all_rows(send: torch.Tensor, send_rows: Sequence[int], recv_rows: Sequence[int], group, op: str,
@@ -27,10 +27,11 @@ def all_to_all_rows(send: torch.Tensor, send_rows: Sequence[int], recv_rows: Seq
     recv = send.new_empty((sum(recv_rows),) + row_shape)
     if members is None:
         me = dist.get_rank(group)
-        dist.all_to_all_single(
+        work = dist.all_to_all_single(
             recv.view(-1), send.view(-1),
-            [n * row_numel for n in recv_rows], [n * row_numel for n in send_rows], group=group,
+            [n * row_numel for n in recv_rows], [n * row_numel for n in send_rows], group=group, async_op=True,
         )
+        timeout.run(work, group, op, recv.device, "all-to-all")
     else:
         me = members.index(dist.get_rank(group))
         sends = list(zip(torch.split(send, list(send_rows)), members))

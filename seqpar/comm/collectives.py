@@ -7,15 +7,15 @@ from typing import List, Sequence
 import torch
 import torch.distributed as dist
 
-from . import stats
+from . import stats, timeout
 from .p2p import global_rank
 
 
 def all_gather_uneven_async(x: torch.Tensor, sizes: Sequence[int], group, op: str):
     """Post an all-gather of every rank's `x` (dim 0 of size `sizes[rank]`).
 
-    Returns `(handle or None, buffers)`: after `handle.wait()`, `buffers[r][:sizes[r]]` is
-    rank r's shard. Shards are padded to the largest size on the wire, so each rank sends
+    Returns `(handle or None, buffers)`: after `handle.wait()` (which raises
+    `seqpar.comm.CommTimeout` past the timeout), `buffers[r][:sizes[r]]` is rank r's shard. Shards are padded to the largest size on the wire, so each rank sends
     and receives `(P - 1) * max(sizes) * row_bytes`.
     """
     world = len(sizes)
@@ -27,9 +27,9 @@ def all_gather_uneven_async(x: torch.Tensor, sizes: Sequence[int], group, op: st
         x = torch.cat([x, x.new_zeros((longest - x.shape[0],) + row_shape)])
     x = x.contiguous()
     buffers = [x.new_empty((longest,) + row_shape) for _ in sizes]
-    handle = dist.all_gather(buffers, x, group=group, async_op=True)
+    work = dist.all_gather(buffers, x, group=group, async_op=True)
     stats.record(op, stats.nbytes([x]) * (world - 1), stats.nbytes([x]) * (world - 1))
-    return handle, buffers
+    return timeout.Pending(work, group, op, x.device, "all-gather"), buffers
 
 
 def all_gather_uneven(x: torch.Tensor, sizes: Sequence[int], group, op: str) -> List[torch.Tensor]:
@@ -46,14 +46,14 @@ def reduce_scatter_sum(parts: List[torch.Tensor], group, op: str) -> torch.Tenso
         return parts[0]
     parts = [p.contiguous() for p in parts]
     out = torch.empty_like(parts[0])
-    dist.reduce_scatter(out, parts, group=group)
+    timeout.run(dist.reduce_scatter(out, parts, group=group, async_op=True), group, op, out.device, "reduce-scatter")
     moved = stats.nbytes(parts[:1]) * (len(parts) - 1)
     stats.record(op, moved, moved)
     return out
 
 
 def all_reduce_sum(x: torch.Tensor, group, op: str) -> None:
-    dist.all_reduce(x, group=group)
+    timeout.run(dist.all_reduce(x, group=group, async_op=True), group, op, x.device, "all-reduce")
     world = dist.get_world_size(group)
     # ring all-reduce: 2 (P-1)/P of the tensor each way
     moved = 2 * (world - 1) * stats.nbytes([x]) // world
@@ -62,7 +62,8 @@ def all_reduce_sum(x: torch.Tensor, group, op: str) -> None:
 
 def broadcast(x: torch.Tensor, src: int, group, op: str, async_op: bool = False):
     """In place: `x` on every rank becomes group rank `src`'s `x` (same shape everywhere).
-    With `async_op=True` returns a handle to `wait()` on (None when nothing was sent).
+    With `async_op=True` returns a handle to `wait()` on (None when nothing was sent); its
+    wait, like the synchronous call, raises `seqpar.comm.CommTimeout` past the timeout.
 
     Counted as a pipelined chain `src -> src+1 -> ... -> src-1`, which moves the least per
     rank: every rank but `src` receives the tensor once, every rank but the chain's last
@@ -70,10 +71,14 @@ def broadcast(x: torch.Tensor, src: int, group, op: str, async_op: bool = False)
     world = dist.get_world_size(group) if dist.is_initialized() else 1  # one process needs no group
     if world == 1:
         return None
-    handle = dist.broadcast(x, src=global_rank(group, src), group=group, async_op=async_op)
+    work = dist.broadcast(x, src=global_rank(group, src), group=group, async_op=True)
     rank = dist.get_rank(group)
     size = stats.nbytes([x])
     stats.record(op, 0 if rank == (src - 1) % world else size, 0 if rank == src else size)
+    handle = timeout.Pending(work, group, op, x.device, "broadcast")
+    if not async_op:
+        handle.wait()
+        return None
     return handle
 
 
@@ -86,7 +91,7 @@ def reduce_sum(x: torch.Tensor, dst: int, group, op: str) -> None:
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     if world == 1:
         return
-    dist.reduce(x, dst=global_rank(group, dst), group=group)
+    timeout.run(dist.reduce(x, dst=global_rank(group, dst), group=group, async_op=True), group, op, x.device, "reduce")
     rank = dist.get_rank(group)
     size = stats.nbytes([x])
     stats.record(op, 0 if rank == dst else size, 0 if rank == (dst - 1) % world else size)
@@ -100,7 +105,7 @@ def device_of(group) -> torch.device:
 
 
 def all_reduce_max(x: torch.Tensor, group, op: str) -> None:
-    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    timeout.run(dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group, async_op=True), group, op, x.device, "all-reduce")
     world = dist.get_world_size(group)
     moved = 2 * (world - 1) * stats.nbytes([x]) // world
     stats.record(op, moved, moved)
@@ -112,7 +117,8 @@ def all_gather_object(obj, group, op: str) -> list:
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
     world = dist.get_world_size(group)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.int64, device=device), group=group)
+    mine = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+    timeout.run(dist.all_gather(sizes, mine, group=group, async_op=True), group, op, device, "all-gather")
     lengths = [int(t.item()) for t in sizes]
     shards = all_gather_uneven(payload, lengths, group, op)
     return [pickle.loads(bytes(shard.cpu().tolist())) for shard in shards]

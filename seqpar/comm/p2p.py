@@ -6,7 +6,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from . import stats
+from . import stats, timeout
 
 
 def global_rank(group, rank: int) -> int:
@@ -14,16 +14,25 @@ def global_rank(group, rank: int) -> int:
 
 
 class Exchange:
-    """Sends and receives posted together; `wait()` returns the received tensors."""
+    """Sends and receives posted together; `wait()` returns the received tensors, or raises
+    `seqpar.comm.CommTimeout` naming `op` and the late peers once the timeout passes."""
 
-    def __init__(self, works, received: List[torch.Tensor]):
-        self._works = works
+    def __init__(self, works, received: List[torch.Tensor], group=None, op: str = "", peers: Sequence[int] = (),
+                 device: torch.device = torch.device("cpu")):
+        self._works = list(works)
         self._received = received
+        self._group, self._op, self._device = group, op, device
+        # gloo returns one work per op, in order, so a late work names its own peer; a
+        # coalescing backend (NCCL) returns one for the batch, which waits for them all
+        if len(self._works) == len(peers):
+            self._peers = [[p] for p in peers]
+        else:
+            self._peers = [sorted(set(peers))] * len(self._works)
 
     def wait(self) -> List[torch.Tensor]:
-        for work in self._works:
-            work.wait()
-        self._works = []
+        works, self._works = self._works, []
+        if works:
+            timeout.wait(works, self._group, self._op, self._peers, self._device, "exchange")
         return self._received
 
 
@@ -38,9 +47,12 @@ def post(
 
     Empty tensors are not put on the wire (gloo never completes a zero-byte pair); both
     ends derive the sizes from the same plan, so both skip them."""
-    ops = [dist.P2POp(dist.isend, t, global_rank(group, peer), group) for t, peer in sends if t.numel()]
-    ops += [dist.P2POp(dist.irecv, t, global_rank(group, peer), group) for t, peer in recvs if t.numel()]
+    wire = [(dist.isend, t, global_rank(group, peer)) for t, peer in sends if t.numel()]
+    wire += [(dist.irecv, t, global_rank(group, peer)) for t, peer in recvs if t.numel()]
+    ops = [dist.P2POp(kind, t, peer, group) for kind, t, peer in wire]
     if record:
         stats.record(op, stats.nbytes(t for t, _ in sends), stats.nbytes(t for t, _ in recvs))
-    works = dist.batch_isend_irecv(ops) if ops else []
-    return Exchange(works, [t for t, _ in recvs])
+    if not ops:
+        return Exchange([], [t for t, _ in recvs])
+    works = dist.batch_isend_irecv(ops)
+    return Exchange(works, [t for t, _ in recvs], group, op, [peer for _, _, peer in wire], wire[0][1].device)
