@@ -399,7 +399,7 @@ def _block_time(elements: torch.Tensor, flops_per_element: float, rate: float, o
 
 def _busiest_bytes(prob: _Problem, strategy: str, options: Dict) -> Dict[str, int]:
     """Per key of the strategy's `analytic_bytes`, the largest value over the ranks."""
-    from .attention import analytic_bytes
+    from .registry import analytic_bytes
 
     best: Dict[str, int] = {}
     for r in prob.ranks():
@@ -618,7 +618,7 @@ _COSTS = {"ring": _cost_ring, "allgather": _cost_allgather, "token_ring": _cost_
 
 
 def _evaluate(prob: _Problem, topo: Topology, strategy: str, options: Dict) -> Candidate:
-    from .attention import check_strategy
+    from .registry import check_strategy
 
     opts = tuple(sorted(options.items()))
     meta = dict(device="meta", dtype=prob.dtype)
@@ -771,7 +771,7 @@ def plan(seq_len: int, *, world_size: int, heads: int, kv_heads: Optional[int] =
 
 @lru_cache(maxsize=256)
 def _plan(prob: _Problem, topology: Topology) -> Plan:
-    from .attention import registered_strategies
+    from .registry import names as registered_strategies
 
     known = set(registered_strategies())
     evaluated = [_evaluate(prob, topology, s, o) for s, o in _candidate_options(prob) if s in known]
@@ -874,7 +874,7 @@ def plan_linear(seq_len: int, *, world_size: int, heads: int, key_dim: int = 128
     all-gather of (P-1) states minus the intra-chunk work it hides behind, plus folding
     the gathered states. Returns a `LinearPlan` (`.method`, `.scan_pieces`, a table).
     """
-    from .strategies.linear import state_bytes
+    from .kernels.linear import state_bytes
 
     for name, value in (("seq_len", seq_len), ("world_size", world_size), ("heads", heads),
                         ("key_dim", key_dim), ("batch", batch), ("chunk_size", chunk_size)):

@@ -40,6 +40,11 @@ import torch.nn.functional as F
 DEFAULT_CHUNK = 64
 
 
+
+def state_bytes(batch: int, heads: int, dk: int, dv: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the states `[B, H, Dk, Dv]` (fp32; fp64 for fp64 inputs) that cross ranks."""
+    return batch * heads * dk * dv * (8 if dtype == torch.float64 else 4)
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

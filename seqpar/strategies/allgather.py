@@ -19,15 +19,17 @@ Volume per rank (`n_max` the longest local length, `e` the element size):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
 from ..comm import collectives
+from ..errors import brief
 from ..kernels import block as block_kernels
 from ..layout import SeqLayout, visible_blocks
+from ..registry import Strategy, register, run
 from .common import SavedOutputAttention, attend_blocks, attend_blocks_backward
-from ..errors import brief
 
 
 def _chunks(kv_heads: int, chunk: Optional[int]):
@@ -115,16 +117,22 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
     return {"forward": rows * element_size, "backward": rows * element_size + rows * grads}
 
 
-def _check(q, k, v, layout, options):
-    chunk = options.get("kv_head_chunk")
-    if chunk is None:
-        return
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk:
-        raise ValueError(f"kv_head_chunk: expected a positive int or None, got {brief(chunk)}")
+@dataclass(frozen=True)
+class Options:
+    """`kv_head_chunk` c: gather and process c KV heads at a time; None means all at once."""
+    kv_head_chunk: Optional[int] = None
+
+    def __post_init__(self):
+        chunk = self.kv_head_chunk
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"kv_head_chunk: expected a positive int or None, got {brief(chunk)}")
+
+    def resolve(self, q, k, v, layout) -> "Options":
+        return self
 
 
-def _apply(q, k, v, layout, causal, scale, backend, options):
-    args = (layout, causal, scale, backend, options.get("kv_head_chunk"))
+def _apply(q, k, v, layout, causal, scale, backend, options: Options):
+    args = (layout, causal, scale, backend, options.kv_head_chunk)
     return SavedOutputAttention.apply(q, k, v, _forward, _backward, args)
 
 
@@ -136,7 +144,8 @@ def allgather_attention(q, k, v, *, layout=None, causal=False, softmax_scale=Non
     lengths). `kv_head_chunk`: gather and process this many KV heads at a time to bound
     peak memory (default: all at once). Returns `[B, S/P, H, D]` in the input dtype.
     """
-    from ..attention import run_strategy
-
-    return run_strategy("allgather", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
+    return run("allgather", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
                         backend=backend, kv_head_chunk=kv_head_chunk, **options)
+
+
+register(Strategy("allgather", _apply, analytic_bytes, Options))

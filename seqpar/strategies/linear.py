@@ -55,6 +55,7 @@ from ..comm.groups import describe
 from ..comm.scan import StateScan
 from ..errors import brief
 from ..kernels import linear as linear_kernels
+from ..kernels.linear import state_bytes
 from ..layout import SeqLayout, group_rank_and_size
 
 METHODS = ("auto", "ring", "allgather", "allscan")
@@ -67,10 +68,6 @@ DECAY_FLOOR = 60.0  # log decays below -DECAY_FLOOR act as -DECAY_FLOOR (see lin
 _HALF_SIZE_BYTES = 64 * 1024
 # Below this many bytes gathered per rank, the all-gather hides behind the intra-chunk work.
 _ALLGATHER_LIMIT_BYTES = 8 * 1024 * 1024
-
-
-def state_bytes(batch: int, heads: int, dk: int, dv: int, dtype: torch.dtype = torch.float32) -> int:
-    return batch * heads * dk * dv * (8 if dtype == torch.float64 else 4)
 
 
 def default_scan_pieces(world: int, nbytes: int) -> int:

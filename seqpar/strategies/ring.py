@@ -27,6 +27,7 @@ import torch
 from ..comm import p2p
 from ..kernels import block as block_kernels
 from ..layout import SeqLayout, visible_blocks
+from ..registry import Strategy, register, run
 from .common import attend_blocks, attend_blocks_backward
 
 
@@ -163,11 +164,12 @@ def ring_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, ba
     softmax attention `[B, S/P, H, D]` in the input dtype; `causal` masks by global position;
     `softmax_scale` defaults to `D ** -0.5`. Differentiable in q, k, v.
     """
-    from ..attention import run_strategy
-
-    return run_strategy("ring", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
+    return run("ring", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
                         backend=backend, **options)
 
 
 def _apply(q, k, v, layout, causal, scale, backend, options):
     return RingAttention.apply(q, k, v, layout, causal, scale, backend)
+
+
+register(Strategy("ring", _apply, analytic_bytes))

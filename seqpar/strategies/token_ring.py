@@ -36,14 +36,17 @@ ring's traffic, so ring wins. On the relayed route the returning partial out cou
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from ..comm import p2p
+from ..errors import brief
 from ..kernels import block as block_kernels
 from ..layout import Block, SeqLayout, visible_blocks
+from ..registry import Strategy, register, run
 from .common import SavedOutputAttention, attend_blocks, attend_blocks_backward
 
 ROUTES = ("direct", "ring")
@@ -324,14 +327,21 @@ def _geometry_plan(seq_len: int, world: int, scheme: str, causal: bool, route: s
     return _Plan(SeqLayout.simulated(seq_len, world, 0, scheme), causal, route)
 
 
-def _check(q, k, v, layout, options):
-    route = options.get("route", "direct")
-    if route not in ROUTES:
-        raise ValueError(f"route: expected one of {ROUTES}, got {route!r}")
+@dataclass(frozen=True)
+class Options:
+    """`route`: "direct" (partials straight back to the owner) or "ring" (hop by hop)."""
+    route: str = "direct"
+
+    def __post_init__(self):
+        if self.route not in ROUTES:
+            raise ValueError(f"route: expected one of {ROUTES}, got {brief(self.route)}")
+
+    def resolve(self, q, k, v, layout) -> "Options":
+        return self
 
 
-def _apply(q, k, v, layout, causal, scale, backend, options):
-    args = (layout, causal, scale, backend, options.get("route") or "direct", "token_ring")
+def _apply(q, k, v, layout, causal, scale, backend, options: Options):
+    args = (layout, causal, scale, backend, options.route, "token_ring")
     return SavedOutputAttention.apply(q, k, v, _forward, _backward, args)
 
 
@@ -344,7 +354,8 @@ def token_ring_attention(q, k, v, *, layout=None, causal=False, softmax_scale=No
     links) or "ring" (hop by hop back, merged as they pass; ring-only links).
     Returns `[B, S/P, H, D]` in the input dtype; differentiable in q, k, v.
     """
-    from ..attention import run_strategy
-
-    return run_strategy("token_ring", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
+    return run("token_ring", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
                         backend=backend, route=route, **options)
+
+
+register(Strategy("token_ring", _apply, analytic_bytes, Options))

@@ -34,6 +34,7 @@ import torch
 from ..comm.alltoall import all_to_all_rows, split_rows
 from ..kernels import block as block_kernels
 from ..layout import GroupLayout, SeqLayout
+from ..registry import Strategy, register, run
 from . import ring
 
 
@@ -197,7 +198,8 @@ def ulysses_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None,
     sent only to the ranks that need them); otherwise a ValueError names USP and ring.
     Returns `[B, S/P, H, D]` in the input dtype; differentiable in q, k, v.
     """
-    from ..attention import run_strategy
-
-    return run_strategy("ulysses", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
+    return run("ulysses", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
                         backend=backend, **options)
+
+
+register(Strategy("ulysses", _apply, analytic_bytes, check=_check))

@@ -25,9 +25,11 @@ plus the ring exchange of `ring.analytic_bytes` over the R groups with H_kv/U KV
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 from ..layout import GroupLayout, SeqLayout
+from ..registry import Strategy, register, run
 from . import ring, ulysses
 
 
@@ -41,23 +43,26 @@ def default_ulysses_size(world: int, heads: int, kv_heads: int) -> int:
     return 1
 
 
-def _ulysses_size(layout, heads: int, kv_heads: int, options) -> int:
-    size = options.get("ulysses_size")
-    return default_ulysses_size(layout.world_size, heads, kv_heads) if size is None else size
+@dataclass(frozen=True)
+class Options:
+    """`ulysses_size` U: ranks per Ulysses group; None means `default_ulysses_size`."""
+    ulysses_size: Optional[int] = None
+
+    def __post_init__(self):
+        size = self.ulysses_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
+            raise TypeError(f"ulysses_size: expected an int, got {type(size).__name__}")
+
+    def resolve(self, q, k, v, layout) -> "Options":
+        """The default filled in. It reads this rank's LOCAL_WORLD_SIZE, so the resolved
+        value is agreed across ranks before any collective (`registry.run`)."""
+        if self.ulysses_size is not None:
+            return self
+        return Options(default_ulysses_size(layout.world_size, q.shape[2], k.shape[2]))
 
 
-def _resolve(q, k, v, layout, options):
-    """`options` with `ulysses_size` filled in: its default reads this rank's LOCAL_WORLD_SIZE,
-    so the value is agreed across ranks before any collective (`attention.run_strategy`)."""
-    return {**options, "ulysses_size": _ulysses_size(layout, q.shape[2], k.shape[2], options)}
-
-
-def _check(q, k, v, layout, options):
-    size = options.get("ulysses_size")
-    if size is None:
-        return
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise TypeError(f"ulysses_size: expected an int, got {type(size).__name__}")
+def _check(q, k, v, layout, options: Options):
+    size = options.ulysses_size
     if size < 1 or layout.world_size % size:
         raise ValueError(f"ulysses_size: expected a divisor of the world size {layout.world_size}, got {size}")
     reason = ulysses.head_constraint(q.shape[2], k.shape[2], size, "usp")
@@ -65,10 +70,10 @@ def _check(q, k, v, layout, options):
         raise ValueError(reason.replace("strategy='usp' with a smaller ulysses_size", "a smaller ulysses_size"))
 
 
-def _apply(q, k, v, layout, causal, scale, backend, options):
-    size = _ulysses_size(layout, q.shape[2], k.shape[2], options)
+def _apply(q, k, v, layout, causal, scale, backend, options: Options):
+    size = options.ulysses_size
     if size == 1:
-        return ring._apply(q, k, v, layout, causal, scale, backend, {})
+        return ring._apply(q, k, v, layout, causal, scale, backend, None)
     groups = [list(range(g * size, (g + 1) * size)) for g in range(layout.world_size // size)]
     members = groups[layout.rank // size]
     # no sub-groups are created: both levels talk on the layout's group (see GroupLayout.peer
@@ -104,7 +109,8 @@ def usp_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, bac
     default: the largest such U, at most the ranks per node (`LOCAL_WORLD_SIZE`).
     Returns `[B, S/P, H, D]` in the input dtype; differentiable in q, k, v.
     """
-    from ..attention import run_strategy
-
-    return run_strategy("usp", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
+    return run("usp", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
                         backend=backend, ulysses_size=ulysses_size, **options)
+
+
+register(Strategy("usp", _apply, analytic_bytes, Options, _check))

@@ -1,0 +1,165 @@
+"""The strategy registry: one `Strategy` record per exact softmax algorithm, and `run`,
+the path every call takes from a public function to a strategy's `apply`.
+
+A strategy file defines its algorithm, its typed `Options` (a frozen dataclass: the
+options it takes, their defaults stated once, their types checked on construction),
+`check` (what it cannot serve), `analytic_bytes`, and registers itself at its end:
+
+    register(Strategy("ring", _apply, analytic_bytes, Options))
+
+`strategies/__init__.py` imports every strategy file; a new algorithm is one file there
+plus one import line. This module imports no strategy, and neither does `attention.py`'s
+protocol below it: the planner asks the registry, not the files.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+from .call import check_tensors, collective_call, grad_wanted, group_of, layout_for, no_seq, resolve_scale
+from .comm.groups import describe
+from .kernels.block import BACKENDS, resolve_backend
+from .layout import SeqLayout
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a strategy that takes none."""
+
+    def resolve(self, q, k, v, layout) -> "NoOptions":
+        return self
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    # (q, k, v, layout, causal, scale, backend, options: Options) -> out [B, n, H, D]
+    apply: Callable
+    # (layout, batch, heads, kv_heads, head_dim, element_size, **options) -> {"forward", "backward"} bytes
+    analytic_bytes: Callable
+    # a frozen dataclass of the strategy's options and their defaults; its __post_init__
+    # checks types and values, `resolve(q, k, v, layout)` fills defaults that depend on the
+    # problem or on this rank's environment (those shape collectives: they are agreed on)
+    Options: type = NoOptions
+    # (q, k, v, layout, options) -> None; raises ValueError when the strategy cannot serve
+    check: Optional[Callable] = None
+
+
+_REGISTRY: Dict[str, Strategy] = {}
+
+
+def register(strategy: Strategy) -> None:
+    _REGISTRY[strategy.name] = strategy
+
+
+def names() -> Tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get(name) -> Strategy:
+    if not isinstance(name, str):
+        raise TypeError(f"strategy: expected a str, got {type(name).__name__}")
+    if name not in _REGISTRY:
+        raise ValueError(f"strategy: expected one of {names() + ('auto',)}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def make_options(name: str, given: Dict):
+    """The strategy's typed options from keyword arguments, unknown names refused."""
+    strategy = get(name)
+    known = [f.name for f in dataclasses.fields(strategy.Options)]
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"options: strategy {name!r} takes {known or 'no options'}, got {unknown}")
+    return strategy.Options(**given)
+
+
+def check_strategy(name: str, q, k, v, layout, options: Dict):
+    """Raise the ValueError strategy `name` would raise for these tensors (meta tensors
+    do), layout and options; return its resolved options when it can serve them (the
+    planner's feasibility test)."""
+    strategy = get(name)
+    opts = make_options(name, options).resolve(q, k, v, layout)
+    if strategy.check is not None:
+        strategy.check(q, k, v, layout, opts)
+    return opts
+
+
+def analytic_bytes(name: str, layout, batch: int, heads: int, kv_heads: int, head_dim: int, element_size: int,
+                   **options):
+    """Bytes a rank of `layout` sends in one forward and one backward of strategy `name`."""
+    return get(name).analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size, **options)
+
+
+def describe_options(options) -> tuple:
+    if dataclasses.is_dataclass(options):
+        options = dataclasses.asdict(options)
+    return tuple(sorted((key, describe(val)) for key, val in options.items()))
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """What a call's local check settled: the strategy and options that run, the scale,
+    the concrete backend, and auto's choice (for the signature)."""
+    layout: SeqLayout
+    name: str
+    options: object
+    scale: float
+    backend: str
+    chosen: tuple = None
+
+
+def _signature(strategy, backend, causal, scale, layout, q, k, v, options, r: Optional[_Resolved]):
+    # root causes first: the first field that differs is the one the error names
+    return (
+        ("q [batch, heads, head_dim], dtype, device", no_seq(q)),
+        ("k [batch, heads, head_dim], dtype, device", no_seq(k)),
+        ("v [batch, heads, head_dim], dtype, device", no_seq(v)),
+        ("seq_len", getattr(layout if r is None else r.layout, "seq_len", None)),
+        ("scheme", getattr(layout if r is None else r.layout, "scheme", None)),
+        ("strategy", strategy),
+        ("strategy='auto' chose (from its topology: the cached calibration or the defaults)", r and r.chosen),
+        ("backend", backend),
+        # ranks exchange buffers in the resolved backend's memory layout: it must be one
+        ("backend resolved on this rank", r and r.backend),
+        ("causal", causal),
+        ("softmax_scale", r and r.scale),
+        ("options", describe_options(options)),
+        # defaults read from this rank's environment shape the collectives too
+        ("options with defaults resolved on this rank", r and (r.name, describe_options(r.options))),
+        # a backward on some ranks only would leave the others waiting in its collectives
+        ("gradients required (q, k or v requires grad, grad mode on)", grad_wanted(q, k, v)),
+    )
+
+
+def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto", choose=None,
+        _error=None, **options):
+    """Check, agree on and run one call of a registered strategy (or of `choose`'s pick
+    when `strategy == "auto"`: `choose(q, k, v, layout, causal, options) -> (name,
+    options)`). `_error`: bad input a wrapper (seqpar.nn) found with its own checks; it
+    goes through the same agreement, so the wrapper's peers raise too."""
+    group = group_of(layout)
+
+    def check() -> _Resolved:
+        check_tensors(q, k, v)
+        local = layout_for(layout, q, group)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+        scale = resolve_scale(softmax_scale, q.shape[-1])
+        chosen = None
+        if strategy == "auto" and choose is not None:
+            name, given = choose(q, k, v, local, causal, options)
+            chosen = (name, describe_options(given))
+        else:
+            name, given = get(strategy).name, options
+        opts = check_strategy(name, q, k, v, local, given)
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        concrete = resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale)
+        return _Resolved(local, name, opts, scale, concrete, chosen)
+
+    r = collective_call(group, f"seqpar.attention(strategy={strategy!r})", check,
+                        lambda r: _signature(strategy, backend, causal, softmax_scale, layout, q, k, v, options, r),
+                        prior_error=_error)
+    return _REGISTRY[r.name].apply(q, k, v, r.layout, causal, r.scale, r.backend, r.options)
