@@ -550,7 +550,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # The profiles of the main job: (N exact, N linear, chain rounds). The default fits in about
 # 5 minutes on a busy 2-core machine; --long is the README's recorded problem.
-PROFILES = {"quick": (2048, 4096, 5), "default": (8192, 32768, 10), "long": (16384, 65536, 30)}
+PROFILES = {"quick": (2048, 4096, 5), "default": (8192, 16384, 10), "long": (16384, 65536, 30)}
 
 _FIELD_HELP = {
     "world_size": "ranks P of the local world (under torchrun: the launched group)",

@@ -58,7 +58,7 @@ def _record(monkeypatch):
 
 
 @pytest.mark.parametrize("flags, exact, linear, chain", [
-    ([], 8192, 32768, 10), (["--long"], 16384, 65536, 30), (["--quick"], 2048, 4096, 5),
+    ([], 8192, 16384, 10), (["--long"], 16384, 65536, 30), (["--quick"], 2048, 4096, 5),
     (["--long", "--seq-len", "4096", "--linear-seq-len", "1024"], 4096, 1024, 30),
 ])
 def test_profiles_default_long_quick(monkeypatch, tmp_path, capsys, flags, exact, linear, chain):
