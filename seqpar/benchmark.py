@@ -31,7 +31,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class BenchConfig:
     world_size: int = 2
-    seq_len: int = 16384
+    seq_len: int = 8192
     batch: int = 1
     heads: int = 8
     kv_heads: int = 8
@@ -153,18 +153,24 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
     modes = {name: ((False, True) if contestants[name][1] is not None else (False,)) for name in contestants}
     times = {(name, bwd): [] for name in contestants for bwd in modes[name]}
     rounds = cfg.warmup + cfg.repeats
+    steps, step = rounds * sum(len(m) for m in modes.values()), 0
     for round_ in range(rounds):
         for name in contestants:
             for bwd in modes[name]:
                 elapsed = run_one(name, bwd)
+                step += 1
                 if round_ >= cfg.warmup:
                     times[(name, bwd)].append(elapsed)
                 label = "warm-up" if round_ < cfg.warmup else f"round {round_ - cfg.warmup + 1}/{cfg.repeats}"
                 if rank == 0:
-                    _progress(f"  [{label}] {name} {'fwd+bwd' if bwd else 'fwd'}: {elapsed:.3f} s (rank 0)")
+                    _progress(f"  timing [{step}/{steps}, {label}] {name} {'fwd+bwd' if bwd else 'fwd'}: "
+                              f"{elapsed:.3f} s (rank 0)", final=step == steps)
 
     results = {"rank": rank, "threads": rank_threads, "dense_threads": dense_threads, "peer_skipped": skipped}
-    for name, (forward, q, k, v, do, *peer_layout) in contestants.items():
+    for i, (name, (forward, q, k, v, do, *peer_layout)) in enumerate(contestants.items()):
+        if rank == 0:
+            _progress(f"  checking [{i + 1}/{len(contestants)}] {name}: bytes sent and the result for the errors",
+                      final=i + 1 == len(contestants))
         entry = {"forward": times[(name, False)], "forward_backward": times.get((name, True))}
         if name == "dense" and rank != 0:
             results[name] = entry
@@ -204,13 +210,38 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
 
 def _load_bench_module(filename: str):
     """A peer adapter from bench/ of a clone (peers are never imported by the package)."""
-    path = Path.cwd() / "bench" / filename
+    path = _bench_dir() / filename
     if not path.exists():
         return None
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# The peer rows: (name, adapter in bench/, its availability check, the package it needs or
+# None, how to install that package without replacing torch; see bench/ulysses_peers.py).
+PEERS = (
+    ("torch templated ring", "torch_ring_peer.py", "available", None, None),
+    ("deepspeed ulysses", "ulysses_peers.py", "available_deepspeed", "deepspeed",
+     "DS_BUILD_OPS=0 DS_ACCELERATOR=cpu pip install --no-build-isolation --no-deps deepspeed==0.19.8 && "
+     "pip install hjson msgpack ninja psutil tqdm einops numpy packaging py-cpuinfo 'pydantic>=2'"),
+    ("yunchang ulysses", "ulysses_peers.py", "available_yunchang", "yunchang", "pip install --no-deps yunchang==0.6.4"),
+)
+
+
+def peer_unavailable(name: str, module) -> Optional[str]:
+    """Why the peer row `name` cannot run here (None if it can); a missing package comes
+    with the command that installs it."""
+    _, filename, check, package, install = next(p for p in PEERS if p[0] == name)
+    if module is None:
+        return f"bench/{filename} not found (run from a clone)"
+    if package is not None and importlib.util.find_spec(package) is None:
+        return f"{package} is not installed; to add this row: {install}"
+    reason = getattr(module, check)()
+    if reason is not None and install is not None and reason.startswith("cannot import"):
+        reason += f"; to (re)install: {install}"
+    return reason
 
 
 def _peer_contestants(cfg: BenchConfig, tensors, skipped: Dict[str, str]) -> Dict:
@@ -228,7 +259,7 @@ def _peer_contestants(cfg: BenchConfig, tensors, skipped: Dict[str, str]) -> Dic
         return q, k, v, do
 
     torch_ring = _load_bench_module("torch_ring_peer.py")
-    reason = "bench/torch_ring_peer.py not found (run from a clone)" if torch_ring is None else torch_ring.available()
+    reason = peer_unavailable("torch templated ring", torch_ring)
     if reason is None and not equal:
         reason = "needs seq_len divisible by 2P"
     if reason is None and cfg.heads != cfg.kv_heads:
@@ -245,21 +276,20 @@ def _peer_contestants(cfg: BenchConfig, tensors, skipped: Dict[str, str]) -> Dic
         skipped["torch templated ring"] = reason
 
     ulysses = _load_bench_module("ulysses_peers.py")
-    for name, avail, grad in (("deepspeed ulysses (peer)", "available_deepspeed", True),
-                              ("yunchang ulysses (peer)", "available_yunchang", False)):
-        reason = "bench/ulysses_peers.py not found (run from a clone)" if ulysses is None else getattr(ulysses, avail)()
+    for name, grad in (("deepspeed ulysses", True), ("yunchang ulysses", False)):
+        reason = peer_unavailable(name, ulysses)
         if reason is None and not equal:
             reason = "needs seq_len divisible by P (uneven lengths abort over gloo)"
         if reason is None:
             q, k, v, do = shards(contiguous, grad)
             if grad:
                 fn = lambda q=q, k=k, v=v: ulysses.deepspeed_ulysses(q, k, v, causal=cfg.causal)
-                found[name] = (fn, q, k, v, do, contiguous)
+                found[name + " (peer)"] = (fn, q, k, v, do, contiguous)
             else:
                 fn = lambda q=q, k=k, v=v: ulysses.yunchang_ulysses(q, k, v, causal=cfg.causal, local="sdpa")
-                found[name] = (fn, None, None, None, None, contiguous)
+                found[name + " (peer)"] = (fn, None, None, None, None, contiguous)
         else:
-            skipped[name.replace(" (peer)", "")] = reason
+            skipped[name] = reason
     return found
 
 
@@ -304,9 +334,54 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _progress(text: str) -> None:
+_LIVE = {"width": 0}  # the updating line this process has open on a terminal (its width), 0 if none
+
+
+def progress(text: str, *, final: bool = False, stream=None) -> None:
+    """One progress step on stderr: on a terminal an updating line (`final` ends it), in a
+    log (stderr not a tty) a plain line per step, never a carriage return."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        import shutil
+
+        text = text[:max(20, shutil.get_terminal_size().columns - 1)]
+        stream.write("\r" + text.ljust(_LIVE["width"]) + ("\n" if final else ""))
+        _LIVE["width"] = 0 if final else len(text)
+    else:
+        stream.write(text + "\n")
+    stream.flush()
+
+
+def progress_end(stream=None) -> None:
+    """End the updating line, if one is open (before other output)."""
+    stream = sys.stderr if stream is None else stream
+    if _LIVE["width"]:
+        stream.write("\n")
+        stream.flush()
+        _LIVE["width"] = 0
+
+
+def _progress(text: str, final: bool = False) -> None:
     if _is_main():
-        print(text, file=sys.stderr, flush=True)
+        progress(text, final=final)
+
+
+def repo_root() -> Optional[Path]:
+    """The checkout this package runs from (it has pyproject.toml and bench/), else None."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "bench").is_dir() else None
+
+
+def default_out_dir() -> Path:
+    """Where reports go by default: bench/out/ of the checkout, else the current directory."""
+    root = repo_root()
+    return root / "bench" / "out" if root is not None else Path.cwd()
+
+
+def _bench_dir() -> Path:
+    root = repo_root()
+    return root / "bench" if root is not None else Path.cwd() / "bench"
 
 
 def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = True, json_path: Optional[str] = None) -> Dict:
@@ -317,13 +392,17 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     cores = os.cpu_count() or 1
     if _is_main():
+        progress_end()
         print(f"seqpar bench: P={cfg.world_size}, N={cfg.seq_len}, H={cfg.heads}, H_kv={cfg.kv_heads}, "
               f"D={cfg.head_dim}, {cfg.dtype}, causal={cfg.causal}, scheme={cfg.scheme}; contestants: dense, "
               f"{', '.join(names)}{' and the peers found in bench/' if peers else ''}; "
               f"{cfg.warmup} warm-up + {cfg.repeats} timed rounds, interleaved", file=sys.stderr, flush=True)
+        if not peers:
+            print(f"--no-peers: skipping the peer rows {', '.join(p[0] for p in PEERS)}", file=sys.stderr, flush=True)
     if launched:
         runner = _TorchrunRunner(cfg)
     else:
+        _progress(f"  starting a local world of {cfg.world_size} ranks", final=True)
         runner = LocalWorld(cfg.world_size, threads_per_rank=max(1, cores // cfg.world_size))
     try:
         res = runner.run(bench_on_rank, cfg, names, peers, timeout=4 * 3600)
@@ -355,6 +434,8 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
         rows.append(row)
     for name, reason in res[0]["peer_skipped"].items():
         rows.append({"name": name, "skipped": reason})
+    if not peers:
+        rows += [{"name": p[0], "skipped": "--no-peers"} for p in PEERS]
     for row in rows:
         for key in ("forward", "forward_backward"):
             if row.get(f"{key}_times_s"):
@@ -373,18 +454,32 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
     }
     if not _is_main():
         return report
-    print(format_table(report))
-    write_json(report, json_path)
+    progress_end()
+    print(format_table(report), flush=True)
+    write_json(report, json_path, kind="bench")
     return report
 
 
-def write_json(report: Dict, path: Optional[str]) -> None:
-    """Write a bench report as JSON (nothing when `path` is empty), and say where."""
+def write_json(report: Dict, path: Optional[str], kind: str = "bench") -> Optional[Path]:
+    """Write a bench report as JSON to a new file `KIND-YYYYmmdd-HHMMSS.json` beside `path`
+    and to `path` itself (the latest run; nothing at all when `path` is empty), and say
+    where. Returns the timestamped file."""
     if not path:
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2))
-    print(f"results written to {path}", file=sys.stderr)
+        return None
+    latest = Path(path).resolve()
+    latest.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamped = latest.parent / f"{kind}-{stamp}.json"
+    n = 2
+    while stamped.exists() or stamped == latest:
+        stamped = latest.parent / f"{kind}-{stamp}-{n}.json"
+        n += 1
+    stamped.write_text(text)
+    latest.write_text(text)
+    progress_end()
+    print(f"results written to {stamped} (and {latest})", file=sys.stderr, flush=True)
+    return stamped
 
 
 def format_table(report: Dict) -> str:
@@ -444,50 +539,122 @@ class _TorchrunRunner:
         """Nothing to release: torchrun owns the processes and the group."""
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--grid" in argv:  # the cost model against measurement: its own options
-        from .benchmark_grid import main as grid_main
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except where there is none to show (None, a plain switch)."""
 
-        return grid_main([a for a in argv if a != "--grid"])
-    parser = argparse.ArgumentParser(prog="python -m seqpar bench", description=__doc__.splitlines()[0])
+    def _get_help_string(self, action):
+        if action.default is None or (action.nargs == 0 and action.default is False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+# The profiles of the main job: (N exact, N linear, chain rounds). The default fits in about
+# 5 minutes on a busy 2-core machine; --long is the README's recorded problem.
+PROFILES = {"quick": (2048, 4096, 5), "default": (8192, 16384, 10), "long": (16384, 65536, 30)}
+
+_FIELD_HELP = {
+    "world_size": "ranks P of the local world (under torchrun: the launched group)",
+    "seq_len": "global sequence length N",
+    "batch": "batch size B",
+    "heads": "query heads H",
+    "kv_heads": "key/value heads H_kv (H %% H_kv == 0)",
+    "head_dim": "head dimension D",
+    "dtype": "inputs' dtype",
+    "causal": "causal attention",
+    "scheme": "sequence layout of the strategies",
+    "backend": "block kernel backend (seqpar.attention's backend=)",
+    "repeats": "timed rounds (the median is reported)",
+    "warmup": "untimed rounds first",
+    "seed": "seed of the random inputs",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m seqpar bench", description=__doc__.splitlines()[0], formatter_class=HelpFormatter,
+        epilog="profiles: default N=%d (linear rows N=%d); --long N=%d (linear %d), the README's recorded problem; "
+               "--quick N=%d (linear %d). JSON goes to a new timestamped file beside the latest one."
+               % (PROFILES["default"][:2] + PROFILES["long"][:2] + PROFILES["quick"][:2]))
     for field in dataclasses.fields(BenchConfig):
         flag = "--" + field.name.replace("_", "-")
-        if field.type in ("bool", bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=field.default)
+        help_text = _FIELD_HELP.get(field.name, field.name)
+        if field.name == "causal":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
+        elif field.name == "seq_len":
+            parser.add_argument(flag, type=int, default=None,
+                                help=help_text + " (default: %d; --long %d, --quick %d)"
+                                % (PROFILES["default"][0], PROFILES["long"][0], PROFILES["quick"][0]))
+        elif field.name == "dtype":
+            parser.add_argument(flag, choices=list(DTYPES), default=field.default, help=help_text)
+        elif field.name == "scheme":
+            parser.add_argument(flag, choices=("contiguous", "zigzag", "stripe"), default=field.default,
+                                help=help_text)
         else:
             kind = int if isinstance(field.default, int) else str
-            parser.add_argument(flag, type=kind, default=field.default)
-    parser.add_argument("--strategies", nargs="*", default=None, help="default: every registered strategy")
-    parser.add_argument("--no-peers", action="store_true", help="skip the PyTorch templated-ring row")
-    parser.add_argument("--json", default="bench/out/latest.json", help="where to write the results (JSON)")
-    parser.add_argument("--quick", action="store_true", help="small problems (N=2048 exact, 4096 linear) for a smoke run")
+            parser.add_argument(flag, type=kind, default=field.default, help=help_text)
+    parser.add_argument("--strategies", nargs="*", default=None, help="strategies to run (default: every registered "
+                        "strategy)")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="skip the peer rows: " + ", ".join(p[0] for p in PEERS))
+    profile = parser.add_mutually_exclusive_group()
+    profile.add_argument("--quick", action="store_true", help="small problems for a smoke run (N=%d exact, %d linear)"
+                         % PROFILES["quick"][:2])
+    profile.add_argument("--long", action="store_true", help="the README's recorded problem (N=%d exact, %d linear; "
+                         "about 4x the default's time)" % PROFILES["long"][:2])
     parser.add_argument("--grid", action="store_true",
                         help="instead: every feasible strategy on a grid of (P, N, H, H_kv), predicted against "
                              "measured, and how often strategy='auto' picks the fastest (see --grid --help)")
     parser.add_argument("--linear", choices=("on", "off", "only"), default="on",
                         help="the linear-attention rows (methods by P, on local worlds): on (after the exact "
                              "strategies), off, or only")
-    parser.add_argument("--linear-world-sizes", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--linear-seq-len", type=int, default=65536)
-    parser.add_argument("--linear-json", default="bench/out/linear.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--linear-world-sizes", type=int, nargs="+", default=[2, 4], help="P of the linear rows")
+    parser.add_argument("--linear-seq-len", type=int, default=None,
+                        help="N of the linear rows (default: %d; --long %d, --quick %d)"
+                        % (PROFILES["default"][1], PROFILES["long"][1], PROFILES["quick"][1]))
+    parser.add_argument("--out-dir", default=str(default_out_dir()),
+                        help="where the JSON reports go (bench/out/ of the checkout, else the current directory)")
+    parser.add_argument("--json", default=None,
+                        help="the latest exact-attention report (default: OUT_DIR/latest.json; each run also writes "
+                             "OUT_DIR/bench-DATE-TIME.json beside it; '' writes nothing)")
+    parser.add_argument("--linear-json", default=None,
+                        help="the latest linear report (default: OUT_DIR/linear.json, plus linear-DATE-TIME.json "
+                             "beside it; '' writes nothing)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--grid" in argv:  # the cost model against measurement: its own options
+        from .benchmark_grid import main as grid_main
+
+        return grid_main([a for a in argv if a != "--grid"])
+    args = build_parser().parse_args(argv)
+    profile = PROFILES["quick" if args.quick else "long" if args.long else "default"]
     cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
-    if args.quick:
-        cfg.seq_len = 2048
+    if cfg.seq_len is None:
+        cfg.seq_len = profile[0]
+    out_dir = Path(args.out_dir)
+    json_path = str(out_dir / "latest.json") if args.json is None else args.json
+    linear_json = str(out_dir / "linear.json") if args.linear_json is None else args.linear_json
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    started = time.perf_counter()
     if args.linear != "only":
-        run(cfg, args.strategies, peers=not args.no_peers, json_path=args.json)
+        run(cfg, args.strategies, peers=not args.no_peers, json_path=json_path)
     if args.linear != "off" and not launched:  # the linear rows spawn their own local worlds
         from . import benchmark_linear
 
         lin = benchmark_linear.LinearBenchConfig(
-            world_sizes=tuple(args.linear_world_sizes), seq_len=4096 if args.quick else args.linear_seq_len,
+            world_sizes=tuple(args.linear_world_sizes),
+            seq_len=profile[1] if args.linear_seq_len is None else args.linear_seq_len,
             dtype=cfg.dtype if cfg.dtype != "float64" else "float32", repeats=cfg.repeats, warmup=cfg.warmup,
+            chain_repeats=profile[2],
         )
         report = benchmark_linear.run(lin)
         report["machine"], report["torch"] = machine_description(), torch.__version__
+        progress_end()
         print()
-        print(benchmark_linear.format_tables(report))
-        write_json(report, args.linear_json)
+        print(benchmark_linear.format_tables(report), flush=True)
+        write_json(report, linear_json, kind="linear")
+    if _is_main():
+        print(f"seqpar bench: done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return 0

@@ -34,6 +34,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .benchmark import HelpFormatter, default_out_dir, progress, progress_end
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -98,8 +100,8 @@ def measure_on_rank(cfg: GridConfig, seq_len: int, heads: int, kv_heads: int, ca
             if not timed and keys[i] in _WARMED:
                 continue  # first-call costs (connections, kernel checks) are per process, paid already
             if rank == 0:
-                print(f"\r  {label}: {'timed round ' + str(round_ - cfg.warmup + 1) if timed else 'warm-up'}, "
-                      f"{strategy}{options or ''}".ljust(110), end="", file=sys.stderr, flush=True)
+                progress(f"  {label}: {'timed round ' + str(round_ - cfg.warmup + 1) if timed else 'warm-up'}, "
+                         f"{strategy}{options or ''}")
             q.grad = k.grad = v.grad = None
             dist.barrier()
             start = time.perf_counter()
@@ -126,6 +128,7 @@ def measure_on_rank(cfg: GridConfig, seq_len: int, heads: int, kv_heads: int, ca
         if done >= cfg.max_repeats or (done >= cfg.repeats and spent + float(took) > cfg.seconds_per_point):
             break
     _WARMED.update(keys)
+    progress_end()
     return times
 
 
@@ -157,8 +160,7 @@ def run(cfg: GridConfig, json_path: Optional[str] = None, png_path: Optional[str
     for world_size in cfg.world_sizes:
         world = LocalWorld(world_size, threads_per_rank=max(1, cores // world_size))
         try:
-            print(f"seqpar bench --grid: calibrating a local world of {world_size} ranks", file=sys.stderr,
-                  flush=True)
+            progress(f"seqpar bench --grid: calibrating a local world of {world_size} ranks", final=True)
             topo = world.run(calibrate_on_rank, cfg.dtype, cfg.backend, timeout=600)[0]
             topologies[world_size] = topo.to_dict()
             for _, seq_len, heads, kv_heads in [pt for pt in points if pt[0] == world_size]:
@@ -187,9 +189,8 @@ def run(cfg: GridConfig, json_path: Optional[str] = None, png_path: Optional[str
                                   "auto_vs_best": ratio, "auto_vs_best_unpaired": measured[auto] / measured[best],
                                   "auto_ok": ratio <= cfg.tolerance, "predicted_best": auto == best,
                                   "spread": statistics.median(_spread(t) for t in rounds.values())})
-                # ends rank 0's live line (its own stderr) with this point's outcome
-                print(f"\r  {label}: auto {plan.choice.label}, fastest {best} (auto / fastest {ratio:.2f})".ljust(110),
-                      file=sys.stderr, flush=True)
+                progress(f"  {label}: auto {plan.choice.label}, fastest {best} (auto / fastest {ratio:.2f})",
+                         final=True)
         finally:
             world.close()
     wins = sum(s["auto_ok"] for s in summaries)
@@ -201,8 +202,8 @@ def run(cfg: GridConfig, json_path: Optional[str] = None, png_path: Optional[str
         "median_abs_log_error": statistics.median(logs) if logs else None,
     }
     report["png"], report["png_note"] = _plot(report, png_path) if png_path else (None, "no PNG path given")
-    print(format_table(report))
-    write_json(report, json_path)
+    print(format_table(report), flush=True)
+    write_json(report, json_path, kind="grid")
     return report
 
 
@@ -303,28 +304,39 @@ def _pairs(text: str) -> Tuple[int, int]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m seqpar bench --grid", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m seqpar bench --grid", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     defaults = GridConfig()
-    parser.add_argument("--world-sizes", type=int, nargs="+", default=list(defaults.world_sizes))
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=list(defaults.seq_lens))
-    parser.add_argument("--heads", type=_pairs, nargs="+", default=list(defaults.head_pairs), metavar="H:H_KV")
-    parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
-    parser.add_argument("--batch", type=int, default=defaults.batch)
-    parser.add_argument("--dtype", choices=list(DTYPES), default=defaults.dtype)
-    parser.add_argument("--scheme", choices=("contiguous", "zigzag", "stripe"), default=defaults.scheme)
-    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=defaults.causal)
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=list(defaults.world_sizes),
+                        help="P: one calibrated local world each")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=list(defaults.seq_lens),
+                        help="sequence lengths N of the grid")
+    parser.add_argument("--heads", type=_pairs, nargs="+", default=list(defaults.head_pairs), metavar="H:H_KV",
+                        help="head shapes of the grid")
+    parser.add_argument("--head-dim", type=int, default=defaults.head_dim, help="head dimension D")
+    parser.add_argument("--batch", type=int, default=defaults.batch, help="batch size B")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=defaults.dtype, help="inputs' dtype")
+    parser.add_argument("--scheme", choices=("contiguous", "zigzag", "stripe"), default=defaults.scheme,
+                        help="sequence layout")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=defaults.causal,
+                        help="causal attention")
     parser.add_argument("--training", action=argparse.BooleanOptionalAction, default=defaults.training,
-                        help="time forward + backward (default) or, with --no-training, the forward")
-    parser.add_argument("--backend", default=defaults.backend)
+                        help="time forward + backward or, with --no-training, the forward")
+    parser.add_argument("--backend", default=defaults.backend, help="block kernel backend")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed rounds per point, at least")
     parser.add_argument("--max-repeats", type=int, default=defaults.max_repeats,
                         help="timed rounds per point, at most")
     parser.add_argument("--seconds-per-point", type=float, default=defaults.seconds_per_point,
                         help="after --repeats rounds, go on while the point's timed rounds fit in this budget")
-    parser.add_argument("--warmup", type=int, default=defaults.warmup)
-    parser.add_argument("--tolerance", type=float, default=defaults.tolerance)
-    parser.add_argument("--json", default="bench/out/grid.json")
-    parser.add_argument("--png", default="bench/out/grid.png")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed rounds per strategy and world")
+    parser.add_argument("--tolerance", type=float, default=defaults.tolerance,
+                        help="auto wins a point within this factor of the fastest")
+    parser.add_argument("--out-dir", default=str(default_out_dir()),
+                        help="where the JSON and PNG go (bench/out/ of the checkout, else the current directory)")
+    parser.add_argument("--json", default=None,
+                        help="the latest report (default: OUT_DIR/grid.json; each run also writes "
+                             "OUT_DIR/grid-DATE-TIME.json beside it; '' writes nothing)")
+    parser.add_argument("--png", default=None, help="the plot (default: OUT_DIR/grid.png; '' skips it)")
     parser.add_argument("--table", metavar="JSON", default=None,
                         help="print the tables of a saved run's JSON and exit (runs nothing)")
     parser.add_argument("--quick", action="store_true",
@@ -339,5 +351,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      causal=args.causal, scheme=args.scheme, training=args.training, backend=args.backend,
                      repeats=args.repeats, max_repeats=max(args.repeats, args.max_repeats), seconds_per_point=budget,
                      warmup=args.warmup, tolerance=args.tolerance)
-    run(cfg, json_path=args.json or None, png_path=args.png or None)
+    json_path = str(Path(args.out_dir) / "grid.json") if args.json is None else args.json
+    png_path = str(Path(args.out_dir) / "grid.png") if args.png is None else args.png
+    run(cfg, json_path=json_path or None, png_path=png_path or None)
     return 0

@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .benchmark import progress
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 METHODS = ("ring", "allgather", "allscan")
 
@@ -121,9 +123,11 @@ def bench_linear_on_rank(cfg: LinearBenchConfig) -> Dict:
     contestants.update({m: method_fn(m) for m in cfg.methods})
     times = {(name, bwd): [] for name in contestants for bwd in (False, True)}
     waits = {name: [] for name in cfg.methods}
+    steps, step = (cfg.warmup + cfg.repeats) * len(contestants) * 2, 0
     for round_ in range(cfg.warmup + cfg.repeats):
         for name, fn in contestants.items():
             for bwd in (False, True):
+                step += 1
                 active = name != "single process" or rank == 0
                 if name == "single process" and active:
                     torch.set_num_threads(single_threads)
@@ -144,9 +148,16 @@ def bench_linear_on_rank(cfg: LinearBenchConfig) -> Dict:
                     times[(name, bwd)].append(elapsed if active else 0.0)
                     if name in waits and not bwd:
                         waits[name].append(stats.wait_seconds(f"linear.{name}.forward"))
+                if rank == 0:
+                    label = "warm-up" if round_ < cfg.warmup else f"round {round_ - cfg.warmup + 1}/{cfg.repeats}"
+                    progress(f"  P={world} timing [{step}/{steps}, {label}] {name} {'fwd+bwd' if bwd else 'fwd'}: "
+                             f"{elapsed:.3f} s (rank 0)", final=step == steps)
     result = {"rank": rank, "threads": rank_threads, "single_threads": single_threads,
               "positions": layout.positions()}
-    for name, fn in contestants.items():
+    for i, (name, fn) in enumerate(contestants.items()):
+        if rank == 0:
+            progress(f"  P={world} checking [{i + 1}/{len(contestants)}] {name}: bytes sent and the result for the "
+                     "errors", final=i + 1 == len(contestants))
         entry = {"forward": times[(name, False)], "forward_backward": times[(name, True)]}
         if name == "single process" and rank != 0:
             result[name] = entry
@@ -182,12 +193,17 @@ def _chain_on_rank(cfg: LinearBenchConfig, layout) -> Dict:
 
     rank, world = layout.rank, layout.world_size
     out = {}
+    steps, step = len(cfg.chain_state_bytes) * 3, 0
     for nbytes in cfg.chain_state_bytes:
         numel = nbytes // 4
         local = torch.randn(numel)
         decay = torch.rand(numel)
         variants = {"ring": 1, "allscan": default_scan_pieces(world, nbytes)}
         for name, pieces in list(variants.items()) + [("allgather", None)]:
+            step += 1
+            if rank == 0:
+                progress(f"  P={world} the chain alone [{step}/{steps}]: {name}, {nbytes // 1024} KiB states, "
+                         f"{cfg.chain_repeats} rounds", final=step == steps)
             waits = []
             for _ in range(cfg.chain_repeats):
                 dist.barrier()
@@ -226,6 +242,9 @@ def _assemble(per_rank: List[Dict], name: str, index: Optional[int], n: int) -> 
 
 
 def _progress(text: str) -> None:
+    from .benchmark import progress_end
+
+    progress_end()
     print(text, file=sys.stderr, flush=True)
 
 
@@ -238,6 +257,7 @@ def run(cfg: LinearBenchConfig) -> Dict:
         _progress(f"seqpar bench (linear attention): P={world_size}, N={cfg.seq_len}, B={cfg.batch}, H={cfg.heads}, "
                   f"Dk={cfg.key_dim}, Dv={cfg.value_dim}, decay={cfg.decay}, {cfg.dtype}; methods "
                   f"{', '.join(cfg.methods)} against the single-process chunked kernel")
+        progress(f"  starting a local world of {world_size} ranks", final=True)
         runner = LocalWorld(world_size, threads_per_rank=max(1, cores // world_size))
         try:
             res = runner.run(bench_linear_on_rank, cfg, timeout=4 * 3600)

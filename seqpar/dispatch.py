@@ -1280,29 +1280,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     """`python -m seqpar plan`: print the plan table for a problem (no process group needed)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m seqpar plan",
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+        """Defaults in --help, except where there is none (None: the help says what applies)."""
+
+        def _get_help_string(self, action):
+            return action.help if action.default is None else super()._get_help_string(action)
+
+    parser = argparse.ArgumentParser(prog="python -m seqpar plan", formatter_class=Formatter,
                                      description="Predict every strategy's time on a problem and show the choice.")
-    parser.add_argument("--seq-len", type=int, required=True, help="global sequence length N")
-    parser.add_argument("--world-size", type=int, required=True, help="ranks P")
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="bfloat16")
-    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--seq-len", type=int, required=True, help="global sequence length N (required)")
+    parser.add_argument("--world-size", type=int, required=True, help="ranks P (required)")
+    parser.add_argument("--heads", type=int, default=32, help="query heads H")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads H_kv (default: --heads)")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dimension D")
+    parser.add_argument("--batch", type=int, default=1, help="batch size B")
+    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="bfloat16", help="inputs' dtype")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal attention")
     parser.add_argument("--training", action=argparse.BooleanOptionalAction, default=True,
-                        help="forward + backward (default); --no-training plans the forward alone")
-    parser.add_argument("--scheme", choices=SCHEMES, default="contiguous")
+                        help="forward + backward; --no-training plans the forward alone")
+    parser.add_argument("--scheme", choices=SCHEMES, default="contiguous", help="sequence layout")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="the default topology's device type (default: this machine's)")
-    parser.add_argument("--calibration", default=None, help="a calibration JSON file (from seqpar.calibrate)")
-    parser.add_argument("--ranks-per-node", type=int, default=None)
-    parser.add_argument("--intra-bandwidth", type=float, default=None, help="GB/s a rank sends within a node")
-    parser.add_argument("--intra-latency", type=float, default=None, help="microseconds per step within a node")
-    parser.add_argument("--inter-bandwidth", type=float, default=None, help="GB/s a rank sends between nodes")
-    parser.add_argument("--inter-latency", type=float, default=None, help="microseconds per step between nodes")
-    parser.add_argument("--tflops", type=float, default=None, help="block kernel forward TFLOP/s (backward: same)")
-    parser.add_argument("--memory-gib", type=float, default=None, help="memory a rank may spend on attention, GiB")
+                        help="the default topology's device type (this machine's)")
+    parser.add_argument("--calibration", default=None,
+                        help="a calibration JSON file (from seqpar.calibrate; default: the device's defaults)")
+    parser.add_argument("--ranks-per-node", type=int, default=None,
+                        help="ranks per node (default: the topology's, LOCAL_WORLD_SIZE on CUDA)")
+    parser.add_argument("--intra-bandwidth", type=float, default=None, help="GB/s a rank sends within a node (default: the topology's)")
+    parser.add_argument("--intra-latency", type=float, default=None, help="microseconds per step within a node (default: the topology's)")
+    parser.add_argument("--inter-bandwidth", type=float, default=None, help="GB/s a rank sends between nodes (default: the topology's)")
+    parser.add_argument("--inter-latency", type=float, default=None, help="microseconds per step between nodes (default: the topology's)")
+    parser.add_argument("--tflops", type=float, default=None, help="block kernel forward TFLOP/s, backward the same (default: the topology's)")
+    parser.add_argument("--memory-gib", type=float, default=None, help="memory a rank may spend on attention, GiB (default: the topology's)")
     args = parser.parse_args(argv)
     if args.calibration:
         topo = load_calibration(Path(args.calibration))

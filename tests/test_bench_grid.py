@@ -48,13 +48,17 @@ def test_grid_runs_every_feasible_strategy_and_reports(tmp_path):
         assert report["png"] == str(png_path) and png_path.stat().st_size > 0
 
 
-def test_grid_stops_on_its_time_budget_and_reprints_a_saved_run(tmp_path):
+def test_grid_stops_on_its_time_budget_and_reprints_a_saved_run(tmp_path, capfd):
     json_path = tmp_path / "grid.json"
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        assert bench_main(["--grid", "--world-sizes", "2", "--seq-lens", "32", "--heads", "2:2", "--head-dim", "8",
-                           "--repeats", "1", "--max-repeats", "3", "--seconds-per-point", "0", "--warmup", "0",
-                           "--json", str(json_path), "--png", ""]) == 0
+    assert bench_main(["--grid", "--world-sizes", "2", "--seq-lens", "32", "--heads", "2:2", "--head-dim", "8",
+                       "--repeats", "1", "--max-repeats", "3", "--seconds-per-point", "0", "--warmup", "0",
+                       "--out-dir", str(tmp_path), "--png", ""]) == 0
+    err = capfd.readouterr().err
+    assert "\r" not in err and "[1/1] P=2 N=32 H=2 H_kv=2: timed round 1" in err  # plain lines in a log
+    stamped = list(tmp_path.glob("grid-*.json"))
+    assert len(stamped) == 1 and str(stamped[0]) in err
     report = json.loads(json_path.read_text())
+    assert json.loads(stamped[0].read_text()) == report
     assert report["rows"] and all(len(row["times_s"]) == 1 for row in report["rows"])  # the budget ran out
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
