@@ -27,7 +27,7 @@ def main(argv=None) -> int:
         from .dispatch import main as plan_main
 
         return plan_main(argv[1:])
-    from .benchmark import main as bench_main
+    from .bench.exact import main as bench_main
 
     return bench_main(argv[1:])
 

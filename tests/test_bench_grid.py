@@ -4,7 +4,7 @@ import importlib.util
 import io
 import json
 
-from seqpar.benchmark import main as bench_main
+from seqpar.bench.exact import main as bench_main
 
 
 def test_grid_runs_every_feasible_strategy_and_reports(tmp_path):

@@ -1,5 +1,5 @@
 """The linear-attention bench runs end to end on a tiny problem and reports sound numbers."""
-from seqpar import benchmark_linear
+from seqpar.bench import linear as benchmark_linear
 
 
 def test_linear_bench_smoke():

@@ -6,7 +6,9 @@ import types
 import pytest
 
 from seqpar import __main__ as cli
-from seqpar import benchmark, benchmark_linear, dispatch
+from seqpar import dispatch
+from seqpar.bench import exact as benchmark
+from seqpar.bench import linear as benchmark_linear
 
 
 def test_unknown_command_is_named_with_the_known_ones_and_exits_2(capsys):
@@ -95,7 +97,9 @@ def test_every_run_gets_its_own_timestamped_file_beside_the_latest(tmp_path, cap
 def test_default_out_dir_is_the_checkouts_bench_out_else_the_cwd(monkeypatch, tmp_path):
     root = benchmark.repo_root()
     assert root is not None and benchmark.default_out_dir() == root / "bench" / "out"
-    monkeypatch.setattr(benchmark, "__file__", str(tmp_path / "site-packages" / "seqpar" / "benchmark.py"))
+    from seqpar.bench import common
+
+    monkeypatch.setattr(common, "__file__", str(tmp_path / "site-packages" / "seqpar" / "bench" / "common.py"))
     monkeypatch.chdir(tmp_path)
     assert benchmark.repo_root() is None and benchmark.default_out_dir() == tmp_path
 

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .benchmark import progress
+from .common import progress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 METHODS = ("ring", "allgather", "allscan")
@@ -70,7 +70,7 @@ class _SingleProcess(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, scale, chunk):
-        from .kernels import linear
+        from ..kernels import linear
 
         ctx.save_for_backward(q, k, v, g)
         ctx.args = (scale, chunk)
@@ -78,7 +78,7 @@ class _SingleProcess(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        from .kernels import linear
+        from ..kernels import linear
 
         q, k, v, g = ctx.saved_tensors
         dq, dk, dv, dg = linear.chunk_backward(do, q, k, v, g, *ctx.args)
@@ -89,7 +89,7 @@ def bench_linear_on_rank(cfg: LinearBenchConfig) -> Dict:
     import torch.distributed as dist
 
     import seqpar
-    from .strategies import linear as linear_strategy
+    from ..strategies import linear as linear_strategy
 
     rank, world = dist.get_rank(), dist.get_world_size()
     rank_threads = torch.get_num_threads()
@@ -187,9 +187,9 @@ def _chain_on_rank(cfg: LinearBenchConfig, layout) -> Dict:
     """The last rank's wait for its incoming state with nothing else running."""
     import torch.distributed as dist
 
-    from .comm import collectives, stats
-    from .comm.scan import StateScan
-    from .strategies.linear import default_scan_pieces
+    from ..comm import collectives, stats
+    from ..comm.scan import StateScan
+    from ..strategies.linear import default_scan_pieces
 
     rank, world = layout.rank, layout.world_size
     out = {}
@@ -242,14 +242,14 @@ def _assemble(per_rank: List[Dict], name: str, index: Optional[int], n: int) -> 
 
 
 def _progress(text: str) -> None:
-    from .benchmark import progress_end
+    from .common import progress_end
 
     progress_end()
     print(text, file=sys.stderr, flush=True)
 
 
 def run(cfg: LinearBenchConfig) -> Dict:
-    from .testing import LocalWorld
+    from ..testing import LocalWorld
 
     cores = os.cpu_count() or 1
     rows, chains = [], []

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .benchmark import HelpFormatter, default_out_dir, progress, progress_end
+from .common import HelpFormatter, default_out_dir, progress, progress_end
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -150,8 +150,8 @@ def _spread(times: List[float]) -> float:
 
 def run(cfg: GridConfig, json_path: Optional[str] = None, png_path: Optional[str] = None) -> Dict:
     import seqpar
-    from .benchmark import machine_description, write_json
-    from .testing import LocalWorld
+    from .common import machine_description, write_json
+    from ..testing import LocalWorld
 
     cores = os.cpu_count() or 1
     points = [(p, n, h, hkv) for p in cfg.world_sizes for n in cfg.seq_lens for h, hkv in cfg.head_pairs]

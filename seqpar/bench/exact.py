@@ -25,6 +25,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .common import (HelpFormatter, default_out_dir, is_main, machine_description, progress, progress_end, repo_root,
+                     write_json)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -113,7 +116,7 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
     import torch.distributed as dist
 
     import seqpar
-    from seqpar.attention import analytic_bytes
+    from seqpar.registry import analytic_bytes
 
     device = _device()
     rank = dist.get_rank()
@@ -322,61 +325,9 @@ def _format_bytes(n: Optional[float]) -> str:
     return str(n)
 
 
-def machine_description() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
-
-
-def _is_main() -> bool:
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
-
-
-_LIVE = {"width": 0}  # the updating line this process has open on a terminal (its width), 0 if none
-
-
-def progress(text: str, *, final: bool = False, stream=None) -> None:
-    """One progress step on stderr: on a terminal an updating line (`final` ends it), in a
-    log (stderr not a tty) a plain line per step, never a carriage return."""
-    stream = sys.stderr if stream is None else stream
-    isatty = getattr(stream, "isatty", None)
-    if isatty is not None and isatty():
-        import shutil
-
-        text = text[:max(20, shutil.get_terminal_size().columns - 1)]
-        stream.write("\r" + text.ljust(_LIVE["width"]) + ("\n" if final else ""))
-        _LIVE["width"] = 0 if final else len(text)
-    else:
-        stream.write(text + "\n")
-    stream.flush()
-
-
-def progress_end(stream=None) -> None:
-    """End the updating line, if one is open (before other output)."""
-    stream = sys.stderr if stream is None else stream
-    if _LIVE["width"]:
-        stream.write("\n")
-        stream.flush()
-        _LIVE["width"] = 0
-
-
 def _progress(text: str, final: bool = False) -> None:
-    if _is_main():
+    if is_main():
         progress(text, final=final)
-
-
-def repo_root() -> Optional[Path]:
-    """The checkout this package runs from (it has pyproject.toml and bench/), else None."""
-    root = Path(__file__).resolve().parent.parent
-    return root if (root / "pyproject.toml").is_file() and (root / "bench").is_dir() else None
-
-
-def default_out_dir() -> Path:
-    """Where reports go by default: bench/out/ of the checkout, else the current directory."""
-    root = repo_root()
-    return root / "bench" / "out" if root is not None else Path.cwd()
 
 
 def _bench_dir() -> Path:
@@ -385,13 +336,13 @@ def _bench_dir() -> Path:
 
 
 def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = True, json_path: Optional[str] = None) -> Dict:
-    from .attention import registered_strategies
-    from .testing import LocalWorld
+    from ..registry import names as registered_strategies
+    from ..testing import LocalWorld
 
     names = list(strategies or registered_strategies())
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     cores = os.cpu_count() or 1
-    if _is_main():
+    if is_main():
         progress_end()
         print(f"seqpar bench: P={cfg.world_size}, N={cfg.seq_len}, H={cfg.heads}, H_kv={cfg.kv_heads}, "
               f"D={cfg.head_dim}, {cfg.dtype}, causal={cfg.causal}, scheme={cfg.scheme}; contestants: dense, "
@@ -452,34 +403,12 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
         "config": dataclasses.asdict(cfg), "machine": machine_description(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "launched_with_torchrun": launched, "rows": rows,
     }
-    if not _is_main():
+    if not is_main():
         return report
     progress_end()
     print(format_table(report), flush=True)
     write_json(report, json_path, kind="bench")
     return report
-
-
-def write_json(report: Dict, path: Optional[str], kind: str = "bench") -> Optional[Path]:
-    """Write a bench report as JSON to a new file `KIND-YYYYmmdd-HHMMSS.json` beside `path`
-    and to `path` itself (the latest run; nothing at all when `path` is empty), and say
-    where. Returns the timestamped file."""
-    if not path:
-        return None
-    latest = Path(path).resolve()
-    latest.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    stamped = latest.parent / f"{kind}-{stamp}.json"
-    n = 2
-    while stamped.exists() or stamped == latest:
-        stamped = latest.parent / f"{kind}-{stamp}-{n}.json"
-        n += 1
-    stamped.write_text(text)
-    latest.write_text(text)
-    progress_end()
-    print(f"results written to {stamped} (and {latest})", file=sys.stderr, flush=True)
-    return stamped
 
 
 def format_table(report: Dict) -> str:
@@ -531,21 +460,12 @@ class _TorchrunRunner:
             cfg.world_size = dist.get_world_size()
 
     def run(self, fn, *args, timeout=None):
-        from .comm.collectives import all_gather_object
+        from ..comm.collectives import all_gather_object
 
         return all_gather_object(fn(*args), None, op="bench.results")
 
     def close(self):
         """Nothing to release: torchrun owns the processes and the group."""
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in --help, except where there is none to show (None, a plain switch)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or (action.nargs == 0 and action.default is False):
-            return action.help
-        return super()._get_help_string(action)
 
 
 # The profiles of the main job: (N exact, N linear, chain rounds). The default fits in about
@@ -625,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--grid" in argv:  # the cost model against measurement: its own options
-        from .benchmark_grid import main as grid_main
+        from .grid import main as grid_main
 
         return grid_main([a for a in argv if a != "--grid"])
     args = build_parser().parse_args(argv)
@@ -641,20 +561,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.linear != "only":
         run(cfg, args.strategies, peers=not args.no_peers, json_path=json_path)
     if args.linear != "off" and not launched:  # the linear rows spawn their own local worlds
-        from . import benchmark_linear
+        from . import linear as linear_bench
 
-        lin = benchmark_linear.LinearBenchConfig(
+        lin = linear_bench.LinearBenchConfig(
             world_sizes=tuple(args.linear_world_sizes),
             seq_len=profile[1] if args.linear_seq_len is None else args.linear_seq_len,
             dtype=cfg.dtype if cfg.dtype != "float64" else "float32", repeats=cfg.repeats, warmup=cfg.warmup,
             chain_repeats=profile[2],
         )
-        report = benchmark_linear.run(lin)
+        report = linear_bench.run(lin)
         report["machine"], report["torch"] = machine_description(), torch.__version__
         progress_end()
         print()
-        print(benchmark_linear.format_tables(report), flush=True)
+        print(linear_bench.format_tables(report), flush=True)
         write_json(report, linear_json, kind="linear")
-    if _is_main():
+    if is_main():
         print(f"seqpar bench: done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return 0

@@ -1,0 +1,98 @@
+"""What the benchmarks share: progress display, output folder and JSON files, the machine's
+description, the help formatter."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+
+def machine_description() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def is_main() -> bool:
+    """Whether this process prints: rank 0 of the world, or a lone process."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+_LIVE = {"width": 0}  # the updating line this process has open on a terminal (its width), 0 if none
+
+
+def progress(text: str, *, final: bool = False, stream=None) -> None:
+    """One progress step on stderr: on a terminal an updating line (`final` ends it), in a
+    log (stderr not a tty) a plain line per step, never a carriage return."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        import shutil
+
+        text = text[:max(20, shutil.get_terminal_size().columns - 1)]
+        stream.write("\r" + text.ljust(_LIVE["width"]) + ("\n" if final else ""))
+        _LIVE["width"] = 0 if final else len(text)
+    else:
+        stream.write(text + "\n")
+    stream.flush()
+
+
+def progress_end(stream=None) -> None:
+    """End the updating line, if one is open (before other output)."""
+    stream = sys.stderr if stream is None else stream
+    if _LIVE["width"]:
+        stream.write("\n")
+        stream.flush()
+        _LIVE["width"] = 0
+
+
+def repo_root() -> Optional[Path]:
+    """The checkout this package runs from (it has pyproject.toml and bench/), else None."""
+    root = Path(__file__).resolve().parents[2]  # seqpar/bench/common.py -> the checkout
+    return root if (root / "pyproject.toml").is_file() and (root / "bench").is_dir() else None
+
+
+def default_out_dir() -> Path:
+    """Where reports go by default: bench/out/ of the checkout, else the current directory."""
+    root = repo_root()
+    return root / "bench" / "out" if root is not None else Path.cwd()
+
+
+def write_json(report: Dict, path: Optional[str], kind: str = "bench") -> Optional[Path]:
+    """Write a bench report as JSON to a new file `KIND-YYYYmmdd-HHMMSS.json` beside `path`
+    and to `path` itself (the latest run; nothing at all when `path` is empty), and say
+    where. Returns the timestamped file."""
+    if not path:
+        return None
+    latest = Path(path).resolve()
+    latest.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamped = latest.parent / f"{kind}-{stamp}.json"
+    n = 2
+    while stamped.exists() or stamped == latest:
+        stamped = latest.parent / f"{kind}-{stamp}-{n}.json"
+        n += 1
+    stamped.write_text(text)
+    latest.write_text(text)
+    progress_end()
+    print(f"results written to {stamped} (and {latest})", file=sys.stderr, flush=True)
+    return stamped
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except where there is none to show (None, a plain switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or (action.nargs == 0 and action.default is False):
+            return action.help
+        return super()._get_help_string(action)
