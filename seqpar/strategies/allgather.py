@@ -29,7 +29,7 @@ from ..errors import brief
 from ..kernels import block as block_kernels
 from ..layout import SeqLayout, visible_blocks
 from ..registry import Strategy, register, run
-from .common import SavedOutputAttention, attend_blocks, attend_blocks_backward
+from .common import attend_blocks, attend_blocks_backward, saved_output_function
 
 
 def _chunks(kv_heads: int, chunk: Optional[int]):
@@ -108,6 +108,9 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
     return dq, dk, dv
 
 
+AllGatherAttention = saved_output_function("AllGatherAttention", _forward, _backward)
+
+
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
                    element_size: int, **options) -> Dict[str, int]:
     """Bytes this rank sends in one forward and one backward, exactly (padding included)."""
@@ -133,7 +136,7 @@ class Options:
 
 def _apply(q, k, v, layout, causal, scale, backend, options: Options):
     args = (layout, causal, scale, backend, options.kv_head_chunk)
-    return SavedOutputAttention.apply(q, k, v, _forward, _backward, args)
+    return AllGatherAttention.apply(q, k, v, args)
 
 
 def allgather_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto",

@@ -6,24 +6,26 @@ import torch
 from ..kernels.merge import merge_
 
 
-class SavedOutputAttention(torch.autograd.Function):
-    """`out, lse = forward(q, k, v, *args)`; the backward calls
-    `backward(do, q, k, v, out, lse, *args) -> dq, dk, dv` with the saved tensors.
-    Results come back in the input dtypes."""
+def saved_output_function(name: str, forward_fn, backward_fn) -> type:
+    """An autograd function named `name` (profiles and tracebacks show `{name}Backward`):
+    `out, lse = forward_fn(q, k, v, *args)`; its backward calls
+    `backward_fn(do, q, k, v, out, lse, *args) -> dq, dk, dv` with the saved tensors.
+    `.apply(q, k, v, args)`. Results come back in the input dtypes."""
 
-    @staticmethod
-    def forward(ctx, q, k, v, forward_fn, backward_fn, args):
+    def forward(ctx, q, k, v, args):
         out, lse = forward_fn(q, k, v, *args)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.backward_fn, ctx.args = backward_fn, args
+        ctx.args = args
         return out
 
-    @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.backward_fn(do.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dq, dk, dv = backward_fn(do.contiguous(), q, k, v, out, lse, *ctx.args)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
 
 
 def attend_blocks(fwd, q, k, v, blocks, scale, out, lse, fresh: bool = False, merge=merge_) -> bool:

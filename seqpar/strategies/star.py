@@ -77,7 +77,7 @@ from ..comm import collectives
 from ..comm.groups import describe
 from ..kernels import block as block_kernels
 from ..layout import Block, SeqLayout, group_rank_and_size
-from .common import SavedOutputAttention, attend_blocks, attend_blocks_backward
+from .common import attend_blocks, attend_blocks_backward, saved_output_function
 from ..errors import brief
 
 
@@ -149,6 +149,9 @@ def _context_backward(do, q, k, v, out, lse, anchor: Optional[_Anchor], layout: 
     return dq, dk, dv
 
 
+StarContextAttention = saved_output_function("StarContextAttention", _context_forward, _context_backward)
+
+
 def context_analytic_bytes(layout: SeqLayout, batch: int, kv_heads: int, head_dim: int, element_size: int,
                            anchor_len: int) -> Dict[str, int]:
     """Bytes this rank of `layout` sends in one phase-1 forward and backward, exactly."""
@@ -214,8 +217,7 @@ def star_attention(q, k, v, *, layout=None, anchor_len: int, softmax_scale=None,
     world = layout.world_size
     anchor = _Anchor(k, v, anchor_len, layout) if world > 1 and anchor_len > 0 else None
     q_k, k_k, v_k = (block_kernels.to_kernel_layout(t, concrete_backend) for t in (q, k, v))
-    out = SavedOutputAttention.apply(q_k, k_k, v_k, _context_forward, _context_backward,
-                                     (anchor, layout, scale, concrete_backend))
+    out = StarContextAttention.apply(q_k, k_k, v_k, (anchor, layout, scale, concrete_backend))
     return out.contiguous()
 
 
@@ -269,6 +271,9 @@ def _query_backward(do, q, k, v, out, lse, blocks: List[Block], group, world: in
     if world > 1:
         collectives.all_reduce_sum(dq, group, op="star.query.backward.dq")
     return dq, dk, dv
+
+
+StarQueryAttention = saved_output_function("StarQueryAttention", _query_forward, _query_backward)
 
 
 def query_analytic_bytes(world_size: int, batch: int, n_q: int, heads: int, head_dim: int, element_size: int, *,
@@ -381,5 +386,4 @@ def _query_call(q, k, v, *, group, causal, softmax_scale, backend, kv_lens, prio
         else:
             kv_lens = [k.shape[1] if r == rank else 0 for r in range(world)]  # only the own entry is read
     blocks = _query_blocks(kv_lens, rank, q.shape[1], causal)
-    return SavedOutputAttention.apply(q, k, v, _query_forward, _query_backward,
-                                      (blocks, group, world, scale, concrete_backend))
+    return StarQueryAttention.apply(q, k, v, (blocks, group, world, scale, concrete_backend))

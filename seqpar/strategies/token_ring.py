@@ -47,7 +47,7 @@ from ..errors import brief
 from ..kernels import block as block_kernels
 from ..layout import Block, SeqLayout, visible_blocks
 from ..registry import Strategy, register, run
-from .common import SavedOutputAttention, attend_blocks, attend_blocks_backward
+from .common import attend_blocks, attend_blocks_backward, saved_output_function
 
 ROUTES = ("direct", "ring")
 Ranges = List[Tuple[int, int]]
@@ -291,6 +291,9 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
     return dq, dk, dv
 
 
+TokenRingAttention = saved_output_function("TokenRingAttention", _forward, _backward)
+
+
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int, element_size: int,
                    route: str = "direct", causal: bool = True, **options) -> Dict[str, int]:
     """Bytes this rank sends, per pass and direction ("forward"/"backward" are the totals;
@@ -342,7 +345,7 @@ class Options:
 
 def _apply(q, k, v, layout, causal, scale, backend, options: Options):
     args = (layout, causal, scale, backend, options.route, "token_ring")
-    return SavedOutputAttention.apply(q, k, v, _forward, _backward, args)
+    return TokenRingAttention.apply(q, k, v, args)
 
 
 def token_ring_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto",
