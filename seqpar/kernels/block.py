@@ -11,6 +11,24 @@ so `square_pieces` cuts any offset block into at most three such pieces, exactly
 The backward takes the *final* `out` and `lse` of the query rows (after all blocks were
 merged): then `exp(s - lse)` are the global probabilities and the block's gradients are
 its exact share of the dense gradients (the flash-attention backward identity).
+
+Memory layout: every backend takes q, k, v, out and dO with any strides. PyTorch's fused
+flash ops (CPU and CUDA) and flash-attn read the head dim as if its stride were 1 (a
+`x[..., ::2]` view or a `[B, n, D, H]` buffer seen as `[B, n, H, D]` came back as garbage),
+so their pieces copy exactly the tensors whose `stride(-1) != 1` (`unit_stride`), once,
+here; the common layouts pay nothing.
+
+NaN rule, every backend and block size: NaN in, NaN out in every row that depends on it.
+A NaN in query row i makes output row i and its lse NaN; a NaN in key j makes every row
+that sees key j NaN (out and lse); a NaN in value j makes the output of every row that
+sees key j NaN. The merge keeps a NaN lse or output NaN. (A row that sees no key returns
+zeros whatever its query holds; rows that do not see a NaN value may still come back NaN
+when it shares their block, through 0 * NaN in the product with V, as in PyTorch's SDPA.)
+PyTorch's CPU flash op breaks the rule by itself: a row whose visible scores are all NaN
+and fewer than one vector (16 fp32 / 8 fp64 keys on AVX-512, e.g. every row near the
+start of a causal piece) takes a scalar max that skips NaN, looks fully masked and returns
+out = 0, lse = 0. `_nan_rows_` restores the rule for the fused pieces from the inputs' NaN
+rows (one pass over q, k and out; no host sync).
 """
 from __future__ import annotations
 
@@ -125,6 +143,31 @@ def torch_backward(do, q, k, v, out, lse, scale, offset):
 # -- sdpa: PyTorch's fused ops that return the log-sum-exp ------------------------------
 
 
+def unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """`x` when its last dim has stride 1, else a contiguous copy: the fused flash ops and
+    flash-attn index the head dim as if stride(-1) were 1, whatever the strides say."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _nan_rows_(q, k, out, lse, causal):
+    """Make NaN, in place, the rows of a fused piece's `(out, lse)` that see a NaN input
+    (the NaN rule in the module docstring): rows of q holding a NaN, and rows that see a
+    key holding one (an unmasked piece: every row; a square causal piece: rows from the
+    first NaN key on). Returns `(out, lse)`; `out` `[B, n, H, D]`, `lse` `[B, H, n]`."""
+    b, n, h, _ = q.shape
+    h_kv = k.shape[2]
+    bad_k = k.isnan().any(-1)  # [B, nk, H_kv]
+    if causal:
+        bad_k = bad_k.cumsum(1, dtype=torch.int32) > 0
+    else:
+        bad_k = bad_k.any(1, keepdim=True)
+    bad_k = bad_k[:, :, :, None].expand(-1, -1, -1, h // h_kv).reshape(b, -1, h)
+    bad = q.isnan().any(-1) | bad_k  # [B, n, H]
+    out.masked_fill_(bad[..., None], float("nan"))
+    lse.masked_fill_(bad.transpose(1, 2), float("nan"))
+    return out, lse
+
+
 def _bhsd(x):
     return x.transpose(1, 2)
 
@@ -187,6 +230,7 @@ def _sdpa_ops(device: torch.device):
 def _sdpa_piece_forward(q, k, v, scale, causal):
     """One unmasked or square-causal piece through the fused op; bshd in and out."""
     fwd, _ = _sdpa_ops(q.device)
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     b, n, h, d = q.shape
     h_kv = k.shape[2]
     if h == h_kv:
@@ -205,6 +249,7 @@ def _sdpa_piece_forward(q, k, v, scale, causal):
 
 def _sdpa_piece_backward(do, q, k, v, out, lse, scale, causal):
     _, bwd = _sdpa_ops(q.device)
+    do, q, k, v, out = (unit_stride(t) for t in (do, q, k, v, out))
     b, n, h, d = q.shape
     h_kv = k.shape[2]
     kb, vb = _bhsd(k), _bhsd(v)
@@ -239,12 +284,14 @@ def pieces_forward(piece_fwd: Callable, q, k, v, scale, offset):
     pieces = square_pieces(nq, k.shape[1], offset)
     if len(pieces) == 1 and pieces[0][:2] == (0, nq):
         _, _, k0, k1, causal = pieces[0]
-        return piece_fwd(q, k[:, k0:k1], v[:, k0:k1], scale, causal)
+        part_out, part_lse = piece_fwd(q, k[:, k0:k1], v[:, k0:k1], scale, causal)
+        return _nan_rows_(q, k[:, k0:k1], part_out, part_lse, causal)
     acc = acc_dtype(q.dtype)
     out = torch.zeros(b, nq, h, d, dtype=acc, device=q.device)
     lse = torch.full((b, h, nq), float("-inf"), dtype=acc, device=q.device)
     for q0, q1, k0, k1, causal in pieces:
         part_out, part_lse = piece_fwd(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], scale, causal)
+        _nan_rows_(q[:, q0:q1], k[:, k0:k1], part_out, part_lse, causal)
         merge_(out[:, q0:q1], lse[:, :, q0:q1], part_out, part_lse)
     return out, lse
 

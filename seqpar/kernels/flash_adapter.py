@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from .block import unit_stride
+
 
 @functools.lru_cache(maxsize=1)
 def _module():
@@ -63,18 +65,23 @@ _COMMON = dict(
 
 
 def _piece_forward(q, k, v, scale, causal):
+    # flash-attn reads the head dim as unit-stride and takes any other strides
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     res = _call(
-        _module()._flash_attn_forward, q=q.contiguous(), k=k.contiguous(), v=v.contiguous(),
+        _module()._flash_attn_forward, q=q, k=k, v=v,
         softmax_scale=scale, causal=causal, **_COMMON,
     )
     return res[0], res[1]
 
 
 def _piece_backward(do, q, k, v, out, lse, scale, causal):
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    do, q, k, v, out = (unit_stride(t) for t in (do, q, k, v, out))
+    # the gradients flash-attn writes must be unit-stride in the head dim too: empty_like
+    # keeps a permuted input's strides, so they are allocated contiguous
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     _call(
-        _module()._flash_attn_backward, dout=do.contiguous(), q=q.contiguous(), k=k.contiguous(),
-        v=v.contiguous(), out=out.contiguous(), softmax_lse=lse.contiguous(), dq=dq, dk=dk, dv=dv,
+        _module()._flash_attn_backward, dout=do, q=q, k=k,
+        v=v, out=out, softmax_lse=lse.contiguous(), dq=dq, dk=dk, dv=dv,
         softmax_scale=scale, causal=causal, **_COMMON,
     )
     return dq, dk, dv

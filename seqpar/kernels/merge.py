@@ -8,6 +8,7 @@ softmax-normalised output of each part and `l` its log-sum-exp, combine as
 
 in fp32 (fp64 for fp64 inputs); the second form is the one computed. A row that has seen
 no key carries `l = -inf`, `o = 0`; `-inf - -inf` is caught, so such rows stay finite.
+A NaN in either `l` or `o` of a row makes the merged row NaN (block.py's NaN rule).
 Shapes: `o` is `[B, n, H, D]`, `l` is `[B, H, n]`.
 """
 from __future__ import annotations
@@ -25,9 +26,10 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_ls
     the textbook `exp(l1 - l)` would already lose three digits.
     """
     part_lse = part_lse.to(lse.dtype)
-    d = part_lse - lse
-    # both -inf (no key seen on either side): nan -> 0, and both outputs are 0 anyway
-    d = torch.where(torch.isnan(d), torch.zeros_like(d), d)
+    # equal lse give d = 0; that includes both -inf (no key seen on either side), where the
+    # plain difference is nan (both outputs are 0 there). A NaN lse stays NaN: its weight is
+    # NaN and so is the merged row (the NaN rule, block.py).
+    d = torch.where(part_lse == lse, torch.zeros_like(lse), part_lse - lse)
     w_part = torch.sigmoid(d).transpose(1, 2).unsqueeze(-1).to(out.dtype)  # [B, n, H, 1]
     out.add_((part_out.to(out.dtype) - out).mul_(w_part))
     lse.copy_(torch.maximum(lse, part_lse) + torch.log1p(torch.exp(-d.abs())))

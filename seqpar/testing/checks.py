@@ -38,6 +38,89 @@ ACCUMULATION_ULPS = 8
 COND_BASELINE = 16.0
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# How q, k, v (and dO) are laid out in memory when the function under test gets them; the
+# values are the problem's either way. "head_dim_stride_2": every other element of a
+# buffer twice as wide (the others NaN, so a kernel that reads them cannot pass);
+# "dh_transposed": a [B, n, D, H] buffer seen as [B, n, H, D]; "heads_major": a
+# [B, H, n, D] buffer; "fused_qkv": slices of one fused projection output
+# [B, n, H*D + 2*H_kv*D + 1] (tensors of another length get a buffer of their own);
+# "expanded_batch": one stored batch row, expanded (stride 0) to B.
+MEMORY_LAYOUTS = ("contiguous", "head_dim_stride_2", "dh_transposed", "heads_major", "fused_qkv", "expanded_batch")
+
+
+def _check_memory_layout(memory_layout: str) -> None:
+    if memory_layout not in MEMORY_LAYOUTS:
+        raise ValueError(f"memory_layout: expected one of {MEMORY_LAYOUTS}, got {memory_layout!r}")
+
+
+def same_batch_rows(tensors, memory_layout: str):
+    """`tensors` with every batch row equal to row 0 under "expanded_batch" (an expanded
+    view can only hold such values), unchanged otherwise."""
+    if memory_layout != "expanded_batch":
+        return tensors
+    return [None if t is None else t[:1].expand_as(t).contiguous() for t in tensors]
+
+
+def lay_out(tensors, memory_layout: str):
+    """`(leaves, views)`: leaves that require grad, and views of them with the values of
+    `tensors` (each `[B, n, H, D]`) in `memory_layout`, differentiable back to the leaves.
+    Read gradients with `leaf_grads`."""
+    _check_memory_layout(memory_layout)
+    tensors = [t.detach() for t in tensors]
+    if memory_layout == "expanded_batch":
+        leaves = [t[:1].clone().requires_grad_() for t in tensors]
+        return leaves, [leaf.expand_as(t) for leaf, t in zip(leaves, tensors)]
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    if memory_layout == "fused_qkv":
+        views = [None] * len(leaves)
+        groups: Dict[tuple, list] = {}
+        for i, t in enumerate(leaves):
+            groups.setdefault(tuple(t.shape[:2]), []).append(i)
+        for idx in groups.values():
+            first = leaves[idx[0]]
+            # one padding column: every slice is a view into a wider row, whatever the group
+            pad = first.new_zeros(first.shape[:2] + (1,))
+            buf = torch.cat([leaves[i].flatten(2) for i in idx] + [pad], dim=-1)
+            start = 0
+            for i in idx:
+                width = leaves[i].shape[2] * leaves[i].shape[3]
+                views[i] = buf[..., start:start + width].unflatten(-1, tuple(leaves[i].shape[2:]))
+                start += width
+        return leaves, views
+    return leaves, [_view(leaf, memory_layout) for leaf in leaves]
+
+
+def _view(x: torch.Tensor, memory_layout: str) -> torch.Tensor:
+    if memory_layout == "head_dim_stride_2":
+        return torch.stack([x, torch.full_like(x, float("nan"))], dim=-1)[..., 0]
+    if memory_layout == "dh_transposed":
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if memory_layout == "heads_major":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x
+
+
+def lay_out_grad(do: torch.Tensor, memory_layout: str) -> torch.Tensor:
+    """The upstream gradient `do` `[B, n, H, D]` in `memory_layout` (fused: a slice of a
+    wider buffer of its own; expanded: row 0 expanded)."""
+    return lay_out([do], memory_layout)[1][0].detach()
+
+
+def leaf_grads(leaves, memory_layout: str, batch: int):
+    """The gradients of the tensors `lay_out` was given, `[B, n, H, D]` each. An expanded
+    leaf holds the batch sum: it is reported as the batch mean in every row, to compare
+    with `batch_mean`ed references."""
+    if memory_layout != "expanded_batch":
+        return [leaf.grad for leaf in leaves]
+    return [None if leaf.grad is None else (leaf.grad / batch).expand(batch, *leaf.shape[1:]) for leaf in leaves]
+
+
+def batch_mean(grads: Dict[str, torch.Tensor], memory_layout: str, names=("dq", "dk", "dv")) -> Dict[str, torch.Tensor]:
+    """Reference gradients as `leaf_grads` reports them for `memory_layout`."""
+    if memory_layout != "expanded_batch":
+        return grads
+    return {name: t.mean(0, keepdim=True).expand_as(t) if name in names else t for name, t in grads.items()}
+
 
 @dataclass(frozen=True)
 class AttentionProblem:
@@ -54,6 +137,10 @@ class AttentionProblem:
     dtype: str = "float64"
     logit_scale: float = 1.0  # softmax_scale = logit_scale * head_dim ** -0.5
     seed: int = 0
+    memory_layout: str = "contiguous"  # one of MEMORY_LAYOUTS: how q, k, v and dO are stored
+
+    def __post_init__(self):
+        _check_memory_layout(self.memory_layout)
 
     @property
     def softmax_scale(self) -> float:
@@ -70,7 +157,7 @@ class AttentionProblem:
         k = torch.randn(b, n, self.kv_heads, d, generator=gen, dtype=torch.float64)
         v = torch.randn(b, n, self.kv_heads, d, generator=gen, dtype=torch.float64)
         do = torch.randn(b, n, self.heads, d, generator=gen, dtype=torch.float64)
-        return q, k, v, do
+        return tuple(same_batch_rows((q, k, v, do), self.memory_layout))
 
 
 def _dense_grads(q, k, v, do, causal, scale, use_sdpa):
@@ -147,20 +234,22 @@ def check_attention(problem: AttentionProblem, attention_fn: Optional[Callable] 
     layout = SeqLayout(problem.seq_len, scheme=problem.scheme)
     dtype = DTYPES[problem.dtype]
     q, k, v, do = problem.global_tensors()
-    local = [layout.shard(t).to(dtype).detach().clone().requires_grad_() for t in (q, k, v)]
-    out = fn(*local, layout=layout, causal=problem.causal, softmax_scale=problem.softmax_scale, **options)
-    if out.dtype != dtype or out.shape != local[0].shape:
-        raise AssertionError(f"output has dtype {out.dtype} shape {tuple(out.shape)}, expected {dtype} {tuple(local[0].shape)}")
-    out.backward(layout.shard(do).to(dtype))
-    ours = {"out": out.detach(), "dq": local[0].grad, "dk": local[1].grad, "dv": local[2].grad}
+    mem = problem.memory_layout
+    leaves, views = lay_out([layout.shard(t).to(dtype) for t in (q, k, v)], mem)
+    out = fn(*views, layout=layout, causal=problem.causal, softmax_scale=problem.softmax_scale, **options)
+    if out.dtype != dtype or out.shape != views[0].shape:
+        raise AssertionError(f"output has dtype {out.dtype} shape {tuple(out.shape)}, expected {dtype} {tuple(views[0].shape)}")
+    out.backward(lay_out_grad(layout.shard(do).to(dtype), mem))
+    dq, dk, dv = leaf_grads(leaves, mem, problem.batch)
+    ours = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
     _check_results(ours, dtype)
     ours = {name: gather_global(t, layout, 1) if layout.world_size > 1 else t for name, t in ours.items()}
-    ref = _dense_grads(q, k, v, do, problem.causal, problem.softmax_scale, use_sdpa=False)
+    ref = batch_mean(_dense_grads(q, k, v, do, problem.causal, problem.softmax_scale, use_sdpa=False), mem)
     report = {f"err_{name}": _rel_err(ours[name], ref[name]) for name in ref}
     # dense PyTorch (SDPA) in the same dtype: its error is the yardstick (in float64, the
     # disagreement of two float64 implementations, which ill-conditioned problems inflate)
     low = [t.to(dtype) for t in (q, k, v, do)]
-    dense = _dense_grads(*low, problem.causal, problem.softmax_scale, use_sdpa=True)
+    dense = batch_mean(_dense_grads(*low, problem.causal, problem.softmax_scale, use_sdpa=True), mem)
     report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
     report.update(_conditioning(q, k, v, do, problem.causal, problem.softmax_scale, ref))
     return report
@@ -215,6 +304,10 @@ class LinearProblem:
     dtype: str = "float64"
     scale: float = 0.5
     seed: int = 0
+    memory_layout: str = "contiguous"  # one of MEMORY_LAYOUTS: how q, k, v and dO are stored
+
+    def __post_init__(self):
+        _check_memory_layout(self.memory_layout)
 
     def replace(self, **changes) -> "LinearProblem":
         return dataclasses.replace(self, **changes)
@@ -230,7 +323,7 @@ class LinearProblem:
         # decays from none to strong: log(u) for u uniform in (0, 1], some near 0 and some large
         shape = {"none": None, "head": (h,), "token": (b, n, h)}[self.decay]
         g = None if shape is None else torch.rand(shape, generator=gen, dtype=torch.float64).clamp_min(1e-3).log()
-        return q, k, v, do, g
+        return (*same_batch_rows((q, k, v, do), self.memory_layout), g)
 
     def full_decay(self, g):
         return g if g is None or g.dim() == 3 else g.view(1, 1, -1).expand(self.batch, self.seq_len, -1)
@@ -260,16 +353,18 @@ def check_linear_attention(problem: LinearProblem, **options) -> Dict[str, float
     layout = SeqLayout(problem.seq_len)
     dtype = DTYPES[problem.dtype]
     q, k, v, do, g = problem.global_tensors()
-    local = [layout.shard(t).to(dtype).detach().clone().requires_grad_() for t in (q, k, v)]
+    mem = problem.memory_layout
+    leaves, views = lay_out([layout.shard(t).to(dtype) for t in (q, k, v)], mem)
     local_g = None
     if g is not None:
         local_g = (layout.shard(g) if g.dim() == 3 else g).to(dtype).clone().requires_grad_()
-    out = linear_attention(*local, layout=layout, decay=local_g, scale=problem.scale, **options)
-    if out.dtype != dtype or out.shape != local[2].shape:
+    out = linear_attention(*views, layout=layout, decay=local_g, scale=problem.scale, **options)
+    if out.dtype != dtype or out.shape != views[2].shape:
         raise AssertionError(f"output has dtype {out.dtype} shape {tuple(out.shape)}, expected {dtype} "
-                             f"{tuple(local[2].shape)}")
-    out.backward(layout.shard(do).to(dtype))
-    ours = {"out": out.detach(), "dq": local[0].grad, "dk": local[1].grad, "dv": local[2].grad}
+                             f"{tuple(views[2].shape)}")
+    out.backward(lay_out_grad(layout.shard(do).to(dtype), mem))
+    dq, dk, dv = leaf_grads(leaves, mem, problem.batch)
+    ours = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
     if g is not None:
         ours["dg"] = local_g.grad
     _check_results(ours, dtype)
@@ -285,10 +380,10 @@ def check_linear_attention(problem: LinearProblem, **options) -> Dict[str, float
     def recurrent(q, k, v, g, scale):
         return linear_attention_recurrent(q, k, v, g, scale=scale)[0]
 
-    ref = _linear_grads(q, k, v, g, do, problem.scale, problem.full_decay, recurrent)
+    ref = batch_mean(_linear_grads(q, k, v, g, do, problem.scale, problem.full_decay, recurrent), mem)
     report = {f"err_{name}": _rel_err(ours[name], ref[name]) for name in ref}
     low = [t.to(dtype) for t in (q, k, v)]
-    dense = _linear_grads(*low, None if g is None else g.to(dtype), do.to(dtype), problem.scale,
-                          problem.full_decay, linear_attention_parallel)
+    dense = batch_mean(_linear_grads(*low, None if g is None else g.to(dtype), do.to(dtype), problem.scale,
+                                     problem.full_decay, linear_attention_parallel), mem)
     report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
     return report

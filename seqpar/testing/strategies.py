@@ -6,7 +6,12 @@ from typing import Sequence
 from hypothesis import strategies as st
 
 from ..layout import SCHEMES
-from .checks import AttentionProblem
+from .checks import MEMORY_LAYOUTS, AttentionProblem
+
+
+def memory_layouts():
+    """How q, k, v and dO are stored (`checks.MEMORY_LAYOUTS`)."""
+    return st.sampled_from(list(MEMORY_LAYOUTS))
 
 
 @st.composite
@@ -20,7 +25,7 @@ def attention_problems(
 ):
     """Problems with P in `world_sizes`, tiny and uneven lengths (down to N = P), MHA, GQA
     and MQA, head dims that are not powers of two, causal or not, every scheme, and logit
-    scales from gentle to saturating."""
+    scales from gentle to saturating, and every memory layout of q, k, v and dO."""
     world_size = draw(st.sampled_from(list(world_sizes)))
     seq_len = draw(st.integers(world_size, world_size * max_tokens_per_rank))
     kv_heads = draw(st.sampled_from([1, 2, 3]))
@@ -37,6 +42,7 @@ def attention_problems(
         dtype=draw(st.sampled_from(list(dtypes))),
         logit_scale=draw(st.sampled_from([0.5, 1.0, 4.0, 16.0])),
         seed=draw(st.integers(0, 2**31 - 1)),
+        memory_layout=draw(memory_layouts()),
     )
 
 
@@ -48,7 +54,8 @@ def linear_problems(
     max_tokens_per_rank: int = 12,
 ):
     """Linear-attention problems: P in `world_sizes`, tiny and uneven lengths (down to N = P),
-    Dk != Dv and not powers of two, every decay form (none, per head, per token)."""
+    Dk != Dv and not powers of two, every decay form (none, per head, per token), every
+    memory layout of q, k, v and dO."""
     from .checks import DECAYS, LinearProblem
 
     world_size = draw(st.sampled_from(list(world_sizes)))
@@ -63,4 +70,5 @@ def linear_problems(
         dtype=draw(st.sampled_from(list(dtypes))),
         scale=draw(st.sampled_from([0.25, 0.5, 1.0])),
         seed=draw(st.integers(0, 2**31 - 1)),
+        memory_layout=draw(memory_layouts()),
     )

@@ -17,7 +17,8 @@ from seqpar.kernels.reference import dense_attention, star_context_mask
 from seqpar.layout import SeqLayout, gather_global, split_sizes
 from seqpar.strategies.star import context_analytic_bytes, query_analytic_bytes
 from seqpar.testing import AttentionProblem, assert_matches_dense, world
-from seqpar.testing.checks import DTYPES, _rel_err
+from seqpar.testing.checks import (DTYPES, MEMORY_LAYOUTS, _rel_err, batch_mean, lay_out, lay_out_grad, leaf_grads,
+                                   same_batch_rows)
 from seqpar.testing.strategies import attention_problems
 
 
@@ -45,19 +46,22 @@ def _check_context(problem: AttentionProblem, anchor_len: int, backend: str = "a
     layout = SeqLayout(problem.seq_len)
     dtype = DTYPES[problem.dtype]
     q, k, v, do = problem.global_tensors()
-    local = [layout.shard(t).to(dtype).detach().clone().requires_grad_() for t in (q, k, v)]
-    out = seqpar.star_attention(*local, layout=layout, anchor_len=anchor_len, softmax_scale=problem.softmax_scale,
+    mem = problem.memory_layout
+    leaves, views = lay_out([layout.shard(t).to(dtype) for t in (q, k, v)], mem)
+    out = seqpar.star_attention(*views, layout=layout, anchor_len=anchor_len, softmax_scale=problem.softmax_scale,
                                 backend=backend)
-    assert out.dtype == dtype and out.shape == local[0].shape and out.is_contiguous()
-    out.backward(layout.shard(do).to(dtype))
-    ours = {"out": out.detach(), "dq": local[0].grad, "dk": local[1].grad, "dv": local[2].grad}
+    assert out.dtype == dtype and out.shape == views[0].shape and out.is_contiguous()
+    out.backward(lay_out_grad(layout.shard(do).to(dtype), mem))
+    dq, dk, dv = leaf_grads(leaves, mem, problem.batch)
+    ours = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
     for name, t in ours.items():
         assert t.dtype == dtype and torch.isfinite(t).all(), name
     ours = {name: gather_global(t, layout, 1) if layout.world_size > 1 else t for name, t in ours.items()}
     mask = star_context_mask(layout.local_lens, anchor_len)
-    ref = _grads(q, k, v, do, lambda *t: dense_attention(*t, softmax_scale=problem.softmax_scale, mask=mask))
-    dense = _grads(*(t.to(dtype) for t in (q, k, v)), do.to(dtype),
-                   lambda *t: _sdpa(*t, mask, problem.softmax_scale))
+    ref = batch_mean(_grads(q, k, v, do, lambda *t: dense_attention(*t, softmax_scale=problem.softmax_scale,
+                                                                    mask=mask)), mem)
+    dense = batch_mean(_grads(*(t.to(dtype) for t in (q, k, v)), do.to(dtype),
+                              lambda *t: _sdpa(*t, mask, problem.softmax_scale)), mem)
     report = {f"err_{name}": _rel_err(ours[name], ref[name]) for name in ref}
     report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
     return report
@@ -130,6 +134,7 @@ class QueryProblem:
     logit_scale: float = 1.0
     give_lens: bool = False
     seed: int = 0
+    memory_layout: str = "contiguous"  # checks.MEMORY_LAYOUTS: how q, k, v and dO are stored
 
     @property
     def world_size(self) -> int:
@@ -146,7 +151,7 @@ class QueryProblem:
         k = torch.randn(b, m, self.kv_heads, d, generator=gen, dtype=torch.float64)
         v = torch.randn(b, m, self.kv_heads, d, generator=gen, dtype=torch.float64)
         do = torch.randn(b, self.n_q, self.heads, d, generator=gen, dtype=torch.float64)
-        return q, k, v, do
+        return tuple(same_batch_rows((q, k, v, do), self.memory_layout))
 
 
 def _check_query(problem: QueryProblem, backend: str = "auto"):
@@ -158,13 +163,14 @@ def _check_query(problem: QueryProblem, backend: str = "auto"):
     q, k, v, do = problem.global_tensors()
     total, start = sum(problem.kv_lens), sum(problem.kv_lens[:rank])
     mine = slice(start, start + problem.kv_lens[rank])
-    ql = q.to(dtype).detach().clone().requires_grad_()
-    kl, vl = (t[:, mine].to(dtype).detach().clone().requires_grad_() for t in (k, v))
-    out = seqpar.star_query_attention(ql, kl, vl, causal=problem.causal, softmax_scale=problem.softmax_scale,
+    mem = problem.memory_layout
+    leaves, views = lay_out([q.to(dtype), k[:, mine].to(dtype), v[:, mine].to(dtype)], mem)
+    out = seqpar.star_query_attention(*views, causal=problem.causal, softmax_scale=problem.softmax_scale,
                                       backend=backend, kv_lens=list(problem.kv_lens) if problem.give_lens else None)
     assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
-    out.backward(do.to(dtype))
-    ours = {"out": out.detach(), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
+    out.backward(lay_out_grad(do.to(dtype), mem))
+    dq, dk, dv = leaf_grads(leaves, mem, problem.batch)
+    ours = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
     for name, t in ours.items():
         assert t.dtype == dtype and torch.isfinite(t).all(), name
     q_pos, k_pos = torch.arange(total - problem.n_q, total), torch.arange(total)
@@ -180,6 +186,7 @@ def _check_query(problem: QueryProblem, backend: str = "auto"):
         part = _grads(*low, lambda *t: _sdpa(*t, mask, problem.softmax_scale))
         dense["out"][:, seen], dense["dq"][:, seen] = part["out"].double(), part["dq"].double()
         dense["dk"], dense["dv"] = part["dk"].double(), part["dv"].double()
+    ref, dense = batch_mean(ref, mem), batch_mean(dense, mem)
     report = {}
     for name in ("out", "dq", "dk", "dv"):
         scale = ref[name].abs().max().item() if ref[name].numel() else 1.0
@@ -216,6 +223,7 @@ def query_problems(draw, dtypes=("float64", "float32", "bfloat16")):
         logit_scale=draw(st.sampled_from([0.5, 1.0, 4.0, 16.0])),
         give_lens=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
+        memory_layout=draw(st.sampled_from(MEMORY_LAYOUTS)),
     )
 
 
@@ -430,3 +438,17 @@ def test_bad_input_raises_on_every_rank(world_size, case, match):
     if case == "context_local_error":
         assert f"rank {world_size - 1} of the group got bad input" in str(results[0])
 
+
+# -- memory layouts -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("memory_layout", MEMORY_LAYOUTS)
+def test_context_any_memory_layout(memory_layout):
+    problem = AttentionProblem(2, 13, batch=2, heads=4, kv_heads=2, head_dim=6, seed=5, memory_layout=memory_layout)
+    assert_matches_dense(problem, world(2).run(_check_context, problem, 3)[0])
+
+
+@pytest.mark.parametrize("memory_layout", MEMORY_LAYOUTS)
+def test_query_any_memory_layout(memory_layout):
+    _assert_query(QueryProblem(kv_lens=(7, 5), n_q=4, batch=2, heads=4, kv_heads=2, head_dim=6, seed=5,
+                               memory_layout=memory_layout))

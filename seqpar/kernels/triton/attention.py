@@ -155,8 +155,10 @@ def _attn_fwd(Q, K, V, Out, Lse,
                                    stride_kn, stride_vn, full, hi, offs_m, offs_n, offs_d, n_k, offset, qk_scale,
                                    True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION)
 
-    # -- epilogue: normalise; rows that saw no key keep out = 0 and get lse = -inf
-    seen = l_i > 0.0
+    # -- epilogue: normalise; rows that saw no key keep out = 0 and get lse = -inf. A row
+    # that saw a NaN score has l = NaN: `!= 0` counts it as seen, so out and lse stay NaN
+    # (block.py's NaN rule; `> 0` would have given it lse = -inf)
+    seen = l_i != 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
