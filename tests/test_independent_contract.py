@@ -782,7 +782,7 @@ def _cached_then_mismatch_worker(N, D):
 
 
 def test_mismatch_after_cached_agreement_does_not_hang():
-    res = world(2).run(_cached_then_mismatch_worker, 46, 25, return_exceptions=True, timeout=20)
+    res = world(2).run(_cached_then_mismatch_worker, 46, 25, return_exceptions=True, timeout=120)
     assert all(isinstance(e, BaseException) for e in res), f"per-rank results {res!r}"
 
 
@@ -845,7 +845,7 @@ def _alternating_cached_worker(N):
 
 def test_mismatch_between_two_cached_signatures_is_detected():
     try:
-        res = world(2).run(_alternating_cached_worker, 62, return_exceptions=True, timeout=20)
+        res = world(2).run(_alternating_cached_worker, 62, return_exceptions=True, timeout=120)
         assert all(isinstance(e, (ValueError, TypeError)) for e in res), f"per-rank results {res!r}"
     finally:
         world(2).close()
@@ -869,6 +869,6 @@ def test_testing_world_recovers_from_a_dead_rank():
     try:
         with pytest.raises(Exception):
             world(2).run(_die_on_rank1, timeout=20)
-        assert world(2).run(_ok, timeout=30) == ["ok", "ok"]
+        assert world(2).run(_ok, timeout=120) == ["ok", "ok"]
     finally:
         world(2).close()

@@ -394,7 +394,7 @@ def test_subgroup_layouts(ranks):
                          opts={"ulysses_size": 1}))
     cfgs.append(dict(strategy="allgather", P=P, N=P, H=4, Hkv=2, scheme="zigzag", group=ranks,
                      opts={"kv_head_chunk": 1}, via="dispatch"))
-    run_cases(4, cfgs, timeout=min(TIMEOUT, 30))
+    run_cases(4, cfgs, timeout=TIMEOUT)
 
 
 def test_usp_subgroup_then_world_then_other_subgroup():
@@ -406,7 +406,7 @@ def test_usp_subgroup_then_world_then_other_subgroup():
         dict(strategy="usp", P=4, N=13, H=4, Hkv=4, scheme="stripe", opts={"ulysses_size": 4}),
         dict(strategy="ulysses", P=2, N=5, H=2, Hkv=1, scheme="contiguous", group=(1, 3)),
     ]
-    run_cases(4, cfgs, timeout=min(TIMEOUT, 30))
+    run_cases(4, cfgs, timeout=TIMEOUT)
 
 
 def test_usp_in_subgroup_keeps_later_new_group_collective_in_sync():
@@ -417,7 +417,7 @@ def test_usp_in_subgroup_keeps_later_new_group_collective_in_sync():
         dict(strategy="usp", P=2, N=9, H=4, Hkv=2, scheme="stripe", group=(0, 1), opts={"ulysses_size": 2}),
         dict(strategy="ring", P=2, N=7, H=4, Hkv=2, scheme="contiguous", group=(0, 2)),
     ]
-    run_cases(4, cfgs, timeout=min(TIMEOUT, 30))
+    run_cases(4, cfgs, timeout=TIMEOUT)
 
 
 # ------------------------------------------------------------------------------------

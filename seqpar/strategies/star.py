@@ -304,7 +304,7 @@ def values_digest(t: torch.Tensor) -> tuple:
     ranks can agree that a replicated tensor is the same everywhere: computed on t's device
     in O(numel), then 16 bytes reach the host. Exact integer arithmetic, so equal tensors
     give equal digests on every device; reordered rows change the weighted sum."""
-    flat = t.detach().reshape(-1)
+    flat = t.detach().contiguous().view(-1)
     bits = flat.view(torch.int16 if flat.element_size() == 2 else torch.int32).to(torch.int64)
     bits = torch.remainder(bits, _DIGEST_MODULUS)
     weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64)

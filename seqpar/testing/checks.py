@@ -186,9 +186,12 @@ def _check_results(results: Dict[str, Optional[torch.Tensor]], dtype: torch.dtyp
             raise AssertionError(f"{name} has non-finite values")
 
 
-def _conditioning(q, k, v, do, causal: bool, scale: float, ref: Dict[str, torch.Tensor]) -> Dict[str, float]:
+def conditioning(q, k, v, do, causal: bool, scale: float, ref: Dict[str, torch.Tensor],
+                  mask: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """`cond_*` of out, dq, dk, dv (float64): the largest sum of |terms| an element sums
     over the largest |element| (or 1 where the reference is exactly 0), at least 1.
+    `mask`: bool `[n_q, n_k]`, True where a query sees a key (instead of `causal`); rows
+    that see no key contribute no terms.
 
     out_i = sum_j P_ij v_j; dv_j = sum_i P_ij dO_i; dq_i = scale sum_j P_ij (dP_ij - delta_i) k_j
     and dk_j alike over i, with dP_ij = dO_i . v_j and delta_i = dO_i . out_i."""
@@ -196,10 +199,12 @@ def _conditioning(q, k, v, do, causal: bool, scale: float, ref: Dict[str, torch.
     qh, kh, vh, doh = (t.transpose(1, 2) for t in (q, k.repeat_interleave(group, 2),
                                                   v.repeat_interleave(group, 2), do))
     scores = scale * qh @ kh.transpose(-1, -2)
-    if causal:
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif causal:
         n_q, n_k = scores.shape[-2:]
         scores = scores.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool).triu(1 + n_k - n_q), float("-inf"))
-    p = torch.softmax(scores, dim=-1)
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees no key: no terms
     out = p @ vh
     weights = p * ((doh @ vh.transpose(-1, -2)).abs() + (doh * out).sum(-1, keepdim=True).abs())
     terms = {"out": p @ vh.abs(), "dv": p.transpose(-1, -2) @ doh.abs(),
@@ -251,7 +256,7 @@ def check_attention(problem: AttentionProblem, attention_fn: Optional[Callable] 
     low = [t.to(dtype) for t in (q, k, v, do)]
     dense = batch_mean(_dense_grads(*low, problem.causal, problem.softmax_scale, use_sdpa=True), mem)
     report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
-    report.update(_conditioning(q, k, v, do, problem.causal, problem.softmax_scale, ref))
+    report.update(conditioning(q, k, v, do, problem.causal, problem.softmax_scale, ref))
     return report
 
 

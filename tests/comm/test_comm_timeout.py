@@ -24,7 +24,7 @@ DETECT_WITHIN = 10.0  # seconds: the bound the issue asks for
 def _in_fresh_world(fn, *args):
     w = LocalWorld(2, threads_per_rank=1)
     try:
-        return w.run(fn, *args, timeout=30)  # without seqpar's timeout rank 0 would wait 30 min
+        return w.run(fn, *args, timeout=120)  # start-up included; without seqpar's timeout rank 0 would wait 30 min
     finally:
         w.close(force=True)  # a rank may still hold the stuck operation: do not wait on it
 

@@ -17,8 +17,8 @@ from seqpar.kernels.reference import dense_attention, star_context_mask
 from seqpar.layout import SeqLayout, gather_global, split_sizes
 from seqpar.strategies.star import context_analytic_bytes, query_analytic_bytes
 from seqpar.testing import AttentionProblem, assert_matches_dense, world
-from seqpar.testing.checks import (DTYPES, MEMORY_LAYOUTS, _rel_err, batch_mean, lay_out, lay_out_grad, leaf_grads,
-                                   same_batch_rows)
+from seqpar.testing.checks import (DTYPES, MEMORY_LAYOUTS, _rel_err, batch_mean, conditioning, lay_out, lay_out_grad,
+                                   leaf_grads, same_batch_rows)
 from seqpar.testing.strategies import attention_problems
 
 
@@ -64,6 +64,8 @@ def _check_context(problem: AttentionProblem, anchor_len: int, backend: str = "a
                               lambda *t: _sdpa(*t, mask, problem.softmax_scale)), mem)
     report = {f"err_{name}": _rel_err(ours[name], ref[name]) for name in ref}
     report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
+    # cancelled quantities are judged against the rounding of their terms, as check_attention does
+    report.update(conditioning(q, k, v, do, False, problem.softmax_scale, ref, mask=mask))
     return report
 
 
@@ -193,6 +195,10 @@ def _check_query(problem: QueryProblem, backend: str = "auto"):
         got, want = ours[name].double(), ref[name][:, mine] if name in ("dk", "dv") else ref[name]
         report[f"err_{name}"] = (got - want).abs().max().item() / (scale or 1.0) if got.numel() else 0.0
         report[f"dense_{name}"] = _rel_err(dense[name], ref[name]) if ref[name].numel() else 0.0
+    if total:
+        visible = (k_pos[None, :] <= q_pos[:, None] if problem.causal
+                   else torch.ones(problem.n_q, total, dtype=torch.bool))
+        report.update(conditioning(q, k, v, do, False, problem.softmax_scale, ref, mask=visible))
     report["out"] = out.detach()
     return report
 
