@@ -92,9 +92,9 @@ struct MergeWeight {
 // The weights of one row, in LseT (float64 when the accumulator is float64).
 template <typename LseT>
 SEQPAR_HD MergeWeight<LseT> merge_weight(LseT lse, LseT part_lse) {
-  LseT d = part_lse - lse;
-  // both -inf (no key seen on either side): nan -> 0; both outputs are 0 anyway
-  if (d != d) d = LseT(0);
+  // equal lse (both -inf included: no key seen on either side, both outputs 0) weigh
+  // equally; a NaN lse stays NaN and makes the row NaN (NaN in, NaN out)
+  const LseT d = lse == part_lse ? LseT(0) : part_lse - lse;
   MergeWeight<LseT> w;
   w.w_part = float(LseT(1) / (LseT(1) + exp_(-d)));
   const LseT hi = lse > part_lse ? lse : part_lse;

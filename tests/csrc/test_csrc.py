@@ -208,6 +208,8 @@ def _merge_inputs(gen, d, lse_dtype, part_dtype):
     lse[:, :, 2], part_lse[:, :, 2] = inf, inf  # neither
     out[:, 2] = 0
     part_lse[:, :, 3] = lse[:, :, 3].float()  # equal weights
+    part_lse[:, :, 4] = float("nan")  # NaN in, NaN out, from either side
+    lse[:, :, 5] = float("nan")
     return out, lse, part, part_lse
 
 
@@ -226,9 +228,10 @@ def test_host_merge_matches_merge_py(harness, head_dim, lse_dtype, part_dtype):
                      part_lse.data_ptr(), _strides(part_lse, 3))
     assert harness.seqpar_host_merge(ctypes.byref(args)) == 0
     tol = 1e-13 if lse_dtype == torch.float64 else 2e-6
-    torch.testing.assert_close(lse, want_lse, rtol=tol, atol=tol)
-    torch.testing.assert_close(out, want_out, rtol=2e-6, atol=2e-6)
-    assert torch.isneginf(lse[:, :, 2]).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(lse, want_lse, rtol=tol, atol=tol, equal_nan=True)
+    torch.testing.assert_close(out, want_out, rtol=2e-6, atol=2e-6, equal_nan=True)
+    assert torch.isneginf(lse[:, :, 2]).all() and torch.isfinite(out[:, :4]).all()
+    assert torch.isnan(lse[:, :, 4:]).all() and (d == 0 or torch.isnan(out[:, 4:]).all())
     # nothing outside the views was written
     torch.testing.assert_close(out._base[:, :, :2], base_out[:, :, :2], rtol=0, atol=0)
     torch.testing.assert_close(out._base[:, :, 2 + n:], base_out[:, :, 2 + n:], rtol=0, atol=0)
