@@ -29,11 +29,16 @@ class Exchange:
         else:
             self._peers = [sorted(set(peers))] * len(self._works)
 
+    @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
+
     def wait(self) -> List[torch.Tensor]:
         works, self._works = self._works, []
         if works:
             timeout.wait(works, self._group, self._op, self._peers, self._device, "exchange")
         return self._received
+
+
+@torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
 
 
 def post(
