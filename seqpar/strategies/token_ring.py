@@ -36,6 +36,7 @@ ring's traffic, so ring wins. On the relayed route the returning partial out cou
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, List, Sequence, Tuple
@@ -78,11 +79,6 @@ def _pack(x: torch.Tensor, ranges: Ranges, dim: int) -> torch.Tensor:
         return x.narrow(dim, 0, 0).contiguous()
     pieces = [x.narrow(dim, a, n) for a, n in ranges]
     return torch.cat(pieces, dim) if len(pieces) != 1 else pieces[0].contiguous()
-
-
-def _repack(x: torch.Tensor, have: Ranges, keep: Ranges, dim: int) -> torch.Tensor:
-    """Rows `keep` (a subset of `have`) of a tensor packed as `have`."""
-    return _pack(x, [(_packed_index(have, a), n) for a, n in keep], dim)
 
 
 def _packed_index(ranges: Ranges, row: int) -> int:
@@ -142,152 +138,195 @@ def _attend(fwd, merge, q_rows, k, v, blocks, scale, acc, lse_dtype):
     return out, lse
 
 
-def _select(x: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
-    return _pack(x, ranges, dim)
+class _Pass(ABC):
+    """One pass's traffic, for `_travel`: this rank's rows that travel out (`payload`:
+    `(tensor, row dim)` pairs), the results that come back, and how they fold in."""
+
+    payload: List[Tuple[torch.Tensor, int]]
+
+    @abstractmethod
+    def result_buffers(self, n: int) -> List[torch.Tensor]:
+        """Receive buffers for the results of `n` rows."""
+
+    @abstractmethod
+    def compute(self, src: int, t: int, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Results for rank `src`'s rows `plan.rows[src][t]`, which arrived as `tensors`."""
+
+    @abstractmethod
+    def absorb(self, parts: List[torch.Tensor], ranges: Ranges) -> None:
+        """Fold results for this rank's rows `ranges` into its accumulators."""
+
+    @abstractmethod
+    def combine(self, kept: List[torch.Tensor], incoming: List[torch.Tensor], rows_kept: Ranges,
+                rows_in: Ranges) -> None:
+        """Fold a passing result stream (rows `rows_in`) into a kept one (rows `rows_kept`)."""
+
+    def pack(self, tensors: List[torch.Tensor], have: Ranges, keep: Ranges) -> List[torch.Tensor]:
+        """Rows `keep` of payload-shaped `tensors` whose rows are `have`."""
+        keep_packed = [(_packed_index(have, a), n) for a, n in keep]
+        return [_pack(x, keep_packed, dim) for x, (_, dim) in zip(tensors, self.payload)]
+
+    def empty_rows(self, n: int) -> List[torch.Tensor]:
+        """Receive buffers for `n` rows of payload."""
+        return [x.new_empty(tuple(n if i == dim else size for i, size in enumerate(x.shape)))
+                for x, dim in self.payload]
 
 
-def _travel(layout: SeqLayout, plan: "_Plan", payload, results, compute, absorb, combine, op: str) -> None:
-    """Move this rank's rows to the others and their results back, by `plan.route`.
+def _travel(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str) -> None:
+    """Move this rank's rows to the others and their results back, by `plan.route`."""
+    (_travel_direct if plan.route == "direct" else _travel_relayed)(layout, plan, traffic, op)
 
-    payload:  [(tensor, row_dim)] of this rank's rows (sent as the rows each receiver needs)
-    results:  [(row_dim, make_buffer(n_rows))] describing what `compute` returns
-    compute(src, t, tensors) -> result tensors over rows `plan.rows[src][t]`
-    absorb(results, ranges): fold results for this rank's rows `ranges` into its accumulators
-    combine(kept, incoming, rows_kept, rows_incoming): fold a passing stream into a kept result
-    """
-    rank, world = layout.rank, layout.world_size
-    rows = plan.rows
 
-    def pack_rows(tensors, have, keep):
-        return [_select(x, dim, [(_packed_index(have, a), n) for a, n in keep]) for x, (_, dim) in zip(tensors, payload)]
-
-    def buffers_like_payload(n):
-        return [x.new_empty(tuple(n if i == dim else size for i, size in enumerate(x.shape))) for x, dim in payload]
-
-    def result_buffers(n):
-        return [make(n) for _, make in results]
-
-    own = [x for x, _ in payload]
+def _travel_direct(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str) -> None:
+    """Step t: send own rows to rank+t, receive rank-t's, compute, return the results to
+    rank-t directly. The next step's rows and this step's returns fly during compute."""
+    rank, world, rows = layout.rank, layout.world_size, plan.rows
+    own = [x for x, _ in traffic.payload]
     full = [(0, layout.local_len)]
-    if plan.route == "direct":
-        def post_rows(t):
-            src = (rank - t) % world
-            return p2p.post([(x, (rank + t) % world) for x in pack_rows(own, full, rows[rank][t])],
-                            [(x, src) for x in buffers_like_payload(_count(rows[src][t]))], layout.group,
-                            op=f"{op}.outgoing")
 
-        pending_rows = post_rows(1) if world > 1 else None
-        pending_return = None
-        for t in range(1, world):
-            src = (rank - t) % world
-            tensors = pending_rows.wait()
-            if t + 1 < world:
-                pending_rows = post_rows(t + 1)
-            produced = compute(src, t, tensors)
-            if pending_return is not None:
-                absorb(pending_return.wait(), rows[rank][t - 1])
-            pending_return = p2p.post([(x, src) for x in produced],
-                                      [(x, (rank + t) % world) for x in result_buffers(_count(rows[rank][t]))],
-                                      layout.group, op=f"{op}.returning")
+    def post_rows(t):
+        src = (rank - t) % world
+        return p2p.post([(x, (rank + t) % world) for x in traffic.pack(own, full, rows[rank][t])],
+                        [(x, src) for x in traffic.empty_rows(_count(rows[src][t]))], layout.group,
+                        op=f"{op}.outgoing")
+
+    pending_rows = post_rows(1) if world > 1 else None
+    pending_return = None
+    for t in range(1, world):
+        src = (rank - t) % world
+        tensors = pending_rows.wait()
+        if t + 1 < world:
+            pending_rows = post_rows(t + 1)
+        produced = traffic.compute(src, t, tensors)
         if pending_return is not None:
-            absorb(pending_return.wait(), rows[rank][world - 1])
-        return
+            traffic.absorb(pending_return.wait(), rows[rank][t - 1])
+        pending_return = p2p.post([(x, src) for x in produced],
+                                  [(x, (rank + t) % world) for x in traffic.result_buffers(_count(rows[rank][t]))],
+                                  layout.group, op=f"{op}.returning")
+    if pending_return is not None:
+        traffic.absorb(pending_return.wait(), rows[rank][world - 1])
 
-    # ring: rows relayed hop by hop (the next hop flies while these rows compute), then the
-    # results of each owner stream back from its last receiver, folded in as they pass
-    held, owner = own, rank
+
+def _travel_relayed(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str) -> None:
+    """Rows relayed hop by hop along the ring (the next hop flies while these rows
+    compute), then each owner's results stream back from its last receiver, folded in by
+    every rank they pass."""
+    rank, world, rows = layout.rank, layout.world_size, plan.rows
+    held, owner = [x for x, _ in traffic.payload], rank
     kept = {}
     for t in range(1, world):
         src = (rank - t) % world
-        exchange = p2p.post([(x, (rank + 1) % world) for x in pack_rows(held, rows[owner][t - 1], rows[owner][t])],
-                            [(x, (rank - 1) % world) for x in buffers_like_payload(_count(rows[src][t]))],
+        exchange = p2p.post([(x, (rank + 1) % world) for x in traffic.pack(held, rows[owner][t - 1], rows[owner][t])],
+                            [(x, (rank - 1) % world) for x in traffic.empty_rows(_count(rows[src][t]))],
                             layout.group, op=f"{op}.outgoing")
         if t > 1:
-            kept[owner] = compute(owner, t - 1, held)
+            kept[owner] = traffic.compute(owner, t - 1, held)
         held, owner = exchange.wait(), src
     if world > 1:
-        kept[owner] = compute(owner, world - 1, held)
+        kept[owner] = traffic.compute(owner, world - 1, held)
     for hop in range(1, world):
         leaving, arriving = (rank + hop) % world, (rank + hop + 1) % world
         position = (rank - arriving) % world
+        buffers = traffic.result_buffers(_count(rows[arriving][position + 1]))
         incoming = p2p.post([(x, (rank - 1) % world) for x in kept.pop(leaving)],
-                            [(x, (rank + 1) % world) for x in result_buffers(_count(rows[arriving][position + 1]))],
-                            layout.group, op=f"{op}.returning").wait()
+                            [(x, (rank + 1) % world) for x in buffers], layout.group, op=f"{op}.returning").wait()
         if position == 0:
-            absorb(incoming, rows[rank][1])
+            traffic.absorb(incoming, rows[rank][1])
         else:
-            combine(kept[arriving], incoming, rows[arriving][position], rows[arriving][position + 1])
+            traffic.combine(kept[arriving], incoming, rows[arriving][position], rows[arriving][position + 1])
+
+
+class _ForwardPass(_Pass):
+    """Queries travel; partial (out, lse) return and merge into the owner's accumulators."""
+
+    def __init__(self, q, k, v, layout: SeqLayout, plan: _Plan, causal, scale, backend, out, lse):
+        self.payload = [(q, 1)]
+        self.k, self.v, self.layout, self.plan, self.causal, self.scale = k, v, layout, plan, causal, scale
+        self.fwd, _ = block_kernels.kernels(backend, q, k)
+        self.merge = block_kernels.merge_kernel(backend)
+        self.acc = block_kernels.acc_dtype(q.dtype)
+        self.out, self.lse = out, lse
+        self.shape = q.shape
+        # the partial outputs' wire dtype: the input dtype on the direct route (each partial is
+        # rounded once before its merge), fp32 on the relayed one, whose partials are merged
+        # and sent on at every hop (bf16 rounded P-1 times reached 2.3x dense's error at P=4)
+        self.wire = self.acc if plan.route == "ring" else q.dtype
+
+    def result_buffers(self, n):
+        b, _, h, d = self.shape
+        device = self.out.device
+        return [torch.empty(b, n, h, d, dtype=self.wire, device=device),
+                torch.empty(b, h, n, dtype=self.acc, device=device)]
+
+    def compute(self, src, t, tensors):
+        blocks = _blocks_in(self.layout, src, self.layout.rank, self.causal, self.plan.rows[src][t])
+        part_out, part_lse = _attend(self.fwd, self.merge, tensors[0], self.k, self.v, blocks, self.scale, self.acc,
+                                     self.acc)
+        return [part_out.to(self.wire), part_lse]
+
+    def absorb(self, parts, ranges):
+        _scatter_merge(self.merge, self.out, self.lse, parts[0], parts[1], ranges)
+
+    def combine(self, kept, incoming, rows_kept, rows_in):
+        # kept travels on in the wire dtype; merge in fp32 (lse in fp64) and store back
+        kept_out, kept_lse = kept[0].to(self.acc), kept[1].to(torch.float64)
+        _scatter_merge(self.merge, kept_out, kept_lse, incoming[0], incoming[1],
+                       [(_packed_index(rows_kept, a), n) for a, n in rows_in])
+        kept[0], kept[1] = kept_out.to(self.wire), kept_lse.to(self.acc)
 
 
 def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, route, name):
     """Returns this rank's (out [B, n, H, D] acc dtype, lse [B, H, n] acc dtype)."""
-    rank = layout.rank
     fwd, _ = block_kernels.kernels(backend, q, k)
-    merge = block_kernels.merge_kernel(backend)
     acc = block_kernels.acc_dtype(q.dtype)
     plan = _Plan(layout, causal, route)
-    out, lse = _attend(fwd, merge, q, k, v, visible_blocks(layout, rank, rank, causal), scale, acc, torch.float64)
-    b, _, h, d = q.shape
-
-    # the partial outputs' wire dtype: the input dtype on the direct route (each partial is
-    # rounded once before its merge), fp32 on the relayed one, whose partials are merged
-    # and sent on at every hop (bf16 rounded P-1 times reached 2.3x dense's error at P=4)
-    wire = acc if route == "ring" else q.dtype
-
-    def compute(src, t, tensors):
-        blocks = _blocks_in(layout, src, rank, causal, plan.rows[src][t])
-        part_out, part_lse = _attend(fwd, merge, tensors[0], k, v, blocks, scale, acc, acc)
-        return [part_out.to(wire), part_lse]
-
-    def absorb(parts, ranges):
-        _scatter_merge(merge, out, lse, parts[0], parts[1], ranges)
-
-    def combine(kept, incoming, rows_kept, rows_in):
-        # kept travels on in the wire dtype; merge in fp32 and store back
-        kept_out, kept_lse = kept[0].to(acc), kept[1].to(torch.float64)
-        _scatter_merge(merge, kept_out, kept_lse, incoming[0], incoming[1],
-                       [(_packed_index(rows_kept, a), n) for a, n in rows_in])
-        kept[0], kept[1] = kept_out.to(wire), kept_lse.to(acc)
-
-    results = [
-        (1, lambda n: torch.empty(b, n, h, d, dtype=wire, device=q.device)),
-        (2, lambda n: torch.empty(b, h, n, dtype=acc, device=q.device)),
-    ]
-    _travel(layout, plan, [(q, 1)], results, compute, absorb, combine, op=f"{name}.forward")
+    out, lse = _attend(fwd, block_kernels.merge_kernel(backend), q, k, v,
+                       visible_blocks(layout, layout.rank, layout.rank, causal), scale, acc, torch.float64)
+    _travel(layout, plan, _ForwardPass(q, k, v, layout, plan, causal, scale, backend, out, lse), op=f"{name}.forward")
     return out, lse.to(acc)
+
+
+class _BackwardPass(_Pass):
+    """q, dO, out and lse travel; partial dq returns; dK/dV stay on this rank."""
+
+    def __init__(self, q, do, out, lse, k, v, layout: SeqLayout, plan: _Plan, causal, scale, backend, dq, dk, dv):
+        self.payload = [(q, 1), (do, 1), (out, 1), (lse, 2)]
+        self.k, self.v, self.layout, self.plan, self.causal, self.scale = k, v, layout, plan, causal, scale
+        _, self.bwd = block_kernels.kernels(backend, q, k)
+        self.dq, self.dk, self.dv = dq, dk, dv
+
+    def attend_back(self, blocks, q_rows, do_rows, out_rows, lse_rows, dq_rows):
+        attend_blocks_backward(self.bwd, blocks, do_rows, q_rows, self.k, self.v, out_rows, lse_rows, self.scale,
+                               dq_rows, self.dk, self.dv)
+
+    def result_buffers(self, n):
+        b, _, h, d = self.dq.shape
+        return [torch.empty(b, n, h, d, dtype=self.dq.dtype, device=self.dq.device)]
+
+    def compute(self, src, t, tensors):
+        q_rows, do_rows, out_rows, lse_rows = tensors
+        dq_rows = torch.zeros(q_rows.shape, dtype=self.dq.dtype, device=self.dq.device)
+        blocks = _blocks_in(self.layout, src, self.layout.rank, self.causal, self.plan.rows[src][t])
+        self.attend_back(blocks, q_rows, do_rows, out_rows, lse_rows, dq_rows)
+        return [dq_rows]
+
+    def absorb(self, parts, ranges):
+        _scatter_add(self.dq, parts[0], ranges)
+
+    def combine(self, kept, incoming, rows_kept, rows_in):
+        _scatter_add(kept[0], incoming[0], [(_packed_index(rows_kept, a), n) for a, n in rows_in])
 
 
 def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, route, name):
     """Returns dq, dk, dv in the acc dtype; dK/dV never leave this rank."""
-    rank = layout.rank
-    _, bwd = block_kernels.kernels(backend, q, k)
     acc = block_kernels.acc_dtype(q.dtype)
     plan = _Plan(layout, causal, route)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-
-    def attend_back(blocks, q_rows, do_rows, out_rows, lse_rows, dq_rows):
-        attend_blocks_backward(bwd, blocks, do_rows, q_rows, k, v, out_rows, lse_rows, scale, dq_rows, dk, dv)
-
-    attend_back(visible_blocks(layout, rank, rank, causal), q, do, out, lse, dq)
-
-    def compute(src, t, tensors):
-        q_rows, do_rows, out_rows, lse_rows = tensors
-        dq_rows = torch.zeros(q_rows.shape, dtype=acc, device=q.device)
-        attend_back(_blocks_in(layout, src, rank, causal, plan.rows[src][t]), q_rows, do_rows, out_rows,
-                    lse_rows, dq_rows)
-        return [dq_rows]
-
-    def absorb(parts, ranges):
-        _scatter_add(dq, parts[0], ranges)
-
-    def combine(kept, incoming, rows_kept, rows_in):
-        _scatter_add(kept[0], incoming[0], [(_packed_index(rows_kept, a), n) for a, n in rows_in])
-
-    payload = [(q, 1), (do, 1), (out, 1), (lse, 2)]
-    results = [(1, lambda n: torch.empty(q.shape[0], n, q.shape[2], q.shape[3], dtype=acc, device=q.device))]
-    _travel(layout, plan, payload, results, compute, absorb, combine, op=f"{name}.backward")
+    traffic = _BackwardPass(q, do, out, lse, k, v, layout, plan, causal, scale, backend, dq, dk, dv)
+    traffic.attend_back(visible_blocks(layout, layout.rank, layout.rank, causal), q, do, out, lse, dq)
+    _travel(layout, plan, traffic, op=f"{name}.backward")
     return dq, dk, dv
 
 
