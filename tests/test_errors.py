@@ -250,3 +250,32 @@ def test_star_query_q_that_differs_between_ranks_raises_everywhere(change):
     for message in world(2).run(_star_query_with_rank_dependent_q, change, timeout=60):
         assert "q (its values) must be the same on every rank" in message, message
     assert world(2).run(_star_query_with_rank_dependent_q, "none", timeout=60) == ["returned"] * 2
+
+
+def _star_with_backend_available_on_rank_zero_only(phase: str):
+    """`backend="auto"` resolves by what is installed; here rank 1 lacks the fused op."""
+    from seqpar.kernels import block
+
+    if dist.get_rank() == 1:
+        original = block.unavailable_reason
+        block.unavailable_reason = lambda name, *args, **kw: "not here" if name == "sdpa" else original(name, *args,
+                                                                                                        **kw)
+    try:
+        layout = SeqLayout(12)
+        q, k, v = _qkv(layout.local_len)
+        if phase == "context":
+            seqpar.star_attention(q, k, v, layout=layout, anchor_len=2)
+        else:
+            seqpar.star_query_attention(q[:, :2].clone().fill_(0.5), k, v)
+        return "returned"
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        if dist.get_rank() == 1:
+            block.unavailable_reason = original
+
+
+@pytest.mark.parametrize("phase", ["context", "query"])
+def test_star_backend_resolved_differently_raises_everywhere(phase):
+    for message in world(2).run(_star_with_backend_available_on_rank_zero_only, phase, timeout=120):
+        assert "backend resolved on this rank must be the same on every rank" in message, message

@@ -208,6 +208,9 @@ def star_attention(q, k, v, *, layout=None, anchor_len: int, softmax_scale=None,
             ("scheme", getattr(local, "scheme", None)),
             ("anchor_len", describe(anchor_len)),
             ("backend", describe(backend)),
+            # kernels that are installed on some ranks only would give the ranks different
+            # buffer layouts and numbers: the backend each rank resolved must be one
+            ("backend resolved on this rank", resolved and resolved[2]),
             ("softmax_scale", resolved and resolved[1]),
             # a backward on some ranks only would wait in the anchor's dK/dV reduce
             ("gradients required (q, k or v requires grad, grad mode on)", grad_wanted(q, k, v)),
@@ -370,6 +373,7 @@ def _query_call(q, k, v, *, group, causal, softmax_scale, backend, kv_lens, prio
             ("v [batch, heads, head_dim], dtype, device", no_seq(v)),
             ("causal", describe(causal)),
             ("backend", describe(backend)),
+            ("backend resolved on this rank", resolved and resolved[1]),
             ("softmax_scale", resolved and resolved[0]),
             ("kv_lens", describe(kv_lens) if resolved is None or resolved[2] is None else resolved[2]),
             # a backward on some ranks only would wait in the dq all-reduce
