@@ -11,9 +11,9 @@ from . import stats, timeout
 from .p2p import global_rank
 
 
+
+
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
-
-
 def all_gather_uneven_async(x: torch.Tensor, sizes: Sequence[int], group, op: str):
     """Post an all-gather of every rank's `x` (dim 0 of size `sizes[rank]`).
 
@@ -35,9 +35,9 @@ def all_gather_uneven_async(x: torch.Tensor, sizes: Sequence[int], group, op: st
     return timeout.Pending(work, group, op, x.device, "all-gather"), buffers
 
 
+
+
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
-
-
 def all_gather_uneven(x: torch.Tensor, sizes: Sequence[int], group, op: str) -> List[torch.Tensor]:
     """Every rank's `x` (dim 0 of size `sizes[rank]`), as a list by rank."""
     handle, buffers = all_gather_uneven_async(x, sizes, group, op)
@@ -46,9 +46,9 @@ def all_gather_uneven(x: torch.Tensor, sizes: Sequence[int], group, op: str) -> 
     return [buf[:n] for buf, n in zip(buffers, sizes)]
 
 
+
+
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
-
-
 def reduce_scatter_sum(parts: List[torch.Tensor], group, op: str) -> torch.Tensor:
     """Sum over ranks of `parts[r]`, delivered to rank r (all parts the same shape)."""
     if len(parts) == 1:
@@ -61,9 +61,9 @@ def reduce_scatter_sum(parts: List[torch.Tensor], group, op: str) -> torch.Tenso
     return out
 
 
+
+
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
-
-
 def all_reduce_sum(x: torch.Tensor, group, op: str) -> None:
     timeout.run(dist.all_reduce(x, group=group, async_op=True), group, op, x.device, "all-reduce")
     world = dist.get_world_size(group)
@@ -72,9 +72,9 @@ def all_reduce_sum(x: torch.Tensor, group, op: str) -> None:
     stats.record(op, moved, moved)
 
 
+
+
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
-
-
 def broadcast(x: torch.Tensor, src: int, group, op: str, async_op: bool = False):
     """In place: `x` on every rank becomes group rank `src`'s `x` (same shape everywhere).
     With `async_op=True` returns a handle to `wait()` on (None when nothing was sent); its
@@ -97,9 +97,9 @@ def broadcast(x: torch.Tensor, src: int, group, op: str, async_op: bool = False)
     return handle
 
 
+
+
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
-
-
 def reduce_sum(x: torch.Tensor, dst: int, group, op: str) -> None:
     """In place on group rank `dst`: `x` becomes the sum of every rank's `x`. On the other
     ranks `x` is left undefined (gloo uses it as scratch).
@@ -122,9 +122,9 @@ def device_of(group) -> torch.device:
     return torch.device("cpu")
 
 
+
+
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
-
-
 def all_reduce_max(x: torch.Tensor, group, op: str) -> None:
     timeout.run(dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group, async_op=True), group, op, x.device, "all-reduce")
     world = dist.get_world_size(group)
@@ -132,9 +132,9 @@ def all_reduce_max(x: torch.Tensor, group, op: str) -> None:
     stats.record(op, moved, moved)
 
 
+
+
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
-
-
 def all_gather_object(obj, group, op: str) -> list:
     """Every rank's picklable `obj`, by rank. (torch's own version needs numpy.)"""
     device = device_of(group)

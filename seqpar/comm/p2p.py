@@ -29,8 +29,8 @@ class Exchange:
         else:
             self._peers = [sorted(set(peers))] * len(self._works)
 
-    @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
 
+    @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
     def wait(self) -> List[torch.Tensor]:
         works, self._works = self._works, []
         if works:
@@ -38,9 +38,9 @@ class Exchange:
         return self._received
 
 
+
+
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
-
-
 def post(
     sends: Sequence[Tuple[torch.Tensor, int]],
     recvs: Sequence[Tuple[torch.Tensor, int]],

@@ -106,9 +106,9 @@ def group_peers(group) -> List[int]:
     return [r for r in ranks if r != me]
 
 
+
+
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
-
-
 def wait(works: Iterable, group, op: str, peers: Sequence[Sequence[int]], device: torch.device, what: str) -> None:
     """Wait for each of `works` (posted by `op`); `peers[i]`: the global ranks `works[i]`
     waits for. `what` words the operation for the error ("exchange", "all-reduce", ...).
@@ -167,17 +167,17 @@ class Pending:
     def __init__(self, work, group, op: str, device: torch.device, what: str):
         self._work, self._group, self._op, self._device, self._what = work, group, op, device, what
 
-    @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
 
+    @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
     def wait(self) -> None:
         if self._work is not None:
             work, self._work = self._work, None
             wait([work], self._group, self._op, [group_peers(self._group)], self._device, self._what)
 
 
+
+
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
-
-
 def run(work, group, op: str, device: torch.device, what: str) -> None:
     """Wait for the collective `work` on every other member of `group`."""
     Pending(work, group, op, device, what).wait()
