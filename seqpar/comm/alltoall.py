@@ -9,8 +9,6 @@ import torch.distributed as dist
 from . import p2p, stats, timeout
 
 
-
-
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
 def all_to_all_rows(send: torch.Tensor, send_rows: Sequence[int], recv_rows: Sequence[int], group, op: str,
                     members: Sequence[int] = None) -> torch.Tensor:

@@ -11,8 +11,6 @@ from . import stats, timeout
 from .p2p import global_rank
 
 
-
-
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
 def all_gather_uneven_async(x: torch.Tensor, sizes: Sequence[int], group, op: str):
     """Post an all-gather of every rank's `x` (dim 0 of size `sizes[rank]`).
@@ -35,8 +33,6 @@ def all_gather_uneven_async(x: torch.Tensor, sizes: Sequence[int], group, op: st
     return timeout.Pending(work, group, op, x.device, "all-gather"), buffers
 
 
-
-
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
 def all_gather_uneven(x: torch.Tensor, sizes: Sequence[int], group, op: str) -> List[torch.Tensor]:
     """Every rank's `x` (dim 0 of size `sizes[rank]`), as a list by rank."""
@@ -44,8 +40,6 @@ def all_gather_uneven(x: torch.Tensor, sizes: Sequence[int], group, op: str) -> 
     if handle is not None:
         handle.wait()
     return [buf[:n] for buf, n in zip(buffers, sizes)]
-
-
 
 
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
@@ -61,8 +55,6 @@ def reduce_scatter_sum(parts: List[torch.Tensor], group, op: str) -> torch.Tenso
     return out
 
 
-
-
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
 def all_reduce_sum(x: torch.Tensor, group, op: str) -> None:
     timeout.run(dist.all_reduce(x, group=group, async_op=True), group, op, x.device, "all-reduce")
@@ -70,8 +62,6 @@ def all_reduce_sum(x: torch.Tensor, group, op: str) -> None:
     # ring all-reduce: 2 (P-1)/P of the tensor each way
     moved = 2 * (world - 1) * stats.nbytes([x]) // world
     stats.record(op, moved, moved)
-
-
 
 
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
@@ -97,8 +87,6 @@ def broadcast(x: torch.Tensor, src: int, group, op: str, async_op: bool = False)
     return handle
 
 
-
-
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
 def reduce_sum(x: torch.Tensor, dst: int, group, op: str) -> None:
     """In place on group rank `dst`: `x` becomes the sum of every rank's `x`. On the other
@@ -122,16 +110,12 @@ def device_of(group) -> torch.device:
     return torch.device("cpu")
 
 
-
-
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
 def all_reduce_max(x: torch.Tensor, group, op: str) -> None:
     timeout.run(dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group, async_op=True), group, op, x.device, "all-reduce")
     world = dist.get_world_size(group)
     moved = 2 * (world - 1) * stats.nbytes([x]) // world
     stats.record(op, moved, moved)
-
-
 
 
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile

@@ -53,8 +53,6 @@ def describe(x) -> tuple:
     return (type(x).__name__,)
 
 
-
-
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
 def agree(group, world_size: int, signature: Tuple[Tuple[str, object], ...], error: Optional[Exception], what: str) -> None:
     """Raise on every rank if any rank's `error` is set or the signatures differ."""

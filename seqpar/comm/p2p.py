@@ -38,8 +38,6 @@ class Exchange:
         return self._received
 
 
-
-
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
 def post(
     sends: Sequence[Tuple[torch.Tensor, int]],

@@ -106,8 +106,6 @@ def group_peers(group) -> List[int]:
     return [r for r in ranks if r != me]
 
 
-
-
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
 def wait(works: Iterable, group, op: str, peers: Sequence[Sequence[int]], device: torch.device, what: str) -> None:
     """Wait for each of `works` (posted by `op`); `peers[i]`: the global ranks `works[i]`
@@ -173,8 +171,6 @@ class Pending:
         if self._work is not None:
             work, self._work = self._work, None
             wait([work], self._group, self._op, [group_peers(self._group)], self._device, self._what)
-
-
 
 
 @torch.compiler.disable  # a process-group call: eager, a graph break under torch.compile
