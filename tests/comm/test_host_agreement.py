@@ -1,0 +1,46 @@
+"""The cross-rank agreement runs on the host: on a device (NCCL) group it never creates a
+device tensor, so it never syncs the host with the device stream (issue: a 32-layer model
+stalled its launch queue 64 times per step)."""
+import torch
+import torch.distributed as dist
+
+import seqpar
+from seqpar.comm import collectives, groups
+from seqpar.testing import LocalWorld
+
+
+def _as_if_nccl(mismatch: bool):
+    """Pretend the world group is a device group whose tensors live on cuda (this CPU build
+    cannot create one: any device tensor would raise), then call ring attention."""
+    world_group = (None, dist.group.WORLD)
+    groups._runs_on_host = lambda group: group not in world_group
+    collectives.device_of = lambda group: torch.device("cuda") if group in world_group else torch.device("cpu")
+    layout = seqpar.SeqLayout(8, scheme="zigzag")
+    q = torch.randn(1, layout.local_len, 2, 4, dtype=torch.float64)
+    causal = mismatch and dist.get_rank() == 1
+    try:
+        out = seqpar.ring_attention(q, q, q, layout=layout, causal=causal)
+    except ValueError as exc:
+        return "raised: " + str(exc)
+    return (tuple(out.shape), len(groups._host_groups), out.device.type)
+
+
+def test_agreement_uses_a_host_group_on_device_groups():
+    # a fresh world: the patches above must not leak into the shared worlds
+    w = LocalWorld(2, threads_per_rank=1)
+    try:
+        assert w.run(_as_if_nccl, False, timeout=120) == [((1, 4, 2, 4), 1, "cpu")] * 2
+        for message in w.run(_as_if_nccl, True, timeout=120):
+            assert message.startswith("raised: ") and "causal must be the same on every rank" in message, message
+    finally:
+        w.close(force=True)
+
+
+def _host_group_of_world_is_itself():
+    return groups.host_group(None) is None or groups.host_group(None) is dist.group.WORLD
+
+
+def test_gloo_groups_are_their_own_host_group():
+    from seqpar.testing import world
+
+    assert world(2).run(_host_group_of_world_is_itself) == [True, True]
