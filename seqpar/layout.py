@@ -1,20 +1,35 @@
-"""Which global token positions each rank holds.
+"""Which global token positions each rank holds, and which query-key pairs are visible.
 
 A layout is a list of *runs* per rank: arithmetic progressions of global positions
 (`start, start + stride, ...`) stored one after the other in the local tensor. Contiguous
 has one run of stride 1, zigzag two runs of stride 1, stripe one run of stride P. Every
 mask in seqpar is derived from these positions (`visible_blocks`), never from assumptions
 about which rank comes "before" which; that is what lets every strategy serve every scheme.
+
+Documents (`cu_seqlens`, packed sequences): a token sees only tokens of its own document.
+`visible_blocks` cuts runs at document boundaries and pairs only pieces of the same
+document, so a block never spans two documents and pairs of different documents are
+never computed. Zigzag cuts every document into 2P chunks; "balanced" keeps short
+documents whole on one rank and cuts only the long ones (`_balanced_runs`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List, Optional
 
+import bisect
+import hashlib
+from functools import lru_cache
+from typing import Sequence, Tuple
+
 import torch
 import torch.distributed as dist
 
-SCHEMES = ("contiguous", "zigzag", "stripe")
+SCHEMES = ("contiguous", "zigzag", "stripe", "balanced")
+# "balanced" cuts a document into 2P zigzag chunks when its causal work exceeds this share
+# of the mean work per rank; the greedy packing of the rest then leaves the busiest rank
+# within this share of the mean (see _balanced_runs)
+BALANCE_SLACK = 0.05
 
 
 @dataclass(frozen=True)
@@ -66,29 +81,34 @@ class SeqLayout:
     `torch.tensor_split` makes them.
     """
 
-    def __init__(self, seq_len: int, *, group=None, scheme: str = "contiguous", _collective: bool = True):
+    def __init__(self, seq_len: int, *, group=None, scheme: str = "contiguous", cu_seqlens=None,
+                 _collective: bool = True):
         # collective: a rank whose arguments are bad, or differ from its peers', raises on
         # every rank here instead of leaving the others waiting in the next collective
         rank, world = group_rank_and_size(group)
         error = None
+        bounds = None
         try:
             if isinstance(seq_len, bool) or not isinstance(seq_len, int):
                 raise TypeError(f"seq_len: expected an int, got {type(seq_len).__name__}")
             if scheme not in SCHEMES:
                 raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
-            self._init(seq_len, scheme, group, world, rank)
+            bounds = _check_cu_seqlens(cu_seqlens, seq_len)
+            self._init(seq_len, scheme, group, world, rank, bounds)
         except (TypeError, ValueError) as exc:
             error = exc
         if _collective:
             from .comm.groups import agree, describe
 
-            signature = (("seq_len", describe(seq_len)), ("scheme", describe(scheme)))
+            signature = (("seq_len", describe(seq_len)), ("scheme", describe(scheme)),
+                         ("cu_seqlens (documents; a checksum of the boundaries)", _documents_key(bounds)))
             agree(group, world, signature, error, what="SeqLayout")
         elif error is not None:
             raise error
 
     @classmethod
-    def simulated(cls, seq_len: int, world_size: int, rank: int = 0, scheme: str = "contiguous") -> "SeqLayout":
+    def simulated(cls, seq_len: int, world_size: int, rank: int = 0, scheme: str = "contiguous",
+                  cu_seqlens=None) -> "SeqLayout":
         """The layout rank `rank` of a `world_size`-rank group would have, without a group
         (for planning and tests; strategies refuse it unless the real group has that size)."""
         if scheme not in SCHEMES:
@@ -96,10 +116,11 @@ class SeqLayout:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
         layout = cls.__new__(cls)
-        layout._init(seq_len, scheme, None, world_size, rank)
+        layout._init(seq_len, scheme, None, world_size, rank, _check_cu_seqlens(cu_seqlens, seq_len))
         return layout
 
-    def _init(self, seq_len: int, scheme: str, group, world: int, rank: int) -> None:
+    def _init(self, seq_len: int, scheme: str, group, world: int, rank: int,
+              documents: Optional[Tuple[int, ...]] = None) -> None:
         if seq_len < world:
             raise ValueError(
                 f"seq_len: expected at least the world size ({world}) so every rank holds a token, got {seq_len}"
@@ -109,22 +130,30 @@ class SeqLayout:
         self.group = group
         self.world_size = world
         self.rank = rank
-        self._runs = [self._make_runs(r) for r in range(world)]
+        # document boundaries [0, l1, ..., seq_len] as python ints, or None (one document)
+        self.documents = documents
+        self._runs = _layout_runs(seq_len, scheme, world, documents)
         self._lens = [sum(run.length for run in runs) for runs in self._runs]
 
-    def _make_runs(self, r: int) -> List[Run]:
-        n, p = self.seq_len, self.world_size
-        if self.scheme == "stripe":
-            return [Run(r, len(range(r, n, p)), p, 0)]
-        if self.scheme == "contiguous":
-            sizes = split_sizes(n, p)
-            return [Run(sum(sizes[:r]), sizes[r], 1, 0)]
-        sizes = split_sizes(n, 2 * p)
-        first, second = r, 2 * p - 1 - r
-        return [
-            Run(sum(sizes[:first]), sizes[first], 1, 0),
-            Run(sum(sizes[:second]), sizes[second], 1, sizes[first]),
-        ]
+    @property
+    def geometry(self) -> tuple:
+        """What decides every rank's positions: equal geometries, equal layouts (a cache key)."""
+        return (self.seq_len, self.scheme, self.world_size, self.documents)
+
+    @property
+    def cu_seqlens(self) -> Optional[torch.Tensor]:
+        """The document boundaries `[0, l1, l1+l2, ..., seq_len]` (LongTensor), or None."""
+        return None if self.documents is None else torch.tensor(self.documents, dtype=torch.long)
+
+    def document_positions(self, device=None) -> torch.Tensor:
+        """`LongTensor[local_len]`: each local token's position inside its own document
+        (for RoPE on packed sequences); `positions()` when there are no documents."""
+        positions = self.positions(device)
+        if self.documents is None:
+            return positions
+        starts = torch.tensor(self.documents[:-1], dtype=torch.long, device=positions.device)
+        doc = torch.searchsorted(starts, positions, right=True) - 1
+        return positions - starts[doc]
 
     # -- queries about any rank ------------------------------------------------------------
     def peer(self, rank: int) -> int:
@@ -150,6 +179,8 @@ class SeqLayout:
             torch.arange(run.start, run.start + run.stride * run.length, run.stride, device=device)
             for run in self._runs[rank]
         ]
+        if not parts:  # with documents a rank may hold no token (e.g. zigzag of one-token documents)
+            return torch.empty(0, dtype=torch.long, device=device)
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def positions(self, device=None) -> torch.Tensor:
@@ -194,10 +225,139 @@ class SeqLayout:
         return _Unshard.apply(x_local, self, dim, reduce_grad)
 
     def __repr__(self) -> str:
+        docs = "" if self.documents is None else f", documents={len(self.documents) - 1}"
         return (
             f"SeqLayout(seq_len={self.seq_len}, scheme={self.scheme!r}, world_size={self.world_size}, "
-            f"rank={self.rank}, local_lens={self._lens})"
+            f"rank={self.rank}, local_lens={self._lens}{docs})"
         )
+
+
+# -- documents and schemes -----------------------------------------------------------------
+
+def _check_cu_seqlens(cu_seqlens, seq_len: int) -> Optional[Tuple[int, ...]]:
+    """`cu_seqlens` as a tuple of python ints, checked; None stays None."""
+    if cu_seqlens is None:
+        return None
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+            raise ValueError(f"cu_seqlens: expected a 1-D integer tensor, got {cu_seqlens.dim()}-D {cu_seqlens.dtype}")
+        bounds = tuple(int(x) for x in cu_seqlens.tolist())
+    elif isinstance(cu_seqlens, (list, tuple)):
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in cu_seqlens):
+            raise TypeError("cu_seqlens: expected a sequence of ints or a 1-D integer tensor, got an element of type "
+                            + next(type(x).__name__ for x in cu_seqlens if isinstance(x, bool) or not isinstance(x, int)))
+        bounds = tuple(cu_seqlens)
+    else:
+        raise TypeError(f"cu_seqlens: expected None, a sequence of ints or a 1-D integer tensor, "
+                        f"got {type(cu_seqlens).__name__}")
+    if len(bounds) < 2 or bounds[0] != 0:
+        shown = list(bounds[:4])
+        raise ValueError(f"cu_seqlens: expected boundaries starting at 0 and ending at seq_len={seq_len}, "
+                         f"[0, l1, l1+l2, ..., {seq_len}], got {len(bounds)} values starting {shown}")
+    if bounds[-1] != seq_len:
+        raise ValueError(f"cu_seqlens: expected the last boundary to be seq_len={seq_len}, got {bounds[-1]}")
+    bad = next((i for i in range(1, len(bounds)) if bounds[i] <= bounds[i - 1]), None)
+    if bad is not None:
+        raise ValueError(f"cu_seqlens: expected strictly increasing boundaries (documents of at least one token), "
+                         f"got cu_seqlens[{bad - 1}]={bounds[bad - 1]} then cu_seqlens[{bad}]={bounds[bad]}")
+    return bounds
+
+
+def _documents_key(bounds: Optional[Tuple[int, ...]]):
+    """A short, comparable description of the documents (error messages show it)."""
+    if bounds is None:
+        return None
+    digest = hashlib.blake2b(repr(bounds).encode(), digest_size=6).hexdigest()
+    return (f"{len(bounds) - 1} documents", digest)
+
+
+def _merge_runs(runs: List[Run]) -> List[Run]:
+    """Adjacent stride-1 runs in local order joined, empty ones dropped, local offsets set."""
+    out: List[Run] = []
+    for run in runs:
+        if run.length == 0:
+            continue
+        if out and run.stride == 1 and out[-1].stride == 1 and out[-1].start + out[-1].length == run.start:
+            last = out.pop()
+            run = Run(last.start, last.length + run.length, 1, 0)
+        out.append(run)
+    offset, placed = 0, []
+    for run in out:
+        placed.append(Run(run.start, run.length, run.stride, offset))
+        offset += run.length
+    return placed
+
+
+def _zigzag_runs(start: int, length: int, world: int, rank: int) -> List[Run]:
+    """Rank `rank`'s chunks r and 2P-1-r of the range [start, start + length)."""
+    sizes = split_sizes(length, 2 * world)
+    first, second = rank, 2 * world - 1 - rank
+    return [Run(start + sum(sizes[:first]), sizes[first], 1, 0), Run(start + sum(sizes[:second]), sizes[second], 1, 0)]
+
+
+def _causal_work(length: int) -> int:
+    return length * (length + 1) // 2
+
+
+@lru_cache(maxsize=64)
+def _layout_runs(seq_len: int, scheme: str, world: int, documents: Optional[Tuple[int, ...]]) -> List[List[Run]]:
+    """Every rank's runs (a function of the geometry only, so every rank computes the same)."""
+    n, p = seq_len, world
+    if scheme == "stripe":
+        return [[Run(r, len(range(r, n, p)), p, 0)] for r in range(p)]
+    if scheme == "contiguous":
+        sizes = split_sizes(n, p)
+        return [[Run(sum(sizes[:r]), sizes[r], 1, 0)] for r in range(p)]
+    docs = [(0, n)] if documents is None else list(zip(documents[:-1], documents[1:]))
+    if scheme == "zigzag":
+        return [_merge_runs([run for a, b in docs for run in _zigzag_runs(a, b - a, p, r)]) for r in range(p)]
+    return _balanced_runs(docs, p)
+
+
+def _balanced_runs(docs: List[Tuple[int, int]], world: int) -> List[List[Run]]:
+    """Runs of the "balanced" scheme.
+
+    The work of a document of L tokens is its causal query-key pairs, L(L+1)/2; the mean
+    work per rank is W/P. A document whose work exceeds `BALANCE_SLACK * W/P` is cut into
+    2P zigzag chunks, one pair per rank, which balances it by itself (rank r's pair sums
+    to 1/P of its work up to the rounding of uneven chunks). The other documents stay
+    whole and are placed largest first, each on the rank with the least work so far
+    (ties: the lowest rank). That greedy placement leaves no rank more than one placed
+    document above the mean: when the busiest rank took its last document, it had the
+    least work, so at most the mean; that document is at most `BALANCE_SLACK * W/P`.
+    So the busiest rank's work is within `BALANCE_SLACK` (5%) of the mean plus the
+    zigzag rounding, and only the long documents span ranks. Deterministic in
+    (documents, P): every rank computes the same assignment. Runs are stored in position
+    order, so local order ascends."""
+    total = sum(_causal_work(b - a) for a, b in docs)
+    limit = BALANCE_SLACK * total / world
+    pieces: List[List[Run]] = [[] for _ in range(world)]
+    whole = []
+    for a, b in docs:
+        if _causal_work(b - a) > limit:
+            for r in range(world):
+                pieces[r].extend(_zigzag_runs(a, b - a, world, r))
+        else:
+            whole.append((a, b))
+    load = [causal_work_of(runs, docs) for runs in pieces]
+    for a, b in sorted(whole, key=lambda d: (-(d[1] - d[0]), d[0])):
+        r = min(range(world), key=lambda i: (load[i], i))
+        pieces[r].append(Run(a, b - a, 1, 0))
+        load[r] += _causal_work(b - a)
+    return [_merge_runs(sorted(runs, key=lambda run: run.start)) for runs in pieces]
+
+
+def causal_work_of(runs: List[Run], docs: List[Tuple[int, int]]) -> int:
+    """Causal query-key pairs whose query lies in `runs` (stride-1 runs, each inside one
+    document): a query at position t of a document starting at s sees t - s + 1 keys."""
+    starts = [a for a, _ in docs]
+    work = 0
+    for run in runs:
+        if run.length == 0:
+            continue
+        first = run.start - starts[bisect.bisect_right(starts, run.start) - 1] + 1
+        work += run.length * first + run.length * (run.length - 1) // 2
+    return work
 
 
 def gather_global(x_local: torch.Tensor, layout: SeqLayout, dim: int) -> torch.Tensor:
@@ -235,26 +395,49 @@ def visible_blocks(layout: SeqLayout, q_rank: int, k_rank: int, causal: bool) ->
     """The blocks of (rank `q_rank`'s queries) x (rank `k_rank`'s keys) that must be computed.
 
     Fully masked pairs are left out; neighbouring fully visible pairs are fused into one
-    block so that e.g. a zigzag step is a single kernel call.
+    block so that e.g. a zigzag step is a single kernel call. With documents, runs are cut
+    at document boundaries and only pieces of the same document are paired.
     """
+    geometry = getattr(layout, "geometry", None)
+    if geometry is not None:
+        return list(_cached_blocks(geometry, q_rank, k_rank, causal))
+    return _visible_blocks(layout, q_rank, k_rank, causal)
+
+
+@lru_cache(maxsize=4096)
+def _cached_blocks(geometry: tuple, q_rank: int, k_rank: int, causal: bool) -> Tuple[Block, ...]:
+    seq_len, scheme, world, documents = geometry
+    layout = SeqLayout.simulated(seq_len, world, q_rank, scheme, documents)
+    return tuple(_visible_blocks(layout, q_rank, k_rank, causal))
+
+
+def _visible_blocks(layout, q_rank: int, k_rank: int, causal: bool) -> List[Block]:
     nq, nk = layout.local_len_of(q_rank), layout.local_len_of(k_rank)
     if nq == 0 or nk == 0:
         return []
-    if not causal:
-        return [Block(0, nq, 0, nk, None)]
-    if q_rank == k_rank and _ascending(layout.runs(q_rank)):
-        # positions ascend in local order, so local causality is global causality
-        return [Block(0, nq, 0, nk, 0)]
+    documents = getattr(layout, "documents", None)
+    if documents is None:
+        if not causal:
+            return [Block(0, nq, 0, nk, None)]
+        if q_rank == k_rank and _ascending(layout.runs(q_rank)):
+            # positions ascend in local order, so local causality is global causality
+            return [Block(0, nq, 0, nk, 0)]
+        k_runs = [kr for kr in layout.runs(k_rank) if kr.length]
+        pairs = [(qr, k_runs) for qr in layout.runs(q_rank) if qr.length]
+    else:
+        by_document = {}
+        for doc, kr in _document_pieces(layout.runs(k_rank), documents):
+            by_document.setdefault(doc, []).append(kr)
+        pairs = [(qr, by_document[doc]) for doc, qr in _document_pieces(layout.runs(q_rank), documents)
+                 if doc in by_document]
     rows = []
-    for qr in layout.runs(q_rank):
+    for qr, k_runs in pairs:
         row = []
-        for kr in layout.runs(k_rank):
-            if qr.length == 0 or kr.length == 0:
+        for kr in k_runs:
+            offset = _pair_offset(qr, kr) if causal else None
+            if offset is not None and offset + qr.length - 1 < 0:
                 continue
-            offset = _pair_offset(qr, kr)
-            if offset + qr.length - 1 < 0:
-                continue
-            full = offset >= kr.length - 1
+            full = offset is None or offset >= kr.length - 1
             block = Block(qr.local_start, qr.length, kr.local_start, kr.length, None if full else offset)
             if row and block.offset is None and row[-1].offset is None and row[-1].k_start + row[-1].k_len == block.k_start:
                 prev = row.pop()
@@ -277,6 +460,21 @@ def visible_blocks(layout: SeqLayout, q_rank: int, k_rank: int, causal: bool) ->
         else:
             blocks.extend(row)
     return blocks
+
+
+def _document_pieces(runs: Sequence[Run], documents: Tuple[int, ...]) -> List[Tuple[int, Run]]:
+    """`(document index, piece)` of every run, cut at document boundaries, in local order."""
+    pieces = []
+    for run in runs:
+        i = 0
+        while i < run.length:
+            position = run.start + run.stride * i
+            doc = bisect.bisect_right(documents, position) - 1
+            # positions of this run before the document's end
+            count = min(run.length - i, -(-(documents[doc + 1] - position) // run.stride))
+            pieces.append((doc, Run(position, count, run.stride, run.local_start + i)))
+            i += count
+    return pieces
 
 
 def _pair_offset(qr: Run, kr: Run) -> int:
@@ -315,6 +513,7 @@ class GroupLayout:
     def __init__(self, layout: SeqLayout, groups: List[List[int]], ring_rank: int, member: int = 0):
         self.base = layout
         self.seq_len = layout.seq_len
+        self.documents = getattr(layout, "documents", None)
         self.world_size = len(groups)
         self.rank = ring_rank
         # the ring is the ranks with index `member` in their group, talking on the layout's group
