@@ -1,34 +1,23 @@
-"""The compiled CUDA extension (`csrc/`, module `seqpar._C`) and what `backend="cuda"` means.
-
-`backend="cuda"`: each block runs through PyTorch's fused CUDA flash-attention op (the
-calls of backend "sdpa" on CUDA, `block.sdpa_forward` / `block.sdpa_backward`), and the
-partial results are merged by seqpar's compiled fused merge (`csrc/merge.cu`: one kernel
-reading and writing each accumulator element once, where `merge.merge_` launches about
-ten torch kernels). It is available when the extension was built (setup.py,
-`SEQPAR_BUILD_CUDA`), torch sees a CUDA device, the tensors are on it, the dtype is
-float16 or bfloat16 (what the flash op takes), `head_dim <= 256` and `softmax_scale > 0`;
-`unavailable_reason` says which condition fails. `backend_fns()` is the hook for the
-backend table.
+"""The compiled CUDA extension (`csrc/`, module `seqpar._C`): loading it, and its wrappers.
 
 The wrappers `merge_`, `state_combine`, `state_combine_rows_` and `state_scan` call the
 ops `torch.ops.seqpar_cuda.*` for CUDA tensors of the dtypes the kernels take when the
 extension is loaded, and the torch formulas (`*_reference`, any device and float dtype)
 otherwise, so a caller needs no branch. Shapes: merge `out` `[B, n, H, D]`, `lse`
 `[B, H, n]`; linear-attention states `[B, H, Dk, Dv]`, log-space decays `[B, H]`
-(values <= 0; the total decay of a rank or chunk).
+(values <= 0; the total decay of a rank or chunk). The block backend built on the
+compiled merge, `backend="cuda"`, is `backends/cuda.py`.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Optional, Tuple
+from typing import Optional
 
 import torch
 
 from . import merge as merge_module
 
-_HALF = (torch.float16, torch.bfloat16)
 _MERGE_PART_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_HEAD_DIM = 256  # the largest head dim of PyTorch's CUDA flash kernel
 
 _state = {"loaded": None, "error": None}
 
@@ -56,33 +45,10 @@ def available() -> bool:
     return _load() and torch.cuda.is_available()
 
 
-def unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int, scale: float = 1.0) -> Optional[str]:
-    """Why `backend="cuda"` cannot serve this case on this machine, or None when it can."""
-    if not _load():
-        return ("cuda needs the compiled extension seqpar._C, which does not import "
-                f"({_state['error']}); build it with SEQPAR_BUILD_CUDA=1 (a CUDA build of torch and nvcc)")
-    if not torch.cuda.is_available():
-        return "cuda needs a CUDA device, got torch.cuda.is_available() == False"
-    if torch.device(device).type != "cuda":
-        return f"cuda needs tensors on a CUDA device, got {torch.device(device).type}"
-    if dtype not in _HALF:
-        return f"cuda needs float16 or bfloat16 (PyTorch's flash op), got {dtype}"
-    if head_dim > _MAX_HEAD_DIM or head_dim % 8:
-        return f"cuda needs head_dim a multiple of 8 and <= {_MAX_HEAD_DIM} (PyTorch's flash op), got {head_dim}"
-    if scale <= 0:
-        return f"cuda needs softmax_scale > 0, got {scale} (backend='torch' serves it)"
-    return None
-
-
-def backend_fns() -> Tuple[Callable, Callable, Callable]:
-    """`(forward, backward, merge_)` of backend "cuda", signatures as `block._KERNELS`'
-    functions and `merge.merge_`: the fused CUDA flash op per block (plain functions;
-    `block.kernels()` wraps them in the block ops) and the merge as the custom op
-    `seqpar::merge_`, which runs the compiled kernel (`merge_` here) and is one node under
-    torch.compile."""
-    from . import block, ops
-
-    return block.sdpa_forward, block.sdpa_backward, ops.merge_
+def load_error() -> Optional[str]:
+    """Why `seqpar._C` does not import (`ExcType: message`), or None when it does."""
+    _load()
+    return _state["error"]
 
 
 # -- argument checks (shared by the CUDA path, the torch path and the fake kernels) -----

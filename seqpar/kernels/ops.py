@@ -5,15 +5,16 @@ Ops (namespace `seqpar`):
 - `torch.ops.seqpar.block_forward(q, k, v, scale, offset, backend) -> (out, lse)`
 - `torch.ops.seqpar.block_backward(do, q, k, v, out, lse, scale, offset, backend) -> (dq, dk, dv)`
 - `torch.ops.seqpar.merge_(out, lse, part_out, part_lse) -> ()`, in place on out and lse
+  (defined with backend "cuda", whose merge it is, in `backends/cuda.py`; `ops.merge_` here)
 
 `offset` is the block's causal offset (`None`: no mask; int: key j visible to query i iff
-`j <= i + offset`), `backend` a concrete block backend name (`block._KERNELS`). Each op
+`j <= i + offset`), `backend` a concrete block backend name (`backends.MODULES`). Each op
 runs that backend's plain function; what the op adds is a fixed output contract, which
 its fake (meta) implementation states without running anything:
 
 - `out` `[B, nq, H, D]` and `dq`/`dk`/`dv` (shapes of q/k/v) in the accumulation dtype
   (fp32; fp64 for fp64 inputs), in the backend's kernel memory layout
-  (`block.empty_in_kernel_layout`: heads-major for sdpa, else contiguous);
+  (`memory.empty_in_kernel_layout`: heads-major for sdpa, else contiguous);
 - `lse` `[B, H, nq]` contiguous, accumulation dtype.
 
 Backends return other dtypes or strides in places (the fused ops' bf16 outputs, a
@@ -33,7 +34,9 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import block, cuda_ext
+from . import backends
+from .backends.cuda import merge as merge_  # noqa: F401  (the op seqpar::merge_)
+from .memory import acc_dtype, empty_in_kernel_layout
 
 
 def _same_layout(x: Tensor, want: Tensor) -> bool:
@@ -43,16 +46,11 @@ def _same_layout(x: Tensor, want: Tensor) -> bool:
 
 def _in_contract(x: Tensor, shape, backend: str, acc: torch.dtype) -> Tensor:
     """`x` if it already has the dtype and layout the fake promises, else a copy that has."""
-    _, want = block.empty_in_kernel_layout(shape, backend, dtype=acc, device=x.device)
+    _, want = empty_in_kernel_layout(shape, backend, dtype=acc, device=x.device)
     if x.dtype == acc and _same_layout(x, want):
         return x
     want.copy_(x)
     return want
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in block._KERNELS:
-        raise ValueError(f"backend: expected a concrete block backend {tuple(block._KERNELS)}, got {backend!r}")
 
 
 # -- block forward --------------------------------------------------------------------
@@ -60,10 +58,8 @@ def _check_backend(backend: str) -> None:
 @torch.library.custom_op("seqpar::block_forward", mutates_args=())
 def block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: Optional[int],
                   backend: str) -> Tuple[Tensor, Tensor]:
-    _check_backend(backend)
-    fwd, _ = block._KERNELS[backend]()
-    out, lse = fwd(q, k, v, scale, offset)
-    acc = block.acc_dtype(q.dtype)
+    out, lse = backends.get(backend).forward(q, k, v, scale, offset)
+    acc = acc_dtype(q.dtype)
     b, nq, h, d = q.shape
     out = _in_contract(out, (b, nq, h, d), backend, acc)
     return out, lse.to(acc).contiguous()
@@ -71,9 +67,9 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: Optiona
 
 @block_forward.register_fake
 def _block_forward_fake(q, k, v, scale, offset, backend):
-    acc = block.acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     b, nq, h, d = q.shape
-    _, out = block.empty_in_kernel_layout((b, nq, h, d), backend, dtype=acc, device=q.device)
+    _, out = empty_in_kernel_layout((b, nq, h, d), backend, dtype=acc, device=q.device)
     return out, q.new_empty((b, h, nq), dtype=acc)
 
 
@@ -97,7 +93,7 @@ def _block_forward_backward(ctx, grad_out, grad_lse):
     """
     q, k, v, out, lse = ctx.saved_tensors
     scale, offset, backend = ctx.scale, ctx.offset, ctx.backend
-    acc = block.acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     out_q = out.to(q.dtype)
     dq = dk = dv = None
     if grad_out is not None:
@@ -122,40 +118,24 @@ block_forward.register_autograd(_block_forward_backward, setup_context=_block_fo
 @torch.library.custom_op("seqpar::block_backward", mutates_args=())
 def block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
                    offset: Optional[int], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    _check_backend(backend)
-    _, bwd = block._KERNELS[backend]()
-    dq, dk, dv = bwd(do, q, k, v, out, lse, scale, offset)
-    acc = block.acc_dtype(q.dtype)
+    dq, dk, dv = backends.get(backend).backward(do, q, k, v, out, lse, scale, offset)
+    acc = acc_dtype(q.dtype)
     return tuple(_in_contract(g, ref.shape, backend, acc) for g, ref in ((dq, q), (dk, k), (dv, v)))
 
 
 @block_backward.register_fake
 def _block_backward_fake(do, q, k, v, out, lse, scale, offset, backend):
-    acc = block.acc_dtype(q.dtype)
-    return tuple(block.empty_in_kernel_layout(ref.shape, backend, dtype=acc, device=q.device)[1] for ref in (q, k, v))
-
-
-# -- merge ----------------------------------------------------------------------------
-
-@torch.library.custom_op("seqpar::merge_", mutates_args=("out", "lse"))
-def merge_(out: Tensor, lse: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
-    """`kernels.merge.merge_` as an op: the compiled CUDA kernel where it serves the
-    tensors (`cuda_ext.merge_`), the torch formula elsewhere."""
-    cuda_ext.merge_(out, lse, part_out, part_lse)
-
-
-@merge_.register_fake
-def _merge_fake(out, lse, part_out, part_lse):
-    cuda_ext.check_merge_args(out, lse, part_out, part_lse)
+    acc = acc_dtype(q.dtype)
+    return tuple(empty_in_kernel_layout(ref.shape, backend, dtype=acc, device=q.device)[1] for ref in (q, k, v))
 
 
 # -- what the strategies call ---------------------------------------------------------
 
 def block_fns(backend: str) -> Tuple[Callable, Callable]:
-    """`(forward, backward)` with the signatures of `block.kernels`' functions
+    """`(forward, backward)` with the signatures of the backends' functions
     (`fwd(q, k, v, scale, offset)`, `bwd(do, q, k, v, out, lse, scale, offset)`), each one
     call of the custom op for `backend`."""
-    _check_backend(backend)
+    backends.get(backend)  # ValueError for a name that is no concrete backend
 
     def forward(q, k, v, scale, offset):
         return torch.ops.seqpar.block_forward(q, k, v, float(scale), offset, backend)

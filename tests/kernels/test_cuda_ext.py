@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from seqpar.kernels import block, cuda_ext
+from seqpar.kernels.backends import cuda as cuda_backend
 from seqpar.kernels.merge import merge_ as merge_reference_
 
 
@@ -117,15 +118,15 @@ def test_row_range_must_be_ints():
 def test_unavailable_reason_without_the_extension():
     if cuda_ext.built():
         pytest.skip("the extension is built here")
-    reason = cuda_ext.unavailable_reason(torch.device("cpu"), torch.bfloat16, 64)
+    reason = cuda_backend.unavailable_reason(torch.device("cpu"), torch.bfloat16, 64)
     assert "seqpar._C" in reason and "SEQPAR_BUILD_CUDA=1" in reason
     assert not cuda_ext.available()
 
 
-def test_backend_fns_are_the_flash_op_and_the_fused_merge():
+def test_cuda_backend_is_the_flash_op_and_the_fused_merge():
     from seqpar.kernels import ops
 
-    fwd, bwd, merge = cuda_ext.backend_fns()
+    fwd, bwd, merge = cuda_backend.forward, cuda_backend.backward, block.merge_kernel("cuda")
     assert (fwd, bwd, merge) == (block.sdpa_forward, block.sdpa_backward, ops.merge_)
     # the op merges like merge.py (here through its torch fallback)
     gen = torch.Generator().manual_seed(7)
@@ -143,7 +144,7 @@ def test_backend_fns_are_the_flash_op_and_the_fused_merge():
 def _need_kernels():
     if not cuda_ext.available():
         pytest.skip(f"the compiled kernels cannot run here: "
-                    f"{cuda_ext.unavailable_reason(torch.device('cuda'), torch.bfloat16, 64)}")
+                    f"{cuda_backend.unavailable_reason(torch.device('cuda'), torch.bfloat16, 64)}")
 
 
 @pytest.mark.gpu
@@ -228,7 +229,7 @@ def test_cuda_backend_blocks_match_the_reference_math(offset):
     gen = torch.Generator().manual_seed(6)
     q = torch.randn(1, 45, 4, 64, generator=gen).bfloat16()
     k, v, do = (torch.randn(s, generator=gen).bfloat16() for s in ((1, 50, 2, 64), (1, 50, 2, 64), (1, 45, 4, 64)))
-    fwd, bwd, _ = cuda_ext.backend_fns()
+    fwd, bwd = cuda_backend.forward, cuda_backend.backward
     out, lse = fwd(q.cuda(), k.cuda(), v.cuda(), 0.125, offset)
     ref_out, ref_lse = block.torch_forward(q, k, v, 0.125, offset)
     torch.testing.assert_close(out.float().cpu(), ref_out, rtol=2e-2, atol=2e-2)

@@ -3,7 +3,7 @@ every row that depends on it, through the block kernels and the merges."""
 import pytest
 import torch
 
-from seqpar.kernels import block
+from seqpar.kernels import backends
 from seqpar.kernels.merge import merge_
 
 NAN = float("nan")
@@ -14,7 +14,7 @@ def _forward(backend):
         from seqpar.kernels.triton import attention as triton_attention
 
         return triton_attention.forward
-    return block._KERNELS[backend]()[0]
+    return backends.get(backend).forward
 
 
 BACKEND_DTYPES = [("torch", torch.float64), ("sdpa", torch.float64), ("sdpa", torch.float32),

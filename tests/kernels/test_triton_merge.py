@@ -101,8 +101,11 @@ def test_fused_merge_rejects_mismatched_shapes():
         fused_merge(out[0], lse, part_out, part_lse)
 
 
-def test_merge_kernel_goes_with_the_backend():
-    assert block.merge_kernel("triton") is fused_merge
+def test_merge_kernel_goes_with_the_backend(monkeypatch):
+    calls = []
+    monkeypatch.setattr("seqpar.kernels.triton.merge.merge_", lambda *args: calls.append(args))
+    block.merge_kernel("triton")(1, 2, 3, 4)
+    assert calls == [(1, 2, 3, 4)]  # the fused merge
     for backend in ("torch", "sdpa", "flash_attn"):
         assert block.merge_kernel(backend) is reference_merge
 

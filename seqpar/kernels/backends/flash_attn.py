@@ -1,12 +1,13 @@
-"""The one place that touches flash-attn.
+"""Backend "flash_attn": flash-attn's kernels, and the one place that touches flash-attn.
 
 flash-attn's `_flash_attn_forward/_flash_attn_backward` are private and have changed
 arguments between releases (window sizes, softcap, alibi, return arity); peers that call
 them directly break on every release. This adapter fills arguments by name from the
 installed signature and reads outputs by position, so a new release with a new optional
-argument keeps working, and `block._verify_once` checks the numbers on first use.
+argument keeps working, and `backends.verify_once` checks the numbers on first use.
 flash-attn's causal mask is bottom-right aligned; we only ever ask it for square causal
-pieces (see `block.square_pieces`), where both alignments agree.
+pieces (see `pieces.square_pieces`), where both alignments agree. Merged by the reference
+merge.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from .block import unit_stride
+from ..memory import unit_stride
+from ..pieces import pieces_backward, pieces_forward
 
 
 @functools.lru_cache(maxsize=1)
@@ -28,7 +30,9 @@ def _module():
     return flash_attn_interface
 
 
-def unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+def unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int, scale: float = 1.0) -> Optional[str]:
+    if scale <= 0:
+        return f"flash_attn needs softmax_scale > 0, got {scale} (backend='torch' serves it)"
     if _module() is None:
         return "flash_attn is not installed (pip install 'seqpar[flash]')"
     if device.type != "cuda":
@@ -88,12 +92,11 @@ def _piece_backward(do, q, k, v, out, lse, scale, causal):
 
 
 def forward(q, k, v, scale, offset):
-    from .block import pieces_forward
-
     return pieces_forward(_piece_forward, q, k, v, scale, offset)
 
 
 def backward(do, q, k, v, out, lse, scale, offset):
-    from .block import pieces_backward
-
     return pieces_backward(_piece_backward, do, q, k, v, out, lse, scale, offset)
+
+
+merge = None  # the reference merge

@@ -1,0 +1,106 @@
+"""Offset blocks through kernels that know only "no mask" and "square causal" (imports no backend).
+
+PyTorch's fused SDPA ops and flash-attn take no causal offset, so `square_pieces` cuts any
+offset block exactly into at most three such pieces, and `pieces_forward` /
+`pieces_backward` run a backend's piece kernel over them: a piece kernel is
+`piece_fwd(q, k, v, scale, causal) -> (out, lse)` and
+`piece_bwd(do, q, k, v, out, lse, scale, causal) -> (dq, dk, dv)`, bshd in and out. The
+partial results of the pieces are merged with the reference merge (`merge.merge_`).
+
+The NaN rule (block.py) for the fused pieces: PyTorch's CPU flash op breaks it by itself:
+a row whose visible scores are all NaN and fewer than one vector (16 fp32 / 8 fp64 keys on
+AVX-512, e.g. every row near the start of a causal piece) takes a scalar max that skips
+NaN, looks fully masked and returns out = 0, lse = 0. `_nan_rows_` restores the rule for
+every piece from the inputs' NaN rows (one pass over q, k and out; no host sync).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from .memory import acc_dtype
+from .merge import merge_
+
+Piece = Tuple[int, int, int, int, bool]
+
+
+def square_pieces(nq: int, nk: int, offset: Optional[int]) -> List[Piece]:
+    """Cut an offset-masked `[nq, nk]` block into unmasked and square-causal pieces.
+
+    Returns `(q0, q1, k0, k1, causal)`; `causal` pieces are square (`q1-q0 == k1-k0`)
+    with key j visible to query i iff `j <= i`. Rows that see no key are in no piece.
+    """
+    if nq == 0 or nk == 0:
+        return []
+    if offset is None or offset >= nk - 1:
+        return [(0, nq, 0, nk, False)]
+    first_row = max(0, -offset)
+    if first_row >= nq:
+        return []
+    # keys [0, shared) are visible to every row from first_row on
+    shared = first_row + offset
+    stair = min(nq - first_row, nk - shared)
+    pieces: List[Piece] = []
+    if shared > 0:
+        pieces.append((first_row, first_row + stair, 0, shared, False))
+    pieces.append((first_row, first_row + stair, shared, shared + stair, True))
+    if first_row + stair < nq:
+        pieces.append((first_row + stair, nq, 0, nk, False))
+    return pieces
+
+
+def _nan_rows_(q, k, out, lse, causal):
+    """Make NaN, in place, the rows of a fused piece's `(out, lse)` that see a NaN input
+    (the NaN rule, block.py): rows of q holding a NaN, and rows that see a
+    key holding one (an unmasked piece: every row; a square causal piece: rows from the
+    first NaN key on). Returns `(out, lse)`; `out` `[B, n, H, D]`, `lse` `[B, H, n]`."""
+    b, n, h, _ = q.shape
+    h_kv = k.shape[2]
+    bad_k = k.isnan().any(-1)  # [B, nk, H_kv]
+    if causal:
+        bad_k = bad_k.cumsum(1, dtype=torch.int32) > 0
+    else:
+        bad_k = bad_k.any(1, keepdim=True)
+    bad_k = bad_k[:, :, :, None].expand(-1, -1, -1, h // h_kv).reshape(b, -1, h)
+    bad = q.isnan().any(-1) | bad_k  # [B, n, H]
+    out.masked_fill_(bad[..., None], float("nan"))
+    lse.masked_fill_(bad.transpose(1, 2), float("nan"))
+    return out, lse
+
+
+def pieces_forward(piece_fwd: Callable, q, k, v, scale, offset):
+    """Forward of an offset block through a kernel that knows only unmasked/square causal."""
+    b, nq, h, d = q.shape
+    pieces = square_pieces(nq, k.shape[1], offset)
+    if len(pieces) == 1 and pieces[0][:2] == (0, nq):
+        _, _, k0, k1, causal = pieces[0]
+        part_out, part_lse = piece_fwd(q, k[:, k0:k1], v[:, k0:k1], scale, causal)
+        return _nan_rows_(q, k[:, k0:k1], part_out, part_lse, causal)
+    acc = acc_dtype(q.dtype)
+    out = torch.zeros(b, nq, h, d, dtype=acc, device=q.device)
+    lse = torch.full((b, h, nq), float("-inf"), dtype=acc, device=q.device)
+    for q0, q1, k0, k1, causal in pieces:
+        part_out, part_lse = piece_fwd(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], scale, causal)
+        _nan_rows_(q[:, q0:q1], k[:, k0:k1], part_out, part_lse, causal)
+        merge_(out[:, q0:q1], lse[:, :, q0:q1], part_out, part_lse)
+    return out, lse
+
+
+def pieces_backward(piece_bwd: Callable, do, q, k, v, out, lse, scale, offset):
+    nq, nk = q.shape[1], k.shape[1]
+    pieces = square_pieces(nq, nk, offset)
+    if len(pieces) == 1 and pieces[0][:4] == (0, nq, 0, nk):
+        return piece_bwd(do, q, k, v, out, lse, scale, pieces[0][4])
+    acc = acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    for q0, q1, k0, k1, causal in pieces:
+        dq_p, dk_p, dv_p = piece_bwd(
+            do[:, q0:q1], q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], out[:, q0:q1], lse[:, :, q0:q1], scale, causal
+        )
+        dq[:, q0:q1] += dq_p
+        dk[:, k0:k1] += dk_p
+        dv[:, k0:k1] += dv_p
+    return dq, dk, dv
