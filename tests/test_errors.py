@@ -254,12 +254,12 @@ def test_star_query_q_that_differs_between_ranks_raises_everywhere(change):
 
 def _star_with_backend_available_on_rank_zero_only(phase: str):
     """`backend="auto"` resolves by what is installed; here rank 1 lacks the fused op."""
-    from seqpar.kernels import block
+    from seqpar.kernels import backends
 
     if dist.get_rank() == 1:
-        original = block.unavailable_reason
-        block.unavailable_reason = lambda name, *args, **kw: "not here" if name == "sdpa" else original(name, *args,
-                                                                                                        **kw)
+        original = backends.unavailable_reason
+        backends.unavailable_reason = lambda name, *args, **kw: "not here" if name == "sdpa" else original(
+            name, *args, **kw)
     try:
         layout = SeqLayout(12)
         q, k, v = _qkv(layout.local_len)
@@ -272,7 +272,7 @@ def _star_with_backend_available_on_rank_zero_only(phase: str):
         return str(exc)
     finally:
         if dist.get_rank() == 1:
-            block.unavailable_reason = original
+            backends.unavailable_reason = original
 
 
 @pytest.mark.parametrize("phase", ["context", "query"])
