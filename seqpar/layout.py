@@ -101,7 +101,7 @@ class SeqLayout:
             from .comm.groups import agree, describe
 
             signature = (("seq_len", describe(seq_len)), ("scheme", describe(scheme)),
-                         ("cu_seqlens (documents; a checksum of the boundaries)", _documents_key(bounds)))
+                         ("cu_seqlens (documents; a checksum of the boundaries)", documents_key(bounds)))
             agree(group, world, signature, error, what="SeqLayout")
         elif error is not None:
             raise error
@@ -205,6 +205,8 @@ class SeqLayout:
                 index = [slice(None)] * x.dim()
                 index[dim] = slice(run.start, None, run.stride)
                 pieces.append(x[tuple(index)])
+        if not pieces:  # a rank that holds no token (documents)
+            return x.narrow(dim, 0, 0)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
     def unshard(self, x_local: torch.Tensor, dim: int = 1, *, reduce_grad: bool = False) -> torch.Tensor:
@@ -263,7 +265,7 @@ def _check_cu_seqlens(cu_seqlens, seq_len: int) -> Optional[Tuple[int, ...]]:
     return bounds
 
 
-def _documents_key(bounds: Optional[Tuple[int, ...]]):
+def documents_key(bounds: Optional[Tuple[int, ...]]):
     """A short, comparable description of the documents (error messages show it)."""
     if bounds is None:
         return None

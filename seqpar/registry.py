@@ -20,7 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 from .call import check_tensors, collective_call, grad_wanted, group_of, layout_for, no_seq, resolve_scale
 from .comm.groups import describe
 from .kernels.block import BACKENDS, resolve_backend
-from .layout import SeqLayout
+from .layout import SeqLayout, documents_key
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,8 @@ def _signature(strategy, backend, causal, scale, layout, q, k, v, options, r: Op
         ("v [batch, heads, head_dim], dtype, device", no_seq(v)),
         ("seq_len", getattr(layout if r is None else r.layout, "seq_len", None)),
         ("scheme", getattr(layout if r is None else r.layout, "scheme", None)),
+        ("cu_seqlens (documents; a checksum of the boundaries)",
+         documents_key(getattr(layout if r is None else r.layout, "documents", None))),
         ("strategy", strategy),
         ("strategy='auto' chose (from its topology: the cached calibration or the defaults)", r and r.chosen),
         ("backend", backend),

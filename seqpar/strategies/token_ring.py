@@ -340,7 +340,7 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
     rank, world = layout.rank, layout.world_size
     if isinstance(layout, SeqLayout):
         # the rows depend on the layout's geometry only: every rank's call shares one plan
-        plan = _geometry_plan(layout.seq_len, world, layout.scheme, causal, route)
+        plan = _geometry_plan(layout.geometry, causal, route)
     else:
         plan = _Plan(layout, causal, route)
     a = 8 if element_size == 8 else 4
@@ -365,8 +365,9 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
 
 
 @lru_cache(maxsize=16)
-def _geometry_plan(seq_len: int, world: int, scheme: str, causal: bool, route: str) -> _Plan:
-    return _Plan(SeqLayout.simulated(seq_len, world, 0, scheme), causal, route)
+def _geometry_plan(geometry: tuple, causal: bool, route: str) -> _Plan:
+    seq_len, scheme, world, documents = geometry
+    return _Plan(SeqLayout.simulated(seq_len, world, 0, scheme, documents), causal, route)
 
 
 @dataclass(frozen=True)

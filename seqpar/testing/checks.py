@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +138,8 @@ class AttentionProblem:
     logit_scale: float = 1.0  # softmax_scale = logit_scale * head_dim ** -0.5
     seed: int = 0
     memory_layout: str = "contiguous"  # one of MEMORY_LAYOUTS: how q, k, v and dO are stored
+    # packed documents: the boundaries [0, l1, ..., seq_len] (SeqLayout's cu_seqlens), or None
+    documents: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
         _check_memory_layout(self.memory_layout)
@@ -145,6 +147,17 @@ class AttentionProblem:
     @property
     def softmax_scale(self) -> float:
         return self.logit_scale * self.head_dim ** -0.5
+
+    def layout(self):
+        """This rank's `SeqLayout` of the problem (collective, like every SeqLayout)."""
+        from ..layout import SeqLayout
+
+        return SeqLayout(self.seq_len, scheme=self.scheme, cu_seqlens=self.documents)
+
+    def mask(self) -> Optional[torch.Tensor]:
+        """Bool `[N, N]`, True where a query sees a key (documents and causal), or None when
+        plain causal or full attention says it all."""
+        return visibility(self.seq_len, self.causal, self.documents)
 
     def replace(self, **changes) -> "AttentionProblem":
         return dataclasses.replace(self, **changes)
@@ -160,17 +173,32 @@ class AttentionProblem:
         return tuple(same_batch_rows((q, k, v, do), self.memory_layout))
 
 
-def _dense_grads(q, k, v, do, causal, scale, use_sdpa):
+def visibility(seq_len: int, causal: bool, documents: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
+    """Bool `[N, N]`: which keys each query sees, by document (`cu_seqlens` boundaries) and
+    `causal`; None without documents (then `causal` alone says it)."""
+    if documents is None:
+        return None
+    positions = torch.arange(seq_len)
+    doc = torch.bucketize(positions, torch.tensor(list(documents[1:-1]), dtype=torch.long), right=True)
+    mask = doc[:, None] == doc[None, :]
+    if causal:
+        mask &= positions[None, :] <= positions[:, None]
+    return mask
+
+
+def _dense_grads(q, k, v, do, causal, scale, use_sdpa, mask: Optional[torch.Tensor] = None):
+    """Dense attention's output and gradients; `mask` (bool `[N, N]`, True = visible)
+    replaces `causal` when given."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     if use_sdpa:
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=scale,
-            enable_gqa=q.shape[2] != k.shape[2],
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal and mask is None,
+            attn_mask=mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
         ).transpose(1, 2)
     else:
         from ..kernels.reference import dense_attention
 
-        out = dense_attention(q, k, v, causal=causal, softmax_scale=scale)
+        out = dense_attention(q, k, v, causal=causal and mask is None, softmax_scale=scale, mask=mask)
     out.backward(do)
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
@@ -233,10 +261,11 @@ def check_attention(problem: AttentionProblem, attention_fn: Optional[Callable] 
     error in the same dtype (`dense_*`) and each quantity's conditioning (`cond_*`, see the
     module docstring)."""
     from ..attention import attention
-    from ..layout import SeqLayout, gather_global
+    from ..layout import gather_global
 
     fn = attention if attention_fn is None else attention_fn
-    layout = SeqLayout(problem.seq_len, scheme=problem.scheme)
+    layout = problem.layout()
+    mask = problem.mask()
     dtype = DTYPES[problem.dtype]
     q, k, v, do = problem.global_tensors()
     mem = problem.memory_layout
@@ -249,14 +278,14 @@ def check_attention(problem: AttentionProblem, attention_fn: Optional[Callable] 
     ours = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
     _check_results(ours, dtype)
     ours = {name: gather_global(t, layout, 1) if layout.world_size > 1 else t for name, t in ours.items()}
-    ref = batch_mean(_dense_grads(q, k, v, do, problem.causal, problem.softmax_scale, use_sdpa=False), mem)
+    ref = batch_mean(_dense_grads(q, k, v, do, problem.causal, problem.softmax_scale, use_sdpa=False, mask=mask), mem)
     report = {f"err_{name}": _rel_err(ours[name], ref[name]) for name in ref}
     # dense PyTorch (SDPA) in the same dtype: its error is the yardstick (in float64, the
     # disagreement of two float64 implementations, which ill-conditioned problems inflate)
     low = [t.to(dtype) for t in (q, k, v, do)]
-    dense = batch_mean(_dense_grads(*low, problem.causal, problem.softmax_scale, use_sdpa=True), mem)
+    dense = batch_mean(_dense_grads(*low, problem.causal, problem.softmax_scale, use_sdpa=True, mask=mask), mem)
     report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
-    report.update(conditioning(q, k, v, do, problem.causal, problem.softmax_scale, ref))
+    report.update(conditioning(q, k, v, do, problem.causal, problem.softmax_scale, ref, mask=mask))
     return report
 
 

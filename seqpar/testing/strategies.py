@@ -25,7 +25,8 @@ def attention_problems(
 ):
     """Problems with P in `world_sizes`, tiny and uneven lengths (down to N = P), MHA, GQA
     and MQA, head dims that are not powers of two, causal or not, every scheme, and logit
-    scales from gentle to saturating, and every memory layout of q, k, v and dO."""
+    scales from gentle to saturating, every memory layout of q, k, v and dO, and packed
+    documents half the time (`documents()`)."""
     world_size = draw(st.sampled_from(list(world_sizes)))
     seq_len = draw(st.integers(world_size, world_size * max_tokens_per_rank))
     kv_heads = draw(st.sampled_from([1, 2, 3]))
@@ -43,7 +44,18 @@ def attention_problems(
         logit_scale=draw(st.sampled_from([0.5, 1.0, 4.0, 16.0])),
         seed=draw(st.integers(0, 2**31 - 1)),
         memory_layout=draw(memory_layouts()),
+        documents=draw(st.one_of(st.none(), documents(seq_len))),
     )
+
+
+@st.composite
+def documents(draw, seq_len: int):
+    """Document boundaries `[0, ..., seq_len]` (cu_seqlens) of packed documents: lengths
+    down to 1 token, fewer tokens than ranks, one long document among short ones."""
+    count = draw(st.integers(1, min(seq_len, 8)))
+    cuts = draw(st.lists(st.integers(1, seq_len - 1), min_size=count - 1, max_size=count - 1, unique=True)) \
+        if seq_len > 1 else []
+    return (0,) + tuple(sorted(cuts)) + (seq_len,)
 
 
 @st.composite
