@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
         --budget=*) BUDGETS=${1#--budget=} ;;
         --serial) SERIAL=1 ;;
         --pack) PACK=1 ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1 (--help lists them)" >&2; exit 2 ;;
     esac
     shift
@@ -62,7 +62,7 @@ if [ "$DRY" = 1 ]; then
     TOTAL=150
 else
     STEP_BUDGETS="machine:25 tests:140 kernels:160 merge:25 ring:50 memory:40 compile:60"
-    TOTAL=510
+    TOTAL=500
 fi
 scale() { awk -v a="$1" -v s="$SCALE" 'BEGIN { printf "%d", a * s }'; }
 TOTAL=$(scale $TOTAL)
@@ -109,7 +109,7 @@ for entry in $STEP_BUDGETS; do
 done
 wait
 
-if ! timeout 60 "$PY" "$ROOT/bench/gpu/steps.py" summary --out "$OUTDIR" > "$OUTDIR/summary.log" 2>&1; then
+if ! timeout 20 "$PY" "$ROOT/bench/gpu/steps.py" summary --out "$OUTDIR" > "$OUTDIR/summary.log" 2>&1; then
     # the summary itself failed: say so with what the shell knows
     { echo "# seqpar GPU check: the summary step failed (summary.log)"; echo; echo '```';
       cat "$OUTDIR/steps.tsv"; tail -n 20 "$OUTDIR/summary.log"; echo '```'; } > "$OUTDIR/summary.md"
