@@ -899,7 +899,8 @@ def _markdown(summary: Dict, rows: Dict[str, List[Dict]]) -> str:
              f"flash-attn {m.get('flash_attn', '?')}; python {m.get('python', '?')}; "
              f"seqpar commit {m.get('commit', '?')}; seqpar._C built: {m.get('seqpar._C built', '?')}.",
              f"Ceilings: device copy {_fmt(m.get('copy_gb_per_s'))} GB/s, bf16 matmul "
-             f"{_fmt(m.get('bf16_matmul_tflops'))} TFLOP/s. Steps took {summary['total_wall_s']} s.", "",
+             f"{_fmt(m.get('bf16_matmul_tflops'))} TFLOP/s. Step times add up to {summary['total_wall_s']} s"
+             f"{' (the dry run runs them side by side)' if summary['dry_run'] else ''}.", "",
              "| step | status | s (budget) | key numbers |", "|---|---|---|---|"]
     for s in summary["steps"]:
         reason = f" ({s['reason']})" if s.get("reason") else ""
