@@ -10,7 +10,8 @@ Three tables:
    with the flash and cuDNN backends (`torch.nn.attention.sdpa_kernel`) and flash-attn's
    `flash_attn_func` when installed. FLOPs count only the visible (unmasked) score entries:
    forward 4 * B * H * D * visible, backward 2.5x that (five matmuls instead of two).
-2. Merge GB/s: the fused Triton merge and the reference `merge_` against a device-to-device
+2. Merge GB/s: the fused Triton merge, the compiled CUDA merge (when `seqpar._C` is built)
+   and the reference `merge_` against a device-to-device
    copy of the accumulator. Bytes = what the fused kernel must move: read out, part_out,
    lse, part_lse; write out, lse.
 3. Ring emulation: the compute of a P-step zigzag causal ring, every rank's blocks and
@@ -18,7 +19,7 @@ Three tables:
    over the same N tokens: the cost of cutting attention into ring blocks.
 
 Timing: CUDA events around each call, warm-up calls first, the median of the repeats, and
-the L2 cache flushed (a 256 MiB buffer overwritten) before every timed repeat. On cpu,
+the L2 cache flushed (a buffer of 4x the L2, at least 256 MiB, overwritten) before every timed repeat. On cpu,
 `time.perf_counter` (the smoke test only checks that everything runs).
 A contestant that cannot run here is listed as skipped with its reason.
 """
@@ -38,13 +39,21 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Timer:
-    """Median seconds of `fn()` over `repeats` runs after `warmup` runs, L2 flushed before each."""
+    """Median seconds of `fn()` over `repeats` runs after `warmup` runs, L2 flushed before each.
+
+    `samples` keeps the seconds of every timed repeat of the last call (for the spread)."""
 
     def __init__(self, device: torch.device, warmup: int, repeats: int):
         self.device, self.warmup, self.repeats = device, warmup, repeats
         self.cuda = device.type == "cuda"
-        # bigger than any L2 so far (H100: 50 MiB); overwriting it evicts the operands
-        self.flush_buffer = torch.empty(256 << 20, dtype=torch.int8, device=device) if self.cuda else None
+        self.samples: List[float] = []
+        self.flush_bytes = 0
+        self.flush_buffer = None
+        if self.cuda:
+            # overwriting a buffer 4x the L2 (and at least 256 MiB; H100 50 MiB, H200 60 MiB) evicts the operands
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0
+            self.flush_bytes = max(256 << 20, 4 * l2)
+            self.flush_buffer = torch.empty(self.flush_bytes, dtype=torch.int8, device=device)
 
     def __call__(self, fn: Callable[[], object]) -> float:
         for _ in range(self.warmup):
@@ -63,6 +72,7 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
+        self.samples = times
         return statistics.median(times)
 
 
@@ -180,11 +190,13 @@ def bench_merge(args, timer: Timer) -> List[Dict]:
     rows = [{"table": "merge", "contestant": "device copy of out (read + write)", "s": t_copy,
              "gb_per_s": 2 * out.numel() * out.element_size() / t_copy / 1e9}]
     contestants = {"reference merge_ (torch ops)": reference_merge}
-    reason = block.unavailable_reason("triton", device, torch.float32, d)
-    if reason is None:
-        contestants["fused triton merge"] = block.merge_kernel("triton")
-    else:
-        rows.append({"table": "merge", "contestant": "fused triton merge", "skipped": reason})
+    for backend, name in (("triton", "fused triton merge"), ("cuda", "compiled cuda merge (seqpar._C)")):
+        # the cuda backend's condition is stated for its 16-bit blocks; its merge takes fp32 accumulators
+        reason = block.unavailable_reason(backend, device, torch.float32 if backend == "triton" else torch.bfloat16, d)
+        if reason is None:
+            contestants[name] = block.merge_kernel(backend)
+        elif backend == "triton" or device.type == "cuda":
+            rows.append({"table": "merge", "contestant": name, "skipped": reason})
     for name, fn in contestants.items():
         # the merge is in place: repeating it on the same tensors is what a ring does
         t = timer(lambda: fn(out, lse, part_out, part_lse))
