@@ -1,5 +1,6 @@
 """The planner, calibration, strategy="auto" / method="auto" and `python -m seqpar plan`."""
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -10,8 +11,9 @@ import torch.distributed as dist
 
 import seqpar
 from seqpar.__main__ import main as cli_main
+from seqpar import registry
 from seqpar.attention import analytic_bytes, check_strategy
-from seqpar.planner import Topology, default_topology, model, visible_elements
+from seqpar.planner import Timeline, Topology, default_topology, model, visible_elements
 from seqpar.planner import topology as topo_module
 from seqpar.layout import SCHEMES, GroupLayout, SeqLayout, visible_blocks
 from seqpar.strategies import linear as linear_strategy
@@ -220,6 +222,95 @@ def test_topology_bad_input_and_json_round_trip():
     assert topo.link("intra", "alltoall") == (2e-5, 5e9) and topo.link("intra", "p2p") == (1e-5, 1e10)
     with pytest.raises(ValueError, match=r"topology: unknown fields \['speed'\]"):
         Topology.from_dict({"speed": 1})
+
+
+# -- the model asks the registry ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _DummyOptions:
+    factor: int = 1
+
+    def resolve(self, q, k, v, layout):
+        return self
+
+
+def _dummy(seconds: float, memory: int = 1 << 20, **changes) -> registry.Strategy:
+    """A strategy the built-in files know nothing about: its schedule is `seconds` of work
+    times its option `factor`, planned at factor 1 and 3."""
+
+    def cost(prob, topo, options):
+        line = Timeline(topo.overlap)
+        line.work(seconds * options["factor"])
+        line.wait(1e-9 * options["factor"], messages=options["factor"])
+        return line, {"forward": 7 * options["factor"], "backward": 9}
+
+    fields = dict(name="dummy", apply=None, analytic_bytes=None, Options=_DummyOptions, cost=cost,
+                  peak_memory=lambda prob, options: memory * options["factor"],
+                  candidates=lambda prob: [{"factor": 1}, {"factor": 3}])
+    fields.update(changes)
+    return registry.Strategy(**fields)
+
+
+def _agreement(topo, world):
+    return topo.transfer(topo.level(range(world)), "allreduce", world, 16.0)
+
+
+def test_a_registered_strategy_is_planned_with_its_own_cost_memory_and_candidates(monkeypatch):
+    kwargs = dict(world_size=4, heads=8, head_dim=64, topology=_flat())
+    before = seqpar.plan(4096, **kwargs)
+    assert "dummy" not in str(before)
+    monkeypatch.setitem(registry._REGISTRY, "dummy", _dummy(1e-9))
+    result = seqpar.plan(4096, **kwargs)  # a new registration is a new plan, not the cached one
+    assert (result.strategy, result.options) == ("dummy", {"factor": 1})
+    agree = _agreement(kwargs["topology"], 4)
+    for factor in (1, 3):
+        c = result.candidate("dummy", factor=factor)
+        assert c.feasible and c.time_s == pytest.approx(factor * (1e-9 + 1e-9) + agree)
+        assert c.compute_s == pytest.approx(factor * 1e-9) and c.exposed_s == pytest.approx(factor * 1e-9 + agree)
+        assert (c.bytes_forward, c.bytes_backward, c.peak_memory) == (7 * factor, 9, factor << 20)
+        assert c.messages == factor + 3 * 2  # its own, plus the agreement's all-reduce steps
+    assert "| * | dummy(factor=1) |" in str(result) and "dummy(factor=3)" in str(result)
+    # the built-in candidates and their order are unchanged by the newcomer
+    assert [c for c in result.candidates if c.strategy != "dummy"] == list(before.candidates)
+    # slow, it is planned and not chosen; over the memory limit, infeasible with the memory reason
+    monkeypatch.setitem(registry._REGISTRY, "dummy", _dummy(10.0, memory=1 << 40))
+    slow = seqpar.plan(4096, **kwargs)
+    assert slow.strategy == before.strategy and slow.candidate("dummy", factor=1).time_s > 10.0
+    limited = seqpar.plan(4096, **dict(kwargs, topology=_flat(memory_limit=1 << 39)))
+    assert limited.candidate("dummy", factor=1).reason.startswith("memory: needs about")
+
+
+def test_a_strategy_without_a_cost_is_listed_not_planned(monkeypatch):
+    monkeypatch.setitem(registry._REGISTRY, "dummy", _dummy(1e-9, cost=None, peak_memory=None, candidates=None))
+    result = seqpar.plan(4096, world_size=4, heads=8, head_dim=64, topology=_flat())
+    c = result.candidate("dummy")
+    assert not c.feasible and "registers no cost model (Strategy.cost)" in c.reason
+    with pytest.raises(ValueError, match="a cost needs a peak_memory too"):
+        registry.register(_dummy(1e-9, peak_memory=None))
+    assert registry.get("dummy").cost is None  # the refused record was not registered
+
+
+def test_the_model_asks_every_registered_strategy(monkeypatch):
+    """Each built-in candidate's prediction is its own record's cost (plus the agreement)."""
+    asked = []
+
+    def spy(record):
+        def cost(prob, topo, options):
+            line, nbytes = record.cost(prob, topo, options)
+            asked.append((record.name, tuple(sorted(options.items())), line.total))
+            return line, nbytes
+        return dataclasses.replace(record, cost=cost)
+
+    for name in registry.names():
+        monkeypatch.setitem(registry._REGISTRY, name, spy(registry.get(name)))
+    topo = _flat()
+    result = seqpar.plan(4096, world_size=4, heads=8, kv_heads=2, head_dim=64, topology=topo)
+    assert {name for name, _, _ in asked} == set(registry.names())
+    for name, options, total in asked:
+        c = result.candidate(name, **dict(options))
+        assert c.time_s == pytest.approx(total + _agreement(topo, 4))
+    assert len(asked) == len(result.candidates)  # every candidate feasible here, each costed once
 
 
 def test_plan_linear_choices():
