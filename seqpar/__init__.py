@@ -7,7 +7,7 @@ from . import comm
 from ._version import __version__
 from .attention import attention
 from .generation import StarKVCache, star_generate
-from .dispatch import Plan, Topology, calibrate, plan, plan_linear
+from .planner import Plan, Topology, calibrate, plan, plan_linear
 from .layout import SeqLayout
 from .strategies.allgather import allgather_attention
 from .strategies.linear import linear_attention

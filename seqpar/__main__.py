@@ -24,7 +24,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     if argv[0] == "plan":
-        from .dispatch import main as plan_main
+        from .planner.cli import main as plan_main
 
         return plan_main(argv[1:])
     from .bench.exact import main as bench_main

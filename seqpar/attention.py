@@ -4,7 +4,7 @@ Every exact strategy call goes through `registry.run`, which validates the call 
 resolves the backend and the strategy's options (defaults included), agrees on all of it
 across ranks (`seqpar.call.collective_call`: bad input on any rank raises on every rank,
 nobody waits) and hands over to the strategy's `apply`. `strategy="auto"` asks the planner
-(`seqpar.dispatch.choose`) for a registered strategy and its options; the choice is part
+(`seqpar.planner.choose`) for a registered strategy and its options; the choice is part
 of the agreed signature, so ranks that would choose differently (e.g. from different
 cached calibrations) raise instead of mismatching.
 """
@@ -31,11 +31,11 @@ def _auto(q, k, v, layout, causal, options):
             f"options: strategy='auto' chooses the strategy's options itself; name a strategy to set them, "
             f"got {sorted(options)}"
         )
-    from . import dispatch
+    from .planner.model import choose
 
     # the backward costs as much again: plan for it when autograd will run one
-    return dispatch.choose(layout, q.shape[0], q.shape[2], k.shape[2], q.shape[3], q.dtype, causal,
-                           grad_wanted(q, k, v), q.device)
+    return choose(layout, q.shape[0], q.shape[2], k.shape[2], q.shape[3], q.dtype, causal, grad_wanted(q, k, v),
+                  q.device)
 
 
 def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto", _error=None,

@@ -3,13 +3,16 @@ the path every call takes from a public function to a strategy's `apply`.
 
 A strategy file defines its algorithm, its typed `Options` (a frozen dataclass: the
 options it takes, their defaults stated once, their types checked on construction),
-`check` (what it cannot serve), `analytic_bytes`, and registers itself at its end:
+`check` (what it cannot serve), `analytic_bytes`, and, for the planner, its schedule
+(`cost`), its memory (`peak_memory`) and the option values worth planning
+(`candidates`), and registers itself at its end:
 
-    register(Strategy("ring", _apply, analytic_bytes, Options))
+    register(Strategy("ring", _apply, analytic_bytes, Options, cost=cost, peak_memory=peak_memory,
+                      candidates=candidates))
 
 `strategies/__init__.py` imports every strategy file; a new algorithm is one file there
 plus one import line. This module imports no strategy, and neither does `attention.py`'s
-protocol below it: the planner asks the registry, not the files.
+protocol below it, nor the planner (`seqpar.planner`): they ask the registry, not the files.
 """
 from __future__ import annotations
 
@@ -44,17 +47,35 @@ class Strategy:
     Options: type = NoOptions
     # (q, k, v, layout, options) -> None; raises ValueError when the strategy cannot serve
     check: Optional[Callable] = None
+    # The planner's view (`seqpar.planner`; the problem and timeline types are in
+    # `seqpar.planner.schedule`). None: the planner lists the strategy as not planned.
+    # (problem, topology, options: dict) -> (Timeline, {"forward", "backward", ...} bytes of
+    # the busiest rank): the strategy's schedule, one call on one rank; may raise
+    # `schedule.NotPlanned(reason)` for option values it does not price
+    cost: Optional[Callable] = None
+    # (problem, options: dict) -> peak bytes a rank holds (see `Problem.peak`); required with `cost`
+    peak_memory: Optional[Callable] = None
+    # (problem) -> [options: dict, ...]: the option values worth planning (None: [{}])
+    candidates: Optional[Callable] = None
 
 
 _REGISTRY: Dict[str, Strategy] = {}
 
 
 def register(strategy: Strategy) -> None:
+    if strategy.cost is not None and strategy.peak_memory is None:
+        raise ValueError(f"strategy {strategy.name!r}: a cost needs a peak_memory too (the planner checks "
+                         f"memory limits)")
     _REGISTRY[strategy.name] = strategy
 
 
 def names() -> Tuple[str, ...]:
     return tuple(_REGISTRY)
+
+
+def strategies() -> Tuple[Strategy, ...]:
+    """Every registered record, in registration order."""
+    return tuple(_REGISTRY.values())
 
 
 def get(name) -> Strategy:

@@ -6,7 +6,7 @@ import types
 import pytest
 
 from seqpar import __main__ as cli
-from seqpar import dispatch
+from seqpar.planner import cli as plan_cli
 from seqpar.bench import exact as benchmark
 from seqpar.bench import linear as benchmark_linear
 
@@ -28,7 +28,7 @@ def test_help_shows_the_defaults(capsys):
         assert default in text, default
     assert "(default: None)" not in text
     with pytest.raises(SystemExit):
-        dispatch.main(["--help"])
+        plan_cli.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "query heads H (default: 32)" in text and "(default: bfloat16)" in text
     assert "(default: None)" not in text

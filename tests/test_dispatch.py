@@ -1,5 +1,6 @@
 """The planner, calibration, strategy="auto" / method="auto" and `python -m seqpar plan`."""
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -9,10 +10,11 @@ import torch
 import torch.distributed as dist
 
 import seqpar
-from seqpar import dispatch
 from seqpar.__main__ import main as cli_main
+from seqpar import registry
 from seqpar.attention import analytic_bytes, check_strategy
-from seqpar.dispatch import Topology, default_topology, visible_elements
+from seqpar.planner import Timeline, Topology, default_topology, model, visible_elements
+from seqpar.planner import topology as topo_module
 from seqpar.layout import SCHEMES, GroupLayout, SeqLayout, visible_blocks
 from seqpar.strategies import linear as linear_strategy
 from seqpar.strategies import ulysses
@@ -163,7 +165,7 @@ def test_gathering_everything_costs_memory():
 def test_plan_is_deterministic():
     kwargs = dict(world_size=8, heads=16, kv_heads=4, head_dim=64, scheme="stripe", topology=_flat())
     first = seqpar.plan(8192, **kwargs)
-    dispatch._plan.cache_clear()
+    model._plan.cache_clear()
     again = seqpar.plan(8192, **kwargs)
     assert first is not again and first == again and str(first) == str(again)
 
@@ -171,16 +173,16 @@ def test_plan_is_deterministic():
 def test_near_ties_go_to_the_preferred_strategy(monkeypatch, request):
     # contiguous causal: Ulysses is predicted fastest, ring about 1.7x slower
     kwargs = dict(world_size=4, heads=8, kv_heads=8, head_dim=64, scheme="contiguous", topology=_flat())
-    request.addfinalizer(dispatch._plan.cache_clear)  # runs after monkeypatch restores TIE: no stale plans
-    monkeypatch.setattr(dispatch, "TIE", 0.0)
-    dispatch._plan.cache_clear()
+    request.addfinalizer(model._plan.cache_clear)  # runs after monkeypatch restores TIE: no stale plans
+    monkeypatch.setattr(model, "TIE", 0.0)
+    model._plan.cache_clear()
     exact = seqpar.plan(4096, **kwargs)
     fastest = min(exact.feasible, key=lambda c: c.time_s)
     assert exact.choice is fastest and fastest.strategy != "ring" and "a tie" not in str(exact)
     assert [c.time_s for c in exact.feasible] == sorted(c.time_s for c in exact.feasible)
     # every candidate within the margin: the first of TIE_PREFERENCE wins, the rest keep their order
-    monkeypatch.setattr(dispatch, "TIE", 10.0)
-    dispatch._plan.cache_clear()
+    monkeypatch.setattr(model, "TIE", 10.0)
+    model._plan.cache_clear()
     tied = seqpar.plan(4096, **kwargs)
     assert tied.strategy == "ring" and tied.feasible[0] is tied.choice and tied.choice.label != fastest.label
     rest = tied.feasible[1:]
@@ -189,8 +191,8 @@ def test_near_ties_go_to_the_preferred_strategy(monkeypatch, request):
     assert f"within 1000% of the fastest, {fastest.label}: a tie, which goes to ring by TIE_PREFERENCE" in str(tied)
     # a margin that ring's prediction misses: the fastest stays the choice
     ring_over = exact.candidate("ring").time_s / fastest.time_s - 1.0
-    monkeypatch.setattr(dispatch, "TIE", ring_over * 0.9)
-    dispatch._plan.cache_clear()
+    monkeypatch.setattr(model, "TIE", ring_over * 0.9)
+    model._plan.cache_clear()
     assert seqpar.plan(4096, **kwargs).choice.label == fastest.label
 
 
@@ -201,7 +203,7 @@ def test_near_ties_go_to_the_preferred_strategy(monkeypatch, request):
     (dict(scheme="spiral"), ValueError, "scheme: expected one of"),
     (dict(dtype="int8"), ValueError, "dtype: expected one of"),
     (dict(causal="yes"), TypeError, "causal: expected a bool"),
-    (dict(topology="fast"), TypeError, "topology: expected a seqpar.dispatch.Topology"),
+    (dict(topology="fast"), TypeError, "topology: expected a seqpar.Topology"),
 ])
 def test_plan_bad_input(change, err, match):
     kwargs = dict(seq_len=64, world_size=4, heads=8)
@@ -222,14 +224,103 @@ def test_topology_bad_input_and_json_round_trip():
         Topology.from_dict({"speed": 1})
 
 
+# -- the model asks the registry ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _DummyOptions:
+    factor: int = 1
+
+    def resolve(self, q, k, v, layout):
+        return self
+
+
+def _dummy(seconds: float, memory: int = 1 << 20, **changes) -> registry.Strategy:
+    """A strategy the built-in files know nothing about: its schedule is `seconds` of work
+    times its option `factor`, planned at factor 1 and 3."""
+
+    def cost(prob, topo, options):
+        line = Timeline(topo.overlap)
+        line.work(seconds * options["factor"])
+        line.wait(1e-9 * options["factor"], messages=options["factor"])
+        return line, {"forward": 7 * options["factor"], "backward": 9}
+
+    fields = dict(name="dummy", apply=None, analytic_bytes=None, Options=_DummyOptions, cost=cost,
+                  peak_memory=lambda prob, options: memory * options["factor"],
+                  candidates=lambda prob: [{"factor": 1}, {"factor": 3}])
+    fields.update(changes)
+    return registry.Strategy(**fields)
+
+
+def _agreement(topo, world):
+    return topo.transfer(topo.level(range(world)), "allreduce", world, 16.0)
+
+
+def test_a_registered_strategy_is_planned_with_its_own_cost_memory_and_candidates(monkeypatch):
+    kwargs = dict(world_size=4, heads=8, head_dim=64, topology=_flat())
+    before = seqpar.plan(4096, **kwargs)
+    assert "dummy" not in str(before)
+    monkeypatch.setitem(registry._REGISTRY, "dummy", _dummy(1e-9))
+    result = seqpar.plan(4096, **kwargs)  # a new registration is a new plan, not the cached one
+    assert (result.strategy, result.options) == ("dummy", {"factor": 1})
+    agree = _agreement(kwargs["topology"], 4)
+    for factor in (1, 3):
+        c = result.candidate("dummy", factor=factor)
+        assert c.feasible and c.time_s == pytest.approx(factor * (1e-9 + 1e-9) + agree)
+        assert c.compute_s == pytest.approx(factor * 1e-9) and c.exposed_s == pytest.approx(factor * 1e-9 + agree)
+        assert (c.bytes_forward, c.bytes_backward, c.peak_memory) == (7 * factor, 9, factor << 20)
+        assert c.messages == factor + 3 * 2  # its own, plus the agreement's all-reduce steps
+    assert "| * | dummy(factor=1) |" in str(result) and "dummy(factor=3)" in str(result)
+    # the built-in candidates and their order are unchanged by the newcomer
+    assert [c for c in result.candidates if c.strategy != "dummy"] == list(before.candidates)
+    # slow, it is planned and not chosen; over the memory limit, infeasible with the memory reason
+    monkeypatch.setitem(registry._REGISTRY, "dummy", _dummy(10.0, memory=1 << 40))
+    slow = seqpar.plan(4096, **kwargs)
+    assert slow.strategy == before.strategy and slow.candidate("dummy", factor=1).time_s > 10.0
+    limited = seqpar.plan(4096, **dict(kwargs, topology=_flat(memory_limit=1 << 39)))
+    assert limited.candidate("dummy", factor=1).reason.startswith("memory: needs about")
+
+
+def test_a_strategy_without_a_cost_is_listed_not_planned(monkeypatch):
+    monkeypatch.setitem(registry._REGISTRY, "dummy", _dummy(1e-9, cost=None, peak_memory=None, candidates=None))
+    result = seqpar.plan(4096, world_size=4, heads=8, head_dim=64, topology=_flat())
+    c = result.candidate("dummy")
+    assert not c.feasible and "registers no cost model (Strategy.cost)" in c.reason
+    with pytest.raises(ValueError, match="a cost needs a peak_memory too"):
+        registry.register(_dummy(1e-9, peak_memory=None))
+    assert registry.get("dummy").cost is None  # the refused record was not registered
+
+
+def test_the_model_asks_every_registered_strategy(monkeypatch):
+    """Each built-in candidate's prediction is its own record's cost (plus the agreement)."""
+    asked = []
+
+    def spy(record):
+        def cost(prob, topo, options):
+            line, nbytes = record.cost(prob, topo, options)
+            asked.append((record.name, tuple(sorted(options.items())), line.total))
+            return line, nbytes
+        return dataclasses.replace(record, cost=cost)
+
+    for name in registry.names():
+        monkeypatch.setitem(registry._REGISTRY, name, spy(registry.get(name)))
+    topo = _flat()
+    result = seqpar.plan(4096, world_size=4, heads=8, kv_heads=2, head_dim=64, topology=topo)
+    assert {name for name, _, _ in asked} == set(registry.names())
+    for name, options, total in asked:
+        c = result.candidate(name, **dict(options))
+        assert c.time_s == pytest.approx(total + _agreement(topo, 4))
+    assert len(asked) == len(result.candidates)  # every candidate feasible here, each costed once
+
+
 def test_plan_linear_choices():
-    small = dispatch.plan_linear(65536, world_size=4, heads=4, key_dim=64, topology=_flat())
+    small = model.plan_linear(65536, world_size=4, heads=4, key_dim=64, topology=_flat())
     assert small.method == "allgather"
     # a big state over many ranks of slow links: the pipelined scan, in several pieces
     slow = _flat(intra_bandwidth=1e9, compute_rate=1e15, backward_rate=1e15)
-    big = dispatch.plan_linear(65536, world_size=64, heads=32, key_dim=256, topology=slow)
+    big = model.plan_linear(65536, world_size=64, heads=32, key_dim=256, topology=slow)
     assert big.method == "allscan" and big.scan_pieces > 1
-    assert dispatch.best_scan_pieces(slow, 2, 1 << 20) == 1
+    assert model.best_scan_pieces(slow, 2, 1 << 20) == 1
     assert [c.method for c in big.candidates][-1] == "ring"  # never faster than the scan
     s = linear_strategy.state_bytes(1, 32, 256, 256)
     assert {c.method: c.bytes_forward for c in big.candidates} == {"allgather": 63 * (s + 4 * 32), "allscan": s,
@@ -262,9 +353,9 @@ def test_cli_plan_prints_the_table():
 def _auto_with(problem, topo, linear=False):
     """check_attention with strategy="auto" while this rank plans on `topo` (None: as
     configured); returns the report and the strategies whose traffic was seen."""
-    original = dispatch.auto_topology
+    original = topo_module.auto_topology
     if topo is not None:
-        dispatch.auto_topology = lambda group, device, dtype: topo
+        topo_module.auto_topology = lambda group, device, dtype: topo
     try:
         with seqpar.comm.track() as stats:
             if linear:
@@ -273,7 +364,7 @@ def _auto_with(problem, topo, linear=False):
                 report = check_attention(problem)  # seqpar.attention, strategy="auto"
         return report, sorted({op.split(".")[0] for op in stats.ops} - {"check", "layout"})
     finally:
-        dispatch.auto_topology = original
+        topo_module.auto_topology = original
 
 
 _SLOW = dict(intra_latency=0.0, inter_latency=0.0, intra_bandwidth=1e3, compute_rate=1e3, backward_rate=1e3)
@@ -340,7 +431,7 @@ def test_linear_auto_is_exact_and_follows_the_plan():
     topo = _flat(intra_bandwidth=1e3, intra_latency=0.0)  # the all-gather's (P-1) states cost most
     report, seen = world(4).run(_auto_with, problem, topo, True)[0]
     assert not tolerance_violations(problem, report)
-    expected = dispatch.plan_linear(64, world_size=4, heads=2, key_dim=8, dtype="float64", topology=topo)
+    expected = model.plan_linear(64, world_size=4, heads=2, key_dim=8, dtype="float64", topology=topo)
     assert expected.method != "allgather"
     assert seen == ["linear"]
 
@@ -350,16 +441,16 @@ def _calibrate_into(directory):
     os.environ["SEQPAR_CACHE_DIR"] = directory
     try:
         topo = seqpar.calibrate(message_sizes=(1 << 10, 1 << 16), repeats=2)
-        path = dispatch.cache_path("gloo", dist.get_world_size(), torch.device("cpu"), torch.float32)
-        dispatch._loaded.clear()  # as a fresh process would: read the file
-        loaded = dispatch.auto_topology(None, torch.device("cpu"), torch.float32)
+        path = topo_module.cache_path("gloo", dist.get_world_size(), torch.device("cpu"), torch.float32)
+        topo_module._loaded.clear()  # as a fresh process would: read the file
+        loaded = topo_module.auto_topology(None, torch.device("cpu"), torch.float32)
         return topo, loaded, str(path), sorted(os.listdir(directory))
     finally:
         if previous is None:
             del os.environ["SEQPAR_CACHE_DIR"]
         else:
             os.environ["SEQPAR_CACHE_DIR"] = previous
-        dispatch._loaded.clear()
+        topo_module._loaded.clear()
 
 
 def test_calibrate_agrees_across_ranks_and_caches(tmp_path):
@@ -367,13 +458,13 @@ def test_calibrate_agrees_across_ranks_and_caches(tmp_path):
     (topo0, loaded0, path0, files0), (topo1, loaded1, path1, _) = results
     assert topo0 == topo1 == loaded0 == loaded1
     assert topo0.source.startswith("calibrated") and topo0.ranks_per_node == 2
-    assert {kind for level, kind, _, _ in topo0.measured} == set(dispatch.KINDS)
+    assert {kind for level, kind, _, _ in topo0.measured} == set(topo_module.KINDS)
     assert all(level == "intra" and lat > 0 and bw > 0 for level, _, lat, bw in topo0.measured)
     assert topo0.compute_rate > 0 and topo0.backward_rate > 0
     assert path0 == path1 and files0 == [os.path.basename(path0)]
     stored = json.loads((tmp_path / files0[0]).read_text())
     assert Topology.from_dict(stored["topology"]) == topo0 and len(stored["hosts"]) == 2
-    assert dispatch.load_calibration(tmp_path / "missing.json") is None
+    assert topo_module.load_calibration(tmp_path / "missing.json") is None
 
 
 def test_calibrate_needs_a_process_group():
@@ -384,7 +475,7 @@ def test_calibrate_needs_a_process_group():
 
 
 def test_fit_survives_sizes_that_do_not_show_in_the_time():
-    from seqpar.dispatch import _fit
+    from seqpar.planner.calibration import _fit
 
     # a latency-bound collective whose largest message happened to time fastest
     latency, slope = _fit([(1e3, 8e-4), (1e5, 9e-4), (1e7, 7e-4)])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pickle
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -101,6 +101,22 @@ def reduce_sum(x: torch.Tensor, dst: int, group, op: str) -> None:
     rank = dist.get_rank(group)
     size = stats.nbytes([x])
     stats.record(op, 0 if rank == dst else size, 0 if rank == (dst - 1) % world else size)
+
+
+def backend_of(group) -> Optional[str]:
+    """The name of `group`'s backend ("gloo", "nccl", ...), or None when torch.distributed
+    is not initialized in this process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.get_backend(group)
+
+
+def barrier(group, op: str) -> None:
+    """Wait until every member of `group` has reached this call."""
+    if dist.get_world_size(group) == 1:
+        return
+    device = device_of(group)
+    timeout.run(dist.barrier(group=group, async_op=True), group, op, device, "barrier")
 
 
 def device_of(group) -> torch.device:

@@ -134,6 +134,67 @@ class Options:
         return self
 
 
+
+# -- for the planner (seqpar.planner): schedule, memory, candidates ----------------------------
+
+
+def cost(prob, topo, options):
+    """(timeline, busiest rank's bytes): per KV-head chunk, the gather of the next chunk
+    hides behind this chunk's blocks; the first gather and the dK/dV reduce-scatters are
+    exposed."""
+    import math
+
+    from ..planner.schedule import BACKWARD_FLOPS, FORWARD_FLOPS, Timeline, busiest_bytes, visible_elements
+    from ..planner.topology import steps
+
+    nbytes = busiest_bytes(prob, analytic_bytes, options)
+    chunk = options.get("kv_head_chunk") or prob.kv_heads
+    chunks = math.ceil(prob.kv_heads / chunk)
+    world = prob.world_size
+    level = topo.level(range(world))
+    visible = visible_elements(prob.layout(), prob.causal)
+    per = prob.batch * prob.heads * prob.head_dim
+    calls = (visible > 0).sum(1).double()
+    fwd_work = float((visible.sum(1).double() * FORWARD_FLOPS * per / topo.compute_rate
+                      + calls * topo.kernel_overhead * chunks).max()) / chunks
+    bwd_work = float((visible.sum(1).double() * BACKWARD_FLOPS * per / topo.backward_rate
+                      + calls * topo.kernel_overhead * chunks).max()) / chunks
+    gather = topo.transfer(level, "allgather", world, nbytes["forward"] / chunks)
+    msgs = steps("allgather", world)
+    line = Timeline(topo.overlap)
+
+    def gathered_pass(work: float, scatter: float) -> None:
+        line.wait(gather, msgs)  # the first chunk's gather: nothing to hide it behind
+        for i in range(chunks):
+            line.overlap(work, gather if i + 1 < chunks else 0.0, msgs if i + 1 < chunks else 0)
+            if scatter:
+                line.wait(scatter, steps("reduce_scatter", world))
+
+    gathered_pass(fwd_work, 0.0)
+    if prob.training:
+        scatter = topo.transfer(level, "reduce_scatter", world, (nbytes["backward"] - nbytes["forward"]) / chunks)
+        gathered_pass(bwd_work, scatter)
+    return line, nbytes
+
+
+def peak_memory(prob, options) -> int:
+    """Inputs, plus every rank's K/V of a chunk gathered (twice while the next chunk's
+    gather flies); the backward adds their fp32 dK/dV before the reduce-scatter."""
+    b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
+    e, a, world = prob.element_size, prob.acc_size, prob.world_size
+    rows, lse = b * n * h * d, b * h * n
+    chunk = options.get("kv_head_chunk") or hkv
+    gathered = 2 * b * world * n * chunk * d * e * (2 if chunk < hkv else 1) + 2 * b * n * chunk * d * e
+    saved = rows * e + lse * a
+    fwd = gathered + rows * a + lse * 8
+    bwd = gathered + 2 * b * world * n * chunk * d * a + rows * a + 2 * b * n * hkv * d * a
+    return prob.peak(saved, fwd, bwd)
+
+
+def candidates(prob):
+    """All KV heads at once, and (when there are several) one at a time: the least memory."""
+    return [{}] + ([{"kv_head_chunk": 1}] if prob.kv_heads > 1 else [])
+
 def _apply(q, k, v, layout, causal, scale, backend, options: Options):
     args = (layout, causal, scale, backend, options.kv_head_chunk)
     return AllGatherAttention.apply(q, k, v, args)
@@ -151,4 +212,5 @@ def allgather_attention(q, k, v, *, layout=None, causal=False, softmax_scale=Non
                         backend=backend, kv_head_chunk=kv_head_chunk, **options)
 
 
-register(Strategy("allgather", _apply, analytic_bytes, Options))
+register(Strategy("allgather", _apply, analytic_bytes, Options, cost=cost, peak_memory=peak_memory,
+                  candidates=candidates))

@@ -414,7 +414,7 @@ def linear_attention(q, k, v, *, layout=None, decay=None, scale=None, method="au
         # ring is LASP-1, whole states; only the All-Scan cuts them into pieces
         pieces = options.get("scan_pieces") or default_scan_pieces(world, nbytes) if method == "allscan" else 1
         if method == "auto" and world > 1:
-            from ..dispatch import choose_linear
+            from ..planner.model import choose_linear
 
             # part of the agreed signature: ranks that would choose differently raise
             training = grad_wanted(q, k, v, decay)

@@ -136,6 +136,69 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
     return {"forward": fwd, "backward": fwd + grads}
 
 
+
+# -- for the planner (seqpar.planner): schedule, memory, candidates ----------------------------
+
+
+def ring_phase(line, prob, topo, ring_layout, heads: int, fwd_bytes: float, grad_bytes: float, level: str,
+               backward: bool) -> None:
+    """Add one pass of ring attention over `ring_layout` (R members, `heads` query heads
+    per member) to the timeline `line`: each step takes the busiest member's blocks while
+    the next K/V exchange (and, backward, the previous step's dK/dV) flies."""
+    from ..planner.schedule import BACKWARD_FLOPS, FORWARD_FLOPS, block_time, visible_elements
+
+    size = ring_layout.world_size
+    visible = visible_elements(ring_layout, prob.causal)
+    per = prob.batch * heads * prob.head_dim
+    if backward:
+        blocks = block_time(visible, BACKWARD_FLOPS * per, topo.backward_rate, topo.kernel_overhead)
+    else:
+        blocks = block_time(visible, FORWARD_FLOPS * per, topo.compute_rate, topo.kernel_overhead)
+    rows = torch.arange(size)
+    kv_step = fwd_bytes / max(1, size - 1)
+    grad_step = grad_bytes / size if size > 1 else 0.0
+    for step in range(size):
+        work = float(blocks[rows, (rows - step) % size].max())
+        nbytes = kv_step if step < size - 1 else 0.0
+        if backward and step >= 1:
+            nbytes += grad_step
+        messages = 1 if nbytes else 0
+        line.overlap(work, topo.transfer(level, "p2p", size, nbytes) if nbytes else 0.0, messages)
+    if backward and size > 1:
+        line.wait(topo.transfer(level, "p2p", size, grad_step), 1)  # dK/dV's last hop home
+
+
+def cost(prob, topo, options):
+    """(timeline, busiest rank's bytes) of one call: the ring's steps forward and, in
+    training, backward, each step `max(blocks, exchange)`."""
+    from ..planner.schedule import Timeline, busiest_bytes
+
+    nbytes = busiest_bytes(prob, analytic_bytes, options)
+    layout = prob.layout()
+    level = topo.level(range(prob.world_size))
+    line = Timeline(topo.overlap)
+    fwd = nbytes["forward"]
+    ring_phase(line, prob, topo, layout, prob.heads, fwd, 0.0, level, backward=False)
+    if prob.training:
+        ring_phase(line, prob, topo, layout, prob.heads, fwd, nbytes["backward"] - fwd, level, backward=True)
+    return line, nbytes
+
+
+def peak_memory(prob, options) -> int:
+    """Inputs, plus two K/V buffers in flight and the fp32 accumulators; the backward adds
+    dK/dV in flight."""
+    b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
+    e, a = prob.element_size, prob.acc_size
+    rows, lse, kv = b * n * h * d, b * h * n, 2 * b * n * hkv * d
+    saved = 2 * rows * e + lse * a  # q in the kernel's layout, out, lse
+    fwd = 3 * kv * e + rows * a + lse * 8
+    bwd = 2 * kv * e + 3 * kv * a + rows * (a + e)
+    return prob.peak(saved, fwd, bwd)
+
+
+def candidates(prob):
+    return [{}]
+
 class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, causal, scale, backend):
@@ -172,4 +235,4 @@ def _apply(q, k, v, layout, causal, scale, backend, options):
     return RingAttention.apply(q, k, v, layout, causal, scale, backend)
 
 
-register(Strategy("ring", _apply, analytic_bytes))
+register(Strategy("ring", _apply, analytic_bytes, cost=cost, peak_memory=peak_memory, candidates=candidates))

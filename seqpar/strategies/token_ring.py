@@ -383,6 +383,76 @@ class Options:
         return self
 
 
+
+# -- for the planner (seqpar.planner): schedule, memory, candidates ----------------------------
+
+
+def cost(prob, topo, options):
+    """(timeline, busiest rank's bytes). At step t rank r attends the queries of rank r-t;
+    the first rows and the last returns are exposed, the rest fly while a step computes
+    (`route="ring"`: the partials stream back hop by hop after the last step, exposed)."""
+    from ..planner.schedule import (BACKWARD_FLOPS, EXACT_RANKS, FORWARD_FLOPS, NotPlanned, Timeline, block_time,
+                                    busiest_bytes, visible_elements)
+
+    route = options.get("route", "direct")
+    world = prob.world_size
+    if route == "ring" and world > EXACT_RANKS:
+        raise NotPlanned(
+            f"token_ring: route='ring' is not planned above {EXACT_RANKS} ranks, got {world}: its exact volume "
+            f"takes O(P^3) block enumerations to evaluate, and its P-1 exposed return hops make it the slower "
+            f"route in this model (name it explicitly to use it)")
+    nbytes = busiest_bytes(prob, analytic_bytes, options)
+    level = topo.level(range(world))
+    visible = visible_elements(prob.layout(), prob.causal)
+    per = prob.batch * prob.heads * prob.head_dim
+    rows = torch.arange(world)
+    line = Timeline(topo.overlap)
+    hops = max(1, world - 1)
+
+    def one_pass(flops: float, rate: float, outgoing: float, returning: float) -> None:
+        blocks = block_time(visible, flops * per, rate, topo.kernel_overhead)
+        work = [float(blocks[(rows - t) % world, rows].max()) for t in range(world)]
+        out_step = topo.transfer(level, "p2p", world, outgoing / hops)
+        ret_step = topo.transfer(level, "p2p", world, returning / hops)
+        line.work(work[0])
+        if world == 1:
+            return
+        line.wait(out_step, 1)  # the first rows leave after the local block
+        if route == "direct":
+            for t in range(1, world):
+                # rows of step t+1 and the return of step t-1 fly while step t computes
+                nxt = out_step if t + 1 < world else 0.0
+                back = ret_step if t > 1 else 0.0
+                line.overlap(work[t], nxt + back, int(nxt > 0) + int(back > 0))
+            line.wait(ret_step, 1)
+        else:
+            for t in range(2, world):
+                line.overlap(work[t - 1], out_step, 1)
+            line.work(work[world - 1])
+            for _ in range(world - 1):  # the partials stream back hop by hop, merged as they pass
+                line.wait(ret_step, 1)
+
+    one_pass(FORWARD_FLOPS, topo.compute_rate, nbytes["forward_outgoing"], nbytes["forward_returning"])
+    if prob.training:
+        one_pass(BACKWARD_FLOPS, topo.backward_rate, nbytes["backward_outgoing"], nbytes["backward_returning"])
+    return line, nbytes
+
+
+def peak_memory(prob, options) -> int:
+    """Inputs, plus the visiting queries and the partial outputs in flight both ways; the
+    backward carries dO, out and lse with the queries and dQ back."""
+    b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
+    e, a = prob.element_size, prob.acc_size
+    rows, lse = b * n * h * d, b * h * n
+    saved = rows * e + lse * a
+    fwd = 2 * rows * e + 2 * (rows * a + lse * a) + rows * a + lse * 8
+    bwd = 2 * (3 * rows * e + lse * a) + 2 * rows * a + rows * a + 2 * b * n * hkv * d * a
+    return prob.peak(saved, fwd, bwd)
+
+
+def candidates(prob):
+    return [{"route": route} for route in ROUTES]
+
 def _apply(q, k, v, layout, causal, scale, backend, options: Options):
     args = (layout, causal, scale, backend, options.route, "token_ring")
     return TokenRingAttention.apply(q, k, v, args)
@@ -401,4 +471,5 @@ def token_ring_attention(q, k, v, *, layout=None, causal=False, softmax_scale=No
                         backend=backend, route=route, **options)
 
 
-register(Strategy("token_ring", _apply, analytic_bytes, Options))
+register(Strategy("token_ring", _apply, analytic_bytes, Options, cost=cost, peak_memory=peak_memory,
+                  candidates=candidates))

@@ -176,6 +176,70 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
     return {"forward": qkv_in + out_back, "backward": do_in + grads_back}
 
 
+
+# -- for the planner (seqpar.planner): schedule, memory, candidates ----------------------------
+
+
+def head_parallel_cost(prob, topo, size: int, total: Dict[str, int]):
+    """(timeline, `total`) of Ulysses inside groups of `size` consecutive ranks and ring
+    across the groups (USP; size = P: Ulysses). `total`: the busiest rank's bytes of the
+    whole strategy; the ring's share is what its all-to-alls leave. The all-to-alls are
+    exposed: q/k/v in and the output back (forward); dO in and dQ/dK/dV back."""
+    from ..planner.schedule import Timeline
+    from ..planner.topology import steps
+
+    world = prob.world_size
+    groups = [list(range(g * size, (g + 1) * size)) for g in range(world // size)]
+    a2a = {"forward": 0, "backward": 0}
+    for r in prob.ranks():
+        got = analytic_bytes(prob.layout(r), prob.batch, prob.heads, prob.kv_heads, prob.head_dim,
+                             prob.element_size, members=groups[r // size])
+        for key in a2a:
+            a2a[key] = max(a2a[key], got[key])
+    around = {key: max(0, total[key] - a2a[key]) for key in a2a}  # the ring across groups
+    a2a_level = "intra" if all(topo.level(g) == "intra" for g in groups) else "inter"
+    # ring m joins member m of every group; it is intra-node only if each such ring is
+    ring_level = "intra" if all(topo.level([g[m] for g in groups]) == "intra" for m in range(size)) else "inter"
+    ring_layout = GroupLayout(prob.layout(), groups, 0)
+    heads = prob.heads // size
+    line = Timeline(topo.overlap)
+    line.wait(topo.transfer(a2a_level, "alltoall", size, a2a["forward"], calls=2), 2 * steps("alltoall", size))
+    ring.ring_phase(line, prob, topo, ring_layout, heads, around["forward"], 0.0, ring_level, backward=False)
+    if prob.training:
+        line.wait(topo.transfer(a2a_level, "alltoall", size, a2a["backward"], calls=2), 2 * steps("alltoall", size))
+        ring.ring_phase(line, prob, topo, ring_layout, heads, around["forward"], around["backward"] - around["forward"],
+                        ring_level, backward=True)
+    return line, total
+
+
+def head_parallel_memory(prob, size: int) -> int:
+    """Peak bytes of Ulysses in groups of `size` (USP; size = P: Ulysses): the group's
+    tokens of this member's heads, gathered, plus the outer ring's K/V in flight."""
+    b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
+    e, a = prob.element_size, prob.acc_size
+    hq, hk = h // size, kv_heads_per_member(h, hkv, size)
+    ng = n * size  # the group's tokens
+    full = b * ng * (hq + 2 * hk) * d
+    ring_kv = 2 * b * ng * hk * d if size < prob.world_size else 0
+    saved = full * e + b * ng * hq * d * e + b * hq * ng * a
+    fwd = 2 * full * e + 2 * ring_kv * e + b * ng * hq * d * (a + 2 * e) + b * hq * ng * 8
+    bwd = 2 * b * ng * hq * d * e + full * (a + 2 * e) + 2 * ring_kv * e + 3 * ring_kv * a
+    return prob.peak(saved, fwd, bwd)
+
+
+def cost(prob, topo, options):
+    from ..planner.schedule import busiest_bytes
+
+    return head_parallel_cost(prob, topo, prob.world_size, busiest_bytes(prob, analytic_bytes, options))
+
+
+def peak_memory(prob, options) -> int:
+    return head_parallel_memory(prob, prob.world_size)
+
+
+def candidates(prob):
+    return [{}]
+
 def _check(q, k, v, layout, options):
     reason = head_constraint(q.shape[2], k.shape[2], layout.world_size, "ulysses")
     if reason:
@@ -202,4 +266,5 @@ def ulysses_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None,
                         backend=backend, **options)
 
 
-register(Strategy("ulysses", _apply, analytic_bytes, check=_check))
+register(Strategy("ulysses", _apply, analytic_bytes, check=_check, cost=cost, peak_memory=peak_memory,
+                  candidates=candidates))

@@ -100,6 +100,27 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
     return {phase: a2a[phase] + around[phase] for phase in ("forward", "backward")}
 
 
+
+# -- for the planner (seqpar.planner): schedule, memory, candidates ----------------------------
+
+
+def cost(prob, topo, options):
+    """Ulysses' schedule in groups of `ulysses_size`, ring across them (`ulysses.head_parallel_cost`)."""
+    from ..planner.schedule import busiest_bytes
+
+    size = options["ulysses_size"]
+    return ulysses.head_parallel_cost(prob, topo, size, busiest_bytes(prob, analytic_bytes, {"ulysses_size": size}))
+
+
+def peak_memory(prob, options) -> int:
+    return ulysses.head_parallel_memory(prob, options["ulysses_size"])
+
+
+def candidates(prob):
+    """Every proper divisor U of P above 1 (U = 1 is ring, U = P Ulysses)."""
+    world = prob.world_size
+    return [{"ulysses_size": u} for u in range(2, world) if world % u == 0]
+
 def usp_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto",
                   ulysses_size: Optional[int] = None, **options):
     """Exact attention by USP: Ulysses within groups of `ulysses_size` ranks, ring across them.
@@ -113,4 +134,5 @@ def usp_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, bac
                         backend=backend, ulysses_size=ulysses_size, **options)
 
 
-register(Strategy("usp", _apply, analytic_bytes, Options, _check))
+register(Strategy("usp", _apply, analytic_bytes, Options, _check, cost=cost, peak_memory=peak_memory,
+                  candidates=candidates))
