@@ -233,7 +233,7 @@ def plan(seq_len: int, *, world_size: int, heads: int, kv_heads: Optional[int] =
     Problem: global `seq_len` N over `world_size` P ranks, `heads` H query heads and
     `kv_heads` H_kv (default H) of `head_dim` D, `dtype` (name or torch dtype), `causal`,
     `training` (forward + backward) or inference (forward only), `batch` B, and the layout
-    `scheme` ("contiguous", "zigzag", "stripe"). `topology`: the machine (default:
+    `scheme` ("contiguous", "zigzag", "stripe", "balanced"). `topology`: the machine (default:
     `default_topology` for this machine's device type with P ranks).
 
     Returns a `Plan`: `plan.strategy`, `plan.options` (for `seqpar.attention(...,

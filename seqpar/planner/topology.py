@@ -19,13 +19,12 @@ import torch
 
 from ..comm.collectives import backend_of
 from ..errors import brief
-from ..layout import group_rank_and_size
+from ..layout import SCHEMES, group_rank_and_size
 
 KINDS = ("p2p", "alltoall", "allgather", "reduce_scatter", "allreduce")
 LEVELS = ("intra", "inter")
 DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                "float64": torch.float64}
-SCHEMES = ("contiguous", "zigzag", "stripe")
 
 
 def steps(kind: str, ranks: int) -> int:
