@@ -23,21 +23,54 @@ when it shares their block, through 0 * NaN in the product with V, as in PyTorch
 PyTorch's CPU flash op breaks the rule by itself; `pieces.py` restores it.
 
 This module is what the strategies call: `kernels(backend, q, k)` (the block kernels as
-calls of the custom ops in ops.py, checked once per device and dtype) and
+calls of the custom ops below, checked once per device and dtype) and
 `merge_kernel(backend)`. The backends are the modules of `backends/` (one per backend,
 with the registry, `resolve_backend` and the availability reasons in
 `backends/__init__.py`); the names below re-export them and the shared pieces.
+
+## The custom ops
+
+Block attention and the merge are `torch.library` custom ops, so torch.compile traces them.
+
+Ops (namespace `seqpar`):
+
+- `torch.ops.seqpar.block_forward(q, k, v, scale, offset, backend) -> (out, lse)`
+- `torch.ops.seqpar.block_backward(do, q, k, v, out, lse, scale, offset, backend) -> (dq, dk, dv)`
+- `torch.ops.seqpar.merge_(out, lse, part_out, part_lse) -> ()`, in place on out and lse
+  (defined with backend "cuda", whose merge it is, in `backends/cuda.py`; `block.merge_` here)
+
+`offset` is the block's causal offset (`None`: no mask; int: key j visible to query i iff
+`j <= i + offset`), `backend` a concrete block backend name (`backends.MODULES`). Each op
+runs that backend's plain function; what the op adds is a fixed output contract, which
+its fake (meta) implementation states without running anything:
+
+- `out` `[B, nq, H, D]` and `dq`/`dk`/`dv` (shapes of q/k/v) in the accumulation dtype
+  (fp32; fp64 for fp64 inputs), in the backend's kernel memory layout
+  (`memory.empty_in_kernel_layout`: heads-major for sdpa, else contiguous);
+- `lse` `[B, H, nq]` contiguous, accumulation dtype.
+
+Backends return other dtypes or strides in places (the fused ops' bf16 outputs, a
+heads-major `out`); the ops copy those into the contract, because compiled code indexes
+outputs by the strides the fake promised.
+
+`block_forward` has an autograd formula, exact also for the gradient of `lse` (see
+`_block_forward_backward`); the strategies do not need it (their autograd functions call
+`block_backward` themselves), it makes the op usable on its own. `block_backward` and
+`merge_` have none: they are used under no-grad inside the strategies' backward and
+forward, and `merge_` mutates its accumulator.
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
+from torch import Tensor
 
-from . import ops
+from . import backends
 from .backends import BACKENDS, merge_kernel, resolve_backend, unavailable_reason, verify_once
 from .backends.sdpa import backward as sdpa_backward, forward as sdpa_forward
 from .backends.torch_math import backward as torch_backward, forward as torch_forward
+from .backends.cuda import merge as merge_  # noqa: F401  (the op seqpar::merge_)
 from .memory import acc_dtype, empty_in_kernel_layout, heads_major, to_kernel_layout
 from .pieces import square_pieces
 
@@ -55,7 +88,119 @@ def kernels(backend: str, q: torch.Tensor, k: torch.Tensor) -> Tuple[ForwardFn, 
     """(forward, backward) of a concrete backend name, checked once per device and dtype.
 
     Both are calls of the custom ops `seqpar::block_forward` / `block_backward`
-    (`kernels/ops.py`), which run the backend's functions and fix the outputs' dtype and
-    layout, so that torch.compile traces each block as one op."""
+    (below), which run the backend's functions and fix the outputs' dtype and layout, so
+    that torch.compile traces each block as one op."""
     verify_once(backend, q)
-    return ops.block_fns(backend)
+    return block_fns(backend)
+
+
+# -- the custom ops ---------------------------------------------------------------------
+
+
+
+
+def _same_layout(x: Tensor, want: Tensor) -> bool:
+    # strides of size-1 dims never address anything; compiled code ignores them too
+    return all(size == 1 or a == b for size, a, b in zip(want.shape, x.stride(), want.stride()))
+
+
+def _in_contract(x: Tensor, shape, backend: str, acc: torch.dtype) -> Tensor:
+    """`x` if it already has the dtype and layout the fake promises, else a copy that has."""
+    _, want = empty_in_kernel_layout(shape, backend, dtype=acc, device=x.device)
+    if x.dtype == acc and _same_layout(x, want):
+        return x
+    want.copy_(x)
+    return want
+
+
+# -- block forward --------------------------------------------------------------------
+
+@torch.library.custom_op("seqpar::block_forward", mutates_args=())
+def block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: Optional[int],
+                  backend: str) -> Tuple[Tensor, Tensor]:
+    out, lse = backends.get(backend).forward(q, k, v, scale, offset)
+    acc = acc_dtype(q.dtype)
+    b, nq, h, d = q.shape
+    out = _in_contract(out, (b, nq, h, d), backend, acc)
+    return out, lse.to(acc).contiguous()
+
+
+@block_forward.register_fake
+def _block_forward_fake(q, k, v, scale, offset, backend):
+    acc = acc_dtype(q.dtype)
+    b, nq, h, d = q.shape
+    _, out = empty_in_kernel_layout((b, nq, h, d), backend, dtype=acc, device=q.device)
+    return out, q.new_empty((b, h, nq), dtype=acc)
+
+
+def _block_forward_setup(ctx, inputs, output):
+    q, k, v, scale, offset, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.offset, ctx.backend = scale, offset, backend
+    # an lse nobody differentiates arrives as None, not as zeros: no extra kernels then
+    ctx.set_materialize_grads(False)
+
+
+def _block_forward_backward(ctx, grad_out, grad_lse):
+    """Gradients of `(out, lse)` of one block.
+
+    `out`: the flash backward (`block_backward`) with the block's own out and lse.
+    `lse`: with P the block's probabilities and g = dL/dlse `[B, H, nq]`,
+    `dlse_i/dq_i = scale * (P k)_i` and `dlse_i/dk_j = scale * P_ij q_i`, so
+    `dq += scale * g * (P K)` (P K: a forward with k as the values) and
+    `dk += P^T (scale * g * q)` (the dv of a backward whose dO is `scale * g * q`).
+    """
+    q, k, v, out, lse = ctx.saved_tensors
+    scale, offset, backend = ctx.scale, ctx.offset, ctx.backend
+    acc = acc_dtype(q.dtype)
+    out_q = out.to(q.dtype)
+    dq = dk = dv = None
+    if grad_out is not None:
+        dq, dk, dv = block_backward(grad_out.to(q.dtype), q, k, v, out_q, lse, scale, offset, backend)
+    if grad_lse is not None:
+        # [B, H, nq] -> [B, nq, H, 1]
+        g = grad_lse.to(acc).transpose(1, 2).unsqueeze(-1) * scale
+        pk, _ = block_forward(q, k, k, scale, offset, backend)
+        dq_lse = g * pk
+        _, _, dk_lse = block_backward((g * q.to(acc)).to(q.dtype), q, k, k, out_q, lse, scale, offset, backend)
+        dq = dq_lse if dq is None else dq + dq_lse
+        dk = dk_lse if dk is None else dk + dk_lse
+    grads = tuple(None if t is None else t.to(ref.dtype) for t, ref in ((dq, q), (dk, k), (dv, v)))
+    return grads + (None, None, None)
+
+
+block_forward.register_autograd(_block_forward_backward, setup_context=_block_forward_setup)
+
+
+# -- block backward -------------------------------------------------------------------
+
+@torch.library.custom_op("seqpar::block_backward", mutates_args=())
+def block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                   offset: Optional[int], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = backends.get(backend).backward(do, q, k, v, out, lse, scale, offset)
+    acc = acc_dtype(q.dtype)
+    return tuple(_in_contract(g, ref.shape, backend, acc) for g, ref in ((dq, q), (dk, k), (dv, v)))
+
+
+@block_backward.register_fake
+def _block_backward_fake(do, q, k, v, out, lse, scale, offset, backend):
+    acc = acc_dtype(q.dtype)
+    return tuple(empty_in_kernel_layout(ref.shape, backend, dtype=acc, device=q.device)[1] for ref in (q, k, v))
+
+
+# -- what the strategies call ---------------------------------------------------------
+
+def block_fns(backend: str) -> Tuple[Callable, Callable]:
+    """`(forward, backward)` with the signatures of the backends' functions
+    (`fwd(q, k, v, scale, offset)`, `bwd(do, q, k, v, out, lse, scale, offset)`), each one
+    call of the custom op for `backend`."""
+    backends.get(backend)  # ValueError for a name that is no concrete backend
+
+    def forward(q, k, v, scale, offset):
+        return torch.ops.seqpar.block_forward(q, k, v, float(scale), offset, backend)
+
+    def backward(do, q, k, v, out, lse, scale, offset):
+        return torch.ops.seqpar.block_backward(do, q, k, v, out, lse, float(scale), offset, backend)
+
+    return forward, backward

@@ -51,6 +51,7 @@ from ..registry import Strategy, register, run
 from .common import attend_blocks, attend_blocks_backward, saved_output_function
 
 ROUTES = ("direct", "ring")
+DEFAULT_ROUTE = "direct"
 Ranges = List[Tuple[int, int]]
 
 
@@ -334,7 +335,7 @@ TokenRingAttention = saved_output_function("TokenRingAttention", _forward, _back
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int, element_size: int,
-                   route: str = "direct", causal: bool = True, **options) -> Dict[str, int]:
+                   route: str = DEFAULT_ROUTE, causal: bool = True, **options) -> Dict[str, int]:
     """Bytes this rank sends, per pass and direction ("forward"/"backward" are the totals;
     "*_outgoing" is the queries' direction, "*_returning" the results' direction)."""
     rank, world = layout.rank, layout.world_size
@@ -373,7 +374,7 @@ def _geometry_plan(geometry: tuple, causal: bool, route: str) -> _Plan:
 @dataclass(frozen=True)
 class Options:
     """`route`: "direct" (partials straight back to the owner) or "ring" (hop by hop)."""
-    route: str = "direct"
+    route: str = DEFAULT_ROUTE
 
     def __post_init__(self):
         if self.route not in ROUTES:
@@ -394,7 +395,7 @@ def cost(prob, topo, options):
     from ..planner.schedule import (BACKWARD_FLOPS, EXACT_RANKS, FORWARD_FLOPS, NotPlanned, Timeline, block_time,
                                     busiest_bytes, visible_elements)
 
-    route = options.get("route", "direct")
+    route = options.get("route", DEFAULT_ROUTE)
     world = prob.world_size
     if route == "ring" and world > EXACT_RANKS:
         raise NotPlanned(
@@ -459,7 +460,7 @@ def _apply(q, k, v, layout, causal, scale, backend, options: Options):
 
 
 def token_ring_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto",
-                         route: str = "direct", **options):
+                         route: str = DEFAULT_ROUTE, **options):
     """Exact attention by TokenRing: queries travel, partial outputs return, K/V stay.
 
     `q` `[B, S/P, H, D]`, `k`/`v` `[B, S/P, H_kv, D]` of `layout` (any scheme, uneven

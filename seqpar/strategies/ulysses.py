@@ -48,6 +48,11 @@ def kv_heads_per_member(heads: int, kv_heads: int, size: int) -> int:
     )
 
 
+def ulysses_groups(world: int, size: int) -> List[List[int]]:
+    """The Ulysses groups of `size` neighbouring ranks (USP's inner level; size = P: one)."""
+    return [list(range(g * size, (g + 1) * size)) for g in range(world // size)]
+
+
 def head_constraint(heads: int, kv_heads: int, size: int, strategy: str):
     """The reason `strategy` cannot split heads over `size` ranks, or None."""
     if heads % size:
@@ -189,7 +194,7 @@ def head_parallel_cost(prob, topo, size: int, total: Dict[str, int]):
     from ..planner.topology import steps
 
     world = prob.world_size
-    groups = [list(range(g * size, (g + 1) * size)) for g in range(world // size)]
+    groups = ulysses_groups(world, size)
     a2a = {"forward": 0, "backward": 0}
     for r in prob.ranks():
         got = analytic_bytes(prob.layout(r), prob.batch, prob.heads, prob.kv_heads, prob.head_dim,

@@ -74,7 +74,7 @@ def _apply(q, k, v, layout, causal, scale, backend, options: Options):
     size = options.ulysses_size
     if size == 1:
         return ring._apply(q, k, v, layout, causal, scale, backend, None)
-    groups = [list(range(g * size, (g + 1) * size)) for g in range(layout.world_size // size)]
+    groups = ulysses.ulysses_groups(layout.world_size, size)
     members = groups[layout.rank // size]
     # no sub-groups are created: both levels talk on the layout's group (see GroupLayout.peer
     # and alltoall.all_to_all_rows), which is safe whatever group the caller's layout uses
@@ -91,9 +91,8 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
     if size == 1:
         return ring.analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size)
     g = layout.rank // size
-    members = list(range(g * size, (g + 1) * size))
-    a2a = ulysses.analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size, members=members)
-    groups = [list(range(i * size, (i + 1) * size)) for i in range(layout.world_size // size)]
+    groups = ulysses.ulysses_groups(layout.world_size, size)
+    a2a = ulysses.analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size, members=groups[g])
     ring_layout = GroupLayout(layout, groups, g)
     kv_local = ulysses.kv_heads_per_member(heads, kv_heads, size)
     around = ring.analytic_bytes(ring_layout, batch, heads // size, kv_local, head_dim, element_size)

@@ -124,7 +124,7 @@ def test_unavailable_reason_without_the_extension():
 
 
 def test_cuda_backend_is_the_flash_op_and_the_fused_merge():
-    from seqpar.kernels import ops
+    from seqpar.kernels import block as ops
 
     fwd, bwd, merge = cuda_backend.forward, cuda_backend.backward, block.merge_kernel("cuda")
     assert (fwd, bwd, merge) == (block.sdpa_forward, block.sdpa_backward, ops.merge_)

@@ -1,4 +1,4 @@
-"""The custom ops of seqpar/kernels/ops.py: torch.library.opcheck (schema, fake, autograd
+"""The custom ops of seqpar/kernels/block.py: torch.library.opcheck (schema, fake, autograd
 registration, AOT dispatch), the fake contract against real outputs, gradients of
 block_forward (out and lse) by gradcheck, and the strategies' kernels going through them."""
 import pytest
@@ -6,7 +6,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from seqpar.kernels import block, ops
+from seqpar.kernels import block
+from seqpar.kernels import block as ops
 
 
 def _block(gen, dtype, nq=7, nk=9, heads=4, kv_heads=2, d=8):

@@ -15,7 +15,7 @@ Every backend module has the same small interface:
 kernels that only know "no mask" and "square causal" through `pieces.py`; `triton` takes
 the offset natively and merges with its fused merge; `cuda` is sdpa's blocks merged by the
 compiled extension. The strategies reach the backends through block.py (`kernels()`,
-which wraps them in the custom ops of ops.py); this module chooses and checks them.
+which wraps them in its custom ops); this module chooses and checks them.
 """
 from __future__ import annotations
 
