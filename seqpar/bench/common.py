@@ -1,5 +1,5 @@
-"""What the benchmarks share: progress display, output folder and JSON files, the machine's
-description, the help formatter."""
+"""What the benchmarks share: the timing of one call, progress display, output folder and
+JSON files, the machine's description, the help formatter."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,27 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
+
+
+def sync(device) -> None:
+    """Wait for `device`'s queued work (a no-op on CPU)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_call(fn, device=None, barrier=None) -> float:
+    """Seconds one `fn()` takes on this rank: every rank starts together (`barrier`, by
+    default the world's when a process group is up) with the device idle, and the clock
+    stops once the device has finished. Every benchmark times its calls with this."""
+    if barrier is None and torch.distributed.is_initialized():
+        barrier = torch.distributed.barrier
+    if barrier is not None:
+        barrier()
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def machine_description() -> str:

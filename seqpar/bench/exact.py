@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,7 +24,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .common import (HelpFormatter, default_out_dir, is_main, machine_description, progress, progress_end, repo_root,
-                     write_json)
+                     timed_call, write_json)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -57,11 +55,6 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _global_inputs(cfg: BenchConfig, device):
     gen = torch.Generator().manual_seed(cfg.seed)
     dtype = DTYPES[cfg.dtype]
@@ -71,17 +64,8 @@ def _global_inputs(cfg: BenchConfig, device):
 
 
 def _timed(fn, repeats: int, warmup: int, device, barrier) -> List[float]:
-    times = []
-    for i in range(warmup + repeats):
-        barrier()
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        if i >= warmup:
-            times.append(elapsed)
-    return times
+    times = [timed_call(fn, device, barrier) for _ in range(warmup + repeats)]
+    return times[warmup:]
 
 
 def _dense_fns(cfg: BenchConfig, tensors):
@@ -138,18 +122,17 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
         active = name != "dense" or rank == 0
         if name == "dense" and active:
             torch.set_num_threads(dense_threads)
-        dist.barrier()
-        _sync(device)
-        start = time.perf_counter()
-        if active:
+        def call():
+            if not active:
+                return
             if backward:
                 q.grad = k.grad = v.grad = None
                 forward().backward(do)
             else:
                 with torch.no_grad():
                     forward()
-        _sync(device)
-        elapsed = time.perf_counter() - start
+
+        elapsed = timed_call(call, device)
         torch.set_num_threads(rank_threads)
         return elapsed if active else 0.0
 

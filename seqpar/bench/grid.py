@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .common import HelpFormatter, default_out_dir, progress, progress_end
+from .common import HelpFormatter, default_out_dir, progress, progress_end, timed_call
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -103,17 +103,18 @@ def measure_on_rank(cfg: GridConfig, seq_len: int, heads: int, kv_heads: int, ca
                 progress(f"  {label}: {'timed round ' + str(round_ - cfg.warmup + 1) if timed else 'warm-up'}, "
                          f"{strategy}{options or ''}")
             q.grad = k.grad = v.grad = None
-            dist.barrier()
-            start = time.perf_counter()
-            if cfg.training:
-                out = seqpar.attention(q, k, v, layout=layout, causal=cfg.causal, strategy=strategy,
-                                       backend=cfg.backend, **options)
-                out.backward(do)
-            else:
-                with torch.no_grad():
-                    seqpar.attention(q, k, v, layout=layout, causal=cfg.causal, strategy=strategy,
-                                     backend=cfg.backend, **options)
-            elapsed = time.perf_counter() - start
+
+            def call():
+                if cfg.training:
+                    out = seqpar.attention(q, k, v, layout=layout, causal=cfg.causal, strategy=strategy,
+                                           backend=cfg.backend, **options)
+                    out.backward(do)
+                else:
+                    with torch.no_grad():
+                        seqpar.attention(q, k, v, layout=layout, causal=cfg.causal, strategy=strategy,
+                                         backend=cfg.backend, **options)
+
+            elapsed = timed_call(call, q.device)
             if timed:
                 times[i].append(elapsed)
         round_ += 1

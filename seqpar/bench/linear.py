@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .common import progress
+from .common import progress, timed_call
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 METHODS = ("ring", "allgather", "allscan")
@@ -133,16 +133,17 @@ def bench_linear_on_rank(cfg: LinearBenchConfig) -> Dict:
                     torch.set_num_threads(single_threads)
                 for t in whole[:3] + local[:3]:
                     t.grad = None
-                dist.barrier()
-                start = time.perf_counter()
                 with seqpar.comm.track() as stats:
-                    if active:
+                    def call():
+                        if not active:
+                            return
                         if bwd:
                             fn(True)
                         else:
                             with torch.no_grad():
                                 fn(False)
-                elapsed = time.perf_counter() - start
+
+                    elapsed = timed_call(call)
                 torch.set_num_threads(rank_threads)
                 if round_ >= cfg.warmup:
                     times[(name, bwd)].append(elapsed if active else 0.0)
