@@ -50,11 +50,34 @@ def square_pieces(nq: int, nk: int, offset: Optional[int]) -> List[Piece]:
     return pieces
 
 
+# PyTorch's CPU flash op takes its row maximum element by element, skipping NaN, only for
+# rows that see fewer keys than one vector holds (16 fp32 with AVX-512); wider rows reduce
+# in vector registers, where NaN propagates. Rows seeing at least this many keys (a
+# generous bound for any vector width) need no fix on CPU.
+_CPU_VECTOR_KEYS = 64
+
+
 def _nan_rows_(q, k, out, lse, causal):
     """Make NaN, in place, the rows of a fused piece's `(out, lse)` that see a NaN input
-    (the NaN rule, block.py): rows of q holding a NaN, and rows that see a
-    key holding one (an unmasked piece: every row; a square causal piece: rows from the
-    first NaN key on). Returns `(out, lse)`; `out` `[B, n, H, D]`, `lse` `[B, H, n]`."""
+    (the NaN rule, block.py): rows of q holding a NaN, and rows that see a key holding one
+    (an unmasked piece: every row; a square causal piece: rows from the first NaN key on).
+    On CPU only the rows that see fewer than `_CPU_VECTOR_KEYS` keys can have dropped a
+    NaN, so only those are checked (the first rows of a causal piece, or every row of a
+    narrow unmasked one): the cost stays a small slice of the piece's. Returns `(out, lse)`;
+    `out` `[B, n, H, D]`, `lse` `[B, H, n]`."""
+    b, n, h, _ = q.shape
+    if q.device.type == "cpu":
+        rows = min(n, _CPU_VECTOR_KEYS) if causal else (n if k.shape[1] < _CPU_VECTOR_KEYS else 0)
+        if rows == 0:
+            return out, lse
+        if rows < n:
+            _nan_rows_slice_(q[:, :rows], k[:, :rows], out[:, :rows], lse[:, :, :rows], causal)
+            return out, lse
+    _nan_rows_slice_(q, k, out, lse, causal)
+    return out, lse
+
+
+def _nan_rows_slice_(q, k, out, lse, causal) -> None:
     b, n, h, _ = q.shape
     h_kv = k.shape[2]
     bad_k = k.isnan().any(-1)  # [B, nk, H_kv]
@@ -66,7 +89,6 @@ def _nan_rows_(q, k, out, lse, causal):
     bad = q.isnan().any(-1) | bad_k  # [B, n, H]
     out.masked_fill_(bad[..., None], float("nan"))
     lse.masked_fill_(bad.transpose(1, 2), float("nan"))
-    return out, lse
 
 
 def pieces_forward(piece_fwd: Callable, q, k, v, scale, offset):
