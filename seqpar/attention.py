@@ -38,21 +38,24 @@ def _auto(q, k, v, layout, causal, options):
                   q.device)
 
 
-def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto", _error=None,
-                 **options):
+def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, window_size=(-1, -1),
+                 backend="auto", _error=None, **options):
     """`registry.run` with "auto" served by the planner (what `attention` and `seqpar.nn` call)."""
-    return run(strategy, q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale, backend=backend,
-               choose=_auto, _error=_error, **options)
+    return run(strategy, q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+               backend=backend, choose=_auto, _error=_error, **options)
 
 
-def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, strategy="auto", backend="auto", **options):
+def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, window_size=(-1, -1), strategy="auto",
+              backend="auto", **options):
     """Exact softmax attention over a sequence split across the ranks of `layout.group`.
 
     `q` `[B, S/P, H, D]`, `k`/`v` `[B, S/P, H_kv, D]` (`H % H_kv == 0`): this rank's tokens
     of `layout` (default: contiguous, equal lengths, default group). Returns this rank's
     rows of dense attention over the global sequence, `[B, S/P, H, D]`, input dtype.
     `causal`: query at global position i sees keys j <= i. `softmax_scale`: default
-    `D ** -0.5`. `strategy`: "ring", "ulysses", "usp" (option `ulysses_size`), "allgather"
+    `D ** -0.5`. `window_size=(left, right)`: query i sees keys `i - left <= j <= i + right`
+    in global positions (-1: unbounded; flash-attn's convention), on top of `causal` and
+    of the layout's documents. `strategy`: "ring", "ulysses", "usp" (option `ulysses_size`), "allgather"
     (option `kv_head_chunk`), "token_ring" (option `route`) or "auto" (the choice of
     `seqpar.plan` on this group's cached calibration, else default topology: the fastest
     feasible one, near-ties to a fixed preference; options are then chosen too, so none may
@@ -60,4 +63,4 @@ def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, strateg
     "flash_attn" (per-block kernel). Differentiable in q, k, v.
     """
     return run_strategy(strategy, q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
-                        backend=backend, **options)
+                        window_size=window_size, backend=backend, **options)

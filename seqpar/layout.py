@@ -44,17 +44,36 @@ class Run:
 
 @dataclass(frozen=True)
 class Block:
-    """A query slice against a key slice (local offsets) and its mask.
-
-    `offset=None`: every key visible. Otherwise key j is visible to query i iff
-    `j <= i + offset` (indices relative to the slices).
-    """
+    """A query slice against a key slice (local offsets) and its mask: key j is visible to
+    query i iff `lo <= j - i <= offset` (indices relative to the slices); None leaves that
+    side unbounded (`offset=None, lo=None`: every key visible). `offset` alone is a causal
+    offset; `lo` comes from a sliding window's left edge."""
 
     q_start: int
     q_len: int
     k_start: int
     k_len: int
     offset: Optional[int]
+    lo: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Mask:
+    """What a query at global position i sees, besides its own document: keys j <= i when
+    `causal`, and `i - left <= j <= i + right` for `window = (left, right)` (flash-attn's
+    `window_size`; -1: unbounded on that side). Strategies pass it where a bare `causal`
+    bool used to go; `visible_blocks` takes either."""
+
+    causal: bool = False
+    window: Tuple[int, int] = (-1, -1)
+
+    @property
+    def windowed(self) -> bool:
+        return self.window != (-1, -1)
+
+
+def as_mask(causal) -> Mask:
+    return causal if isinstance(causal, Mask) else Mask(bool(causal))
 
 
 def split_sizes(n: int, parts: int) -> List[int]:
@@ -400,30 +419,33 @@ def visible_blocks(layout: SeqLayout, q_rank: int, k_rank: int, causal: bool) ->
     block so that e.g. a zigzag step is a single kernel call. With documents, runs are cut
     at document boundaries and only pieces of the same document are paired.
     """
+    mask = as_mask(causal)
     geometry = getattr(layout, "geometry", None)
     if geometry is not None:
-        return list(_cached_blocks(geometry, q_rank, k_rank, causal))
-    return _visible_blocks(layout, q_rank, k_rank, causal)
+        return list(_cached_blocks(geometry, q_rank, k_rank, mask))
+    return _visible_blocks(layout, q_rank, k_rank, mask)
 
 
 @lru_cache(maxsize=4096)
-def _cached_blocks(geometry: tuple, q_rank: int, k_rank: int, causal: bool) -> Tuple[Block, ...]:
+def _cached_blocks(geometry: tuple, q_rank: int, k_rank: int, mask: Mask) -> Tuple[Block, ...]:
     seq_len, scheme, world, documents = geometry
     layout = SeqLayout.simulated(seq_len, world, q_rank, scheme, documents)
-    return tuple(_visible_blocks(layout, q_rank, k_rank, causal))
+    return tuple(_visible_blocks(layout, q_rank, k_rank, mask))
 
 
-def _visible_blocks(layout, q_rank: int, k_rank: int, causal: bool) -> List[Block]:
+def _visible_blocks(layout, q_rank: int, k_rank: int, mask: Mask) -> List[Block]:
     nq, nk = layout.local_len_of(q_rank), layout.local_len_of(k_rank)
     if nq == 0 or nk == 0:
         return []
+    causal = mask.causal
     documents = getattr(layout, "documents", None)
-    if documents is None:
+    if documents is None and not mask.windowed:
         if not causal:
             return [Block(0, nq, 0, nk, None)]
         if q_rank == k_rank and _ascending(layout.runs(q_rank)):
             # positions ascend in local order, so local causality is global causality
             return [Block(0, nq, 0, nk, 0)]
+    if documents is None:
         k_runs = [kr for kr in layout.runs(k_rank) if kr.length]
         pairs = [(qr, k_runs) for qr in layout.runs(q_rank) if qr.length]
     else:
@@ -436,12 +458,11 @@ def _visible_blocks(layout, q_rank: int, k_rank: int, causal: bool) -> List[Bloc
     for qr, k_runs in pairs:
         row = []
         for kr in k_runs:
-            offset = _pair_offset(qr, kr) if causal else None
-            if offset is not None and offset + qr.length - 1 < 0:
+            band = _pair_band(qr, kr, mask)
+            if band is None:
                 continue
-            full = offset is None or offset >= kr.length - 1
-            block = Block(qr.local_start, qr.length, kr.local_start, kr.length, None if full else offset)
-            if row and block.offset is None and row[-1].offset is None and row[-1].k_start + row[-1].k_len == block.k_start:
+            block = Block(qr.local_start, qr.length, kr.local_start, kr.length, *band)
+            if row and _full(block) and _full(row[-1]) and row[-1].k_start + row[-1].k_len == block.k_start:
                 prev = row.pop()
                 block = Block(prev.q_start, prev.q_len, prev.k_start, prev.k_len + block.k_len, None)
             row.append(block)
@@ -452,8 +473,8 @@ def _visible_blocks(layout, q_rank: int, k_rank: int, causal: bool) -> List[Bloc
         if (
             blocks
             and len(row) == 1
-            and row[0].offset is None
-            and blocks[-1].offset is None
+            and _full(row[0])
+            and _full(blocks[-1])
             and blocks[-1].q_start + blocks[-1].q_len == row[0].q_start
             and (blocks[-1].k_start, blocks[-1].k_len) == (row[0].k_start, row[0].k_len)
         ):
@@ -479,19 +500,44 @@ def _document_pieces(runs: Sequence[Run], documents: Tuple[int, ...]) -> List[Tu
     return pieces
 
 
-def _pair_offset(qr: Run, kr: Run) -> int:
-    """Key j of `kr` is visible to query i of `qr` iff `j <= i + offset`.
+def _full(block: Block) -> bool:
+    return block.offset is None and block.lo is None
 
-    With a common stride s: `kr.start + s j <= qr.start + s i`. A run of one token fits
-    any stride, so it takes the other's. Other stride mixes have no offset form.
-    """
+
+def _pair_band(qr: Run, kr: Run, mask: Mask) -> Optional[Tuple[Optional[int], Optional[int]]]:
+    """`(offset, lo)` of the block of run `qr`'s queries against run `kr`'s keys (see Block;
+    None for a side that never binds), or None when no pair is visible.
+
+    With a common stride s and d = qr.start - kr.start, key j of kr (position
+    kr.start + s j) is visible to query i of qr iff, in positions, `k <= q` (causal),
+    `k <= q + right` and `k >= q - left`: `j - i <= floor(d / s)`, `<= floor((d + right) / s)`
+    and `>= ceil((d - left) / s)`."""
+    stride = _common_stride(qr, kr)
+    d = qr.start - kr.start
+    left, right = mask.window
+    uppers = ([d // stride] if mask.causal else []) + ([(d + right) // stride] if right >= 0 else [])
+    hi = min(uppers) if uppers else None
+    lo = -((left - d) // stride) if left >= 0 else None
+    nq, nk = qr.length, kr.length
+    # rows i that see a key: i + lo <= nk - 1, i + hi >= 0, and lo <= hi
+    first = 0 if hi is None else max(0, -hi)
+    last = nq - 1 if lo is None else min(nq - 1, nk - 1 - lo)
+    if first > last or (hi is not None and lo is not None and lo > hi):
+        return None
+    if hi is not None and hi >= nk - 1:
+        hi = None
+    if lo is not None and lo <= -(nq - 1):
+        lo = None
+    return hi, lo
+
+
+def _common_stride(qr: Run, kr: Run) -> int:
+    """The stride both runs' positions share (a run of one token fits any stride)."""
     if qr.length == 1:
-        stride = kr.stride
-    elif kr.length == 1 or qr.stride == kr.stride:
-        stride = qr.stride
-    else:
-        raise AssertionError(f"runs of strides {qr.stride} and {kr.stride} have no causal offset")
-    return (qr.start - kr.start) // stride
+        return kr.stride
+    if kr.length == 1 or qr.stride == kr.stride:
+        return qr.stride
+    raise AssertionError(f"runs of strides {qr.stride} and {kr.stride} have no common stride")
 
 
 def _ascending(runs: List[Run]) -> bool:

@@ -22,8 +22,9 @@ from typing import Callable, Dict, Optional, Tuple
 
 from .call import check_tensors, collective_call, grad_wanted, group_of, layout_for, no_seq, resolve_scale
 from .comm.groups import describe
+from .errors import brief
 from .kernels.block import BACKENDS, resolve_backend
-from .layout import SeqLayout, documents_key
+from .layout import Mask, SeqLayout, documents_key
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class _Resolved:
     chosen: tuple = None
 
 
-def _signature(strategy, backend, causal, scale, layout, q, k, v, options, r: Optional[_Resolved]):
+def _signature(strategy, backend, causal, window_size, layout, q, k, v, options, r: Optional[_Resolved]):
     # root causes first: the first field that differs is the one the error names
     return (
         ("q [batch, heads, head_dim], dtype, device", no_seq(q)),
@@ -147,6 +148,7 @@ def _signature(strategy, backend, causal, scale, layout, q, k, v, options, r: Op
         # ranks exchange buffers in the resolved backend's memory layout: it must be one
         ("backend resolved on this rank", r and r.backend),
         ("causal", causal),
+        ("window_size", brief(window_size)),
         ("softmax_scale", r and r.scale),
         ("options", describe_options(options)),
         # defaults read from this rank's environment shape the collectives too
@@ -156,12 +158,24 @@ def _signature(strategy, backend, causal, scale, layout, q, k, v, options, r: Op
     )
 
 
-def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto", choose=None,
-        _error=None, **options):
+def check_window(window_size) -> Tuple[int, int]:
+    """`window_size` as a tuple `(left, right)` of ints >= -1 (-1: unbounded)."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or any(
+            isinstance(x, bool) or not isinstance(x, int) for x in window_size):
+        raise TypeError(f"window_size: expected a pair of ints (left, right), got {brief(window_size)}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size: expected ints >= -1 (-1: unbounded on that side), got ({left}, {right})")
+    return left, right
+
+
+def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, window_size=(-1, -1),
+        backend="auto", choose=None, _error=None, **options):
     """Check, agree on and run one call of a registered strategy (or of `choose`'s pick
     when `strategy == "auto"`: `choose(q, k, v, layout, causal, options) -> (name,
     options)`). `_error`: bad input a wrapper (seqpar.nn) found with its own checks; it
-    goes through the same agreement, so the wrapper's peers raise too."""
+    goes through the same agreement, so the wrapper's peers raise too. The strategy's
+    `apply` gets the mask (`layout.Mask`: causal and the window) where `causal` went."""
     group = group_of(layout)
 
     def check() -> _Resolved:
@@ -169,6 +183,7 @@ def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, bac
         local = layout_for(layout, q, group)
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+        check_window(window_size)
         scale = resolve_scale(softmax_scale, q.shape[-1])
         chosen = None
         if strategy == "auto" and choose is not None:
@@ -183,6 +198,7 @@ def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, bac
         return _Resolved(local, name, opts, scale, concrete, chosen)
 
     r = collective_call(group, f"seqpar.attention(strategy={strategy!r})", check,
-                        lambda r: _signature(strategy, backend, causal, softmax_scale, layout, q, k, v, options, r),
+                        lambda r: _signature(strategy, backend, causal, window_size, layout, q, k, v, options, r),
                         prior_error=_error)
-    return _REGISTRY[r.name].apply(q, k, v, r.layout, causal, r.scale, r.backend, r.options)
+    mask = Mask(causal, tuple(window_size)) if tuple(window_size) != (-1, -1) else causal
+    return _REGISTRY[r.name].apply(q, k, v, r.layout, mask, r.scale, r.backend, r.options)

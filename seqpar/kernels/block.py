@@ -72,7 +72,7 @@ from .backends.sdpa import backward as sdpa_backward, forward as sdpa_forward
 from .backends.torch_math import backward as torch_backward, forward as torch_forward
 from .backends.cuda import merge as merge_  # noqa: F401  (the op seqpar::merge_)
 from .memory import acc_dtype, empty_in_kernel_layout, heads_major, to_kernel_layout
-from .pieces import square_pieces
+from .pieces import band_backward, band_forward, square_pieces
 
 __all__ = [
     "BACKENDS", "kernels", "merge_kernel", "resolve_backend", "unavailable_reason",
@@ -96,7 +96,24 @@ def kernels(backend: str, q: torch.Tensor, k: torch.Tensor) -> Tuple[ForwardFn, 
 
 # -- the custom ops ---------------------------------------------------------------------
 
+def _forward_of(backend: str, q, k, v, scale, offset, lo):
+    """The backend's forward of one block; a window's lower bound `lo` natively where the
+    backend takes it (`BANDS`), else cut into one-sided blocks (`pieces.band_forward`)."""
+    module = backends.get(backend)
+    if lo is None:
+        return module.forward(q, k, v, scale, offset)
+    if getattr(module, "BANDS", False):
+        return module.forward(q, k, v, scale, offset, lo)
+    return band_forward(module.forward, q, k, v, scale, offset, lo)
 
+
+def _backward_of(backend: str, do, q, k, v, out, lse, scale, offset, lo):
+    module = backends.get(backend)
+    if lo is None:
+        return module.backward(do, q, k, v, out, lse, scale, offset)
+    if getattr(module, "BANDS", False):
+        return module.backward(do, q, k, v, out, lse, scale, offset, lo)
+    return band_backward(module.backward, do, q, k, v, out, lse, scale, offset, lo)
 
 
 def _same_layout(x: Tensor, want: Tensor) -> bool:
@@ -117,8 +134,8 @@ def _in_contract(x: Tensor, shape, backend: str, acc: torch.dtype) -> Tensor:
 
 @torch.library.custom_op("seqpar::block_forward", mutates_args=())
 def block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: Optional[int],
-                  backend: str) -> Tuple[Tensor, Tensor]:
-    out, lse = backends.get(backend).forward(q, k, v, scale, offset)
+                  backend: str, lo: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    out, lse = _forward_of(backend, q, k, v, scale, offset, lo)
     acc = acc_dtype(q.dtype)
     b, nq, h, d = q.shape
     out = _in_contract(out, (b, nq, h, d), backend, acc)
@@ -126,7 +143,7 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: Optiona
 
 
 @block_forward.register_fake
-def _block_forward_fake(q, k, v, scale, offset, backend):
+def _block_forward_fake(q, k, v, scale, offset, backend, lo=None):
     acc = acc_dtype(q.dtype)
     b, nq, h, d = q.shape
     _, out = empty_in_kernel_layout((b, nq, h, d), backend, dtype=acc, device=q.device)
@@ -134,10 +151,10 @@ def _block_forward_fake(q, k, v, scale, offset, backend):
 
 
 def _block_forward_setup(ctx, inputs, output):
-    q, k, v, scale, offset, backend = inputs
+    q, k, v, scale, offset, backend, lo = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale, ctx.offset, ctx.backend = scale, offset, backend
+    ctx.scale, ctx.offset, ctx.backend, ctx.lo = scale, offset, backend, lo
     # an lse nobody differentiates arrives as None, not as zeros: no extra kernels then
     ctx.set_materialize_grads(False)
 
@@ -152,22 +169,23 @@ def _block_forward_backward(ctx, grad_out, grad_lse):
     `dk += P^T (scale * g * q)` (the dv of a backward whose dO is `scale * g * q`).
     """
     q, k, v, out, lse = ctx.saved_tensors
-    scale, offset, backend = ctx.scale, ctx.offset, ctx.backend
+    scale, offset, backend, lo = ctx.scale, ctx.offset, ctx.backend, ctx.lo
     acc = acc_dtype(q.dtype)
     out_q = out.to(q.dtype)
     dq = dk = dv = None
     if grad_out is not None:
-        dq, dk, dv = block_backward(grad_out.to(q.dtype), q, k, v, out_q, lse, scale, offset, backend)
+        dq, dk, dv = block_backward(grad_out.to(q.dtype), q, k, v, out_q, lse, scale, offset, backend, lo)
     if grad_lse is not None:
         # [B, H, nq] -> [B, nq, H, 1]
         g = grad_lse.to(acc).transpose(1, 2).unsqueeze(-1) * scale
-        pk, _ = block_forward(q, k, k, scale, offset, backend)
+        pk, _ = block_forward(q, k, k, scale, offset, backend, lo)
         dq_lse = g * pk
-        _, _, dk_lse = block_backward((g * q.to(acc)).to(q.dtype), q, k, k, out_q, lse, scale, offset, backend)
+        _, _, dk_lse = block_backward((g * q.to(acc)).to(q.dtype), q, k, k, out_q, lse, scale, offset, backend,
+                                      lo)
         dq = dq_lse if dq is None else dq + dq_lse
         dk = dk_lse if dk is None else dk + dk_lse
     grads = tuple(None if t is None else t.to(ref.dtype) for t, ref in ((dq, q), (dk, k), (dv, v)))
-    return grads + (None, None, None)
+    return grads + (None, None, None, None)
 
 
 block_forward.register_autograd(_block_forward_backward, setup_context=_block_forward_setup)
@@ -177,14 +195,14 @@ block_forward.register_autograd(_block_forward_backward, setup_context=_block_fo
 
 @torch.library.custom_op("seqpar::block_backward", mutates_args=())
 def block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-                   offset: Optional[int], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = backends.get(backend).backward(do, q, k, v, out, lse, scale, offset)
+                   offset: Optional[int], backend: str, lo: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _backward_of(backend, do, q, k, v, out, lse, scale, offset, lo)
     acc = acc_dtype(q.dtype)
     return tuple(_in_contract(g, ref.shape, backend, acc) for g, ref in ((dq, q), (dk, k), (dv, v)))
 
 
 @block_backward.register_fake
-def _block_backward_fake(do, q, k, v, out, lse, scale, offset, backend):
+def _block_backward_fake(do, q, k, v, out, lse, scale, offset, backend, lo=None):
     acc = acc_dtype(q.dtype)
     return tuple(empty_in_kernel_layout(ref.shape, backend, dtype=acc, device=q.device)[1] for ref in (q, k, v))
 
@@ -193,14 +211,14 @@ def _block_backward_fake(do, q, k, v, out, lse, scale, offset, backend):
 
 def block_fns(backend: str) -> Tuple[Callable, Callable]:
     """`(forward, backward)` with the signatures of the backends' functions
-    (`fwd(q, k, v, scale, offset)`, `bwd(do, q, k, v, out, lse, scale, offset)`), each one
-    call of the custom op for `backend`."""
+    (`fwd(q, k, v, scale, offset, lo=None)`, `bwd(do, q, k, v, out, lse, scale, offset,
+    lo=None)`), each one call of the custom op for `backend`."""
     backends.get(backend)  # ValueError for a name that is no concrete backend
 
-    def forward(q, k, v, scale, offset):
-        return torch.ops.seqpar.block_forward(q, k, v, float(scale), offset, backend)
+    def forward(q, k, v, scale, offset, lo=None):
+        return torch.ops.seqpar.block_forward(q, k, v, float(scale), offset, backend, lo)
 
-    def backward(do, q, k, v, out, lse, scale, offset):
-        return torch.ops.seqpar.block_backward(do, q, k, v, out, lse, float(scale), offset, backend)
+    def backward(do, q, k, v, out, lse, scale, offset, lo=None):
+        return torch.ops.seqpar.block_backward(do, q, k, v, out, lse, float(scale), offset, backend, lo)
 
     return forward, backward

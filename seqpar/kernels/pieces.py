@@ -126,3 +126,69 @@ def pieces_backward(piece_bwd: Callable, do, q, k, v, out, lse, scale, offset):
         dk[:, k0:k1] += dk_p
         dv[:, k0:k1] += dv_p
     return dq, dk, dv
+
+
+# -- windows: blocks with a lower bound ---------------------------------------------------
+
+def band_blocks(nq: int, nk: int, offset: Optional[int], lo: int) -> List[Tuple[int, int, int, int, Optional[int],
+                                                                                Optional[int]]]:
+    """Cut a band block (key j visible to query i iff `lo <= j - i <= offset`) into
+    one-sided blocks `(q0, q1, k0, k1, offset', lo')`, exactly one of `offset'`, `lo'` set.
+
+    Rows go in chunks of W = offset - lo + 1. For chunk rows [r0, r1), keys below r0 + offset
+    satisfy the upper bound for every row of the chunk (only `lo` binds), and keys from
+    r0 + offset on satisfy the lower bound (j >= r0 + offset = (r1 - 1) + lo at most): two
+    one-sided blocks per chunk, none overlapping, together the band."""
+    if offset is None:
+        return [(0, nq, 0, nk, None, lo)]
+    width = offset - lo + 1
+    blocks = []
+    for r0 in range(0, nq, width):
+        r1 = min(nq, r0 + width)
+        a, b = max(0, r0 + lo), max(0, min(nk, r0 + offset))
+        if a < b:
+            blocks.append((r0, r1, a, b, None, r0 + lo - a))
+        c, d = max(0, r0 + offset), min(nk, r1 + offset)
+        if c < d:
+            blocks.append((r0, r1, c, d, r0 + offset - c, None))
+    return blocks
+
+
+def band_forward(fwd: Callable, q, k, v, scale, offset, lo):
+    """Forward of a band block through `fwd(q, k, v, scale, offset)`, which takes only an
+    upper bound: a lower-bound block is an upper-bound block of the reversed rows and keys
+    (`j - i >= lo` iff `j' - i' <= nk - nq - lo` with `i' = nq-1-i`, `j' = nk-1-j`)."""
+    b, nq, h, d = q.shape
+    acc = acc_dtype(q.dtype)
+    out = torch.zeros(b, nq, h, d, dtype=acc, device=q.device)
+    lse = torch.full((b, h, nq), float("-inf"), dtype=acc, device=q.device)
+    for q0, q1, k0, k1, upper, lower in band_blocks(nq, k.shape[1], offset, lo):
+        qs, ks, vs = q[:, q0:q1], k[:, k0:k1], v[:, k0:k1]
+        if lower is None:
+            part_out, part_lse = fwd(qs, ks, vs, scale, upper)
+        else:
+            m, n = q1 - q0, k1 - k0
+            part_out, part_lse = fwd(qs.flip(1), ks.flip(1), vs.flip(1), scale, n - m - lower)
+            part_out, part_lse = part_out.flip(1), part_lse.flip(2)
+        merge_(out[:, q0:q1], lse[:, :, q0:q1], part_out, part_lse)
+    return out, lse
+
+
+def band_backward(bwd: Callable, do, q, k, v, out, lse, scale, offset, lo):
+    """Backward of `band_forward` through `bwd(do, q, k, v, out, lse, scale, offset)`."""
+    acc = acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    for q0, q1, k0, k1, upper, lower in band_blocks(q.shape[1], k.shape[1], offset, lo):
+        rows = (do[:, q0:q1], q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], out[:, q0:q1], lse[:, :, q0:q1])
+        if lower is None:
+            dq_p, dk_p, dv_p = bwd(*rows, scale, upper)
+        else:
+            m, n = q1 - q0, k1 - k0
+            flipped = [t.flip(2 if t is rows[5] else 1) for t in rows]
+            dq_p, dk_p, dv_p = (g.flip(1) for g in bwd(*flipped, scale, n - m - lower))
+        dq[:, q0:q1] += dq_p
+        dk[:, k0:k1] += dk_p
+        dv[:, k0:k1] += dv_p
+    return dq, dk, dv

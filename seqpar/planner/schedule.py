@@ -62,7 +62,7 @@ def visible_elements(layout, causal: bool) -> torch.Tensor:
         for b in range(width):
             ks, kl, kst = starts[None, :, b], lengths[None, :, b], strides[None, :, b]
             # key j of the key run is visible to query i of the query run iff j <= i + offset,
-            # with the offset of `layout._pair_offset` (a one-token run takes the other's stride)
+            # with the stride of `layout._common_stride` (a one-token run takes the other's stride)
             stride = torch.where(ql == 1, kst, qst)
             offset = torch.div(qs - ks, stride, rounding_mode="floor")
             count = _stair_sum(offset + ql, kl) - _stair_sum(offset, kl)

@@ -36,6 +36,7 @@ ring's traffic, so ring wins. On the relayed route the returning partial out cou
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import lru_cache
@@ -94,7 +95,7 @@ def _packed_index(ranges: Ranges, row: int) -> int:
 def _blocks_in(layout, q_rank, k_rank, causal, ranges: Ranges) -> List[Block]:
     """visible_blocks with query rows renumbered into the packed rows `ranges`."""
     return [
-        Block(_packed_index(ranges, blk.q_start), blk.q_len, blk.k_start, blk.k_len, blk.offset)
+        dataclasses.replace(blk, q_start=_packed_index(ranges, blk.q_start))
         for blk in visible_blocks(layout, q_rank, k_rank, causal)
     ]
 

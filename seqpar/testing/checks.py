@@ -140,6 +140,7 @@ class AttentionProblem:
     memory_layout: str = "contiguous"  # one of MEMORY_LAYOUTS: how q, k, v and dO are stored
     # packed documents: the boundaries [0, l1, ..., seq_len] (SeqLayout's cu_seqlens), or None
     documents: Optional[Tuple[int, ...]] = None
+    window: Tuple[int, int] = (-1, -1)  # window_size (left, right); -1: unbounded
 
     def __post_init__(self):
         _check_memory_layout(self.memory_layout)
@@ -155,9 +156,14 @@ class AttentionProblem:
         return SeqLayout(self.seq_len, scheme=self.scheme, cu_seqlens=self.documents)
 
     def mask(self) -> Optional[torch.Tensor]:
-        """Bool `[N, N]`, True where a query sees a key (documents and causal), or None when
-        plain causal or full attention says it all."""
-        return visibility(self.seq_len, self.causal, self.documents)
+        """Bool `[N, N]`, True where a query sees a key (documents, window and causal), or
+        None when plain causal or full attention says it all."""
+        return visibility(self.seq_len, self.causal, self.documents, self.window)
+
+    def mask_options(self) -> Dict:
+        """The keywords that give an attention function this problem's window (none when
+        unbounded, so functions without the keyword are still checked)."""
+        return {} if self.window == (-1, -1) else {"window_size": self.window}
 
     def replace(self, **changes) -> "AttentionProblem":
         return dataclasses.replace(self, **changes)
@@ -173,16 +179,26 @@ class AttentionProblem:
         return tuple(same_batch_rows((q, k, v, do), self.memory_layout))
 
 
-def visibility(seq_len: int, causal: bool, documents: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
-    """Bool `[N, N]`: which keys each query sees, by document (`cu_seqlens` boundaries) and
-    `causal`; None without documents (then `causal` alone says it)."""
-    if documents is None:
+def visibility(seq_len: int, causal: bool, documents: Optional[Sequence[int]] = None,
+               window: Tuple[int, int] = (-1, -1)) -> Optional[torch.Tensor]:
+    """Bool `[N, N]`: which keys each query sees, by document (`cu_seqlens` boundaries),
+    window `(left, right)` and `causal`; None without documents or window (then `causal`
+    alone says it)."""
+    if documents is None and tuple(window) == (-1, -1):
         return None
     positions = torch.arange(seq_len)
-    doc = torch.bucketize(positions, torch.tensor(list(documents[1:-1]), dtype=torch.long), right=True)
-    mask = doc[:, None] == doc[None, :]
+    i, j = positions[:, None], positions[None, :]
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool)
+    if documents is not None:
+        doc = torch.bucketize(positions, torch.tensor(list(documents[1:-1]), dtype=torch.long), right=True)
+        mask &= doc[:, None] == doc[None, :]
     if causal:
-        mask &= positions[None, :] <= positions[:, None]
+        mask &= j <= i
+    left, right = window
+    if left >= 0:
+        mask &= j >= i - left
+    if right >= 0:
+        mask &= j <= i + right
     return mask
 
 
@@ -270,7 +286,8 @@ def check_attention(problem: AttentionProblem, attention_fn: Optional[Callable] 
     q, k, v, do = problem.global_tensors()
     mem = problem.memory_layout
     leaves, views = lay_out([layout.shard(t).to(dtype) for t in (q, k, v)], mem)
-    out = fn(*views, layout=layout, causal=problem.causal, softmax_scale=problem.softmax_scale, **options)
+    out = fn(*views, layout=layout, causal=problem.causal, softmax_scale=problem.softmax_scale,
+             **problem.mask_options(), **options)
     if out.dtype != dtype or out.shape != views[0].shape:
         raise AssertionError(f"output has dtype {out.dtype} shape {tuple(out.shape)}, expected {dtype} {tuple(views[0].shape)}")
     out.backward(lay_out_grad(layout.shard(do).to(dtype), mem))

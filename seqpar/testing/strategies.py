@@ -25,8 +25,8 @@ def attention_problems(
 ):
     """Problems with P in `world_sizes`, tiny and uneven lengths (down to N = P), MHA, GQA
     and MQA, head dims that are not powers of two, causal or not, every scheme, and logit
-    scales from gentle to saturating, every memory layout of q, k, v and dO, and packed
-    documents half the time (`documents()`)."""
+    scales from gentle to saturating, every memory layout of q, k, v and dO, packed
+    documents (`documents()`) and sliding windows (`windows()`) half the time each."""
     world_size = draw(st.sampled_from(list(world_sizes)))
     seq_len = draw(st.integers(world_size, world_size * max_tokens_per_rank))
     kv_heads = draw(st.sampled_from([1, 2, 3]))
@@ -45,7 +45,16 @@ def attention_problems(
         seed=draw(st.integers(0, 2**31 - 1)),
         memory_layout=draw(memory_layouts()),
         documents=draw(st.one_of(st.none(), documents(seq_len))),
+        window=draw(st.one_of(st.just((-1, -1)), windows(seq_len))),
     )
+
+
+@st.composite
+def windows(draw, seq_len: int):
+    """`window_size` pairs (left, right): a row that sees only itself (0, 0), windows
+    narrower than a rank's share, windows crossing several ranks, one side unbounded."""
+    side = st.one_of(st.just(-1), st.integers(0, 3), st.integers(0, max(0, seq_len)))
+    return (draw(side), draw(side))
 
 
 @st.composite

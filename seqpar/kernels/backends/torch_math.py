@@ -1,4 +1,4 @@
-"""Backend "torch": the reference math, on any device and dtype, with any offset.
+"""Backend "torch": the reference math, on any device and dtype, with any offset and window.
 
 Plain torch in the accumulation dtype (fp32; fp64 for fp64 inputs, so a float64 problem
 runs float64 end to end and tests compare it with a float64 dense reference). GQA by
@@ -24,21 +24,27 @@ def _row_chunks(q: torch.Tensor, nk: int):
         yield start, min(nq, start + rows)
 
 
-def _scores(q, k, scale, offset, row0, acc):
+def _scores(q, k, scale, offset, row0, acc, lo=None):
     # q [B, r, H_kv, G, D], k [B, nk, H_kv, D] -> [B, H_kv, G, r, nk]
     s = torch.einsum("bihgd,bjhd->bhgij", q.to(acc), k.to(acc)) * scale
-    if offset is not None:
+    if offset is not None or lo is not None:
         i = torch.arange(row0, row0 + q.shape[1], device=q.device)[:, None]
         j = torch.arange(k.shape[1], device=q.device)[None, :]
-        s = s.masked_fill(j > i + offset, float("-inf"))
+        if offset is not None:
+            s = s.masked_fill(j > i + offset, float("-inf"))
+        if lo is not None:
+            s = s.masked_fill(j < i + lo, float("-inf"))
     return s
+
+
+BANDS = True  # takes the lower bound `lo` of a window natively (others: pieces.band_forward)
 
 
 def _safe(lse):
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
 
 
-def forward(q, k, v, scale, offset):
+def forward(q, k, v, scale, offset, lo=None):
     b, nq, h, d = q.shape
     h_kv = k.shape[2]
     acc = acc_dtype(q.dtype)
@@ -47,7 +53,7 @@ def forward(q, k, v, scale, offset):
     lse = torch.empty(b, h_kv, h // h_kv, nq, dtype=acc, device=q.device)
     vv = v.to(acc)
     for r0, r1 in _row_chunks(q, k.shape[1]):
-        s = _scores(qg[:, r0:r1], k, scale, offset, r0, acc)
+        s = _scores(qg[:, r0:r1], k, scale, offset, r0, acc, lo)
         l = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - _safe(l)[..., None])
         out[:, r0:r1] = torch.einsum("bhgij,bjhd->bihgd", p, vv)
@@ -55,7 +61,7 @@ def forward(q, k, v, scale, offset):
     return out.reshape(b, nq, h, d), lse.reshape(b, h, nq)
 
 
-def backward(do, q, k, v, out, lse, scale, offset):
+def backward(do, q, k, v, out, lse, scale, offset, lo=None):
     b, nq, h, d = q.shape
     h_kv = k.shape[2]
     g = h // h_kv
@@ -70,7 +76,7 @@ def backward(do, q, k, v, out, lse, scale, offset):
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     for r0, r1 in _row_chunks(q, k.shape[1]):
-        s = _scores(qg[:, r0:r1], k, scale, offset, r0, acc)
+        s = _scores(qg[:, r0:r1], k, scale, offset, r0, acc, lo)
         p = torch.exp(s - lse[..., r0:r1, None])
         dp = torch.einsum("bihgd,bjhd->bhgij", dog[:, r0:r1], vv)
         ds = p * (dp - delta[..., r0:r1, None])
