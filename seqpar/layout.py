@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import bisect
+import dataclasses
 import hashlib
 from functools import lru_cache
 from typing import Sequence, Tuple
@@ -55,6 +56,7 @@ class Block:
     k_len: int
     offset: Optional[int]
     lo: Optional[int] = None
+    softcap: float = 0.0  # the call's logit softcap (0: none), carried to the kernel with the block
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Mask:
 
     causal: bool = False
     window: Tuple[int, int] = (-1, -1)
+    softcap: float = 0.0  # not a mask, but every block of the call carries it to the kernel
 
     @property
     def windowed(self) -> bool:
@@ -422,8 +425,12 @@ def visible_blocks(layout: SeqLayout, q_rank: int, k_rank: int, causal: bool) ->
     mask = as_mask(causal)
     geometry = getattr(layout, "geometry", None)
     if geometry is not None:
-        return list(_cached_blocks(geometry, q_rank, k_rank, mask))
-    return _visible_blocks(layout, q_rank, k_rank, mask)
+        blocks = list(_cached_blocks(geometry, q_rank, k_rank, dataclasses.replace(mask, softcap=0.0)))
+    else:
+        blocks = _visible_blocks(layout, q_rank, k_rank, mask)
+    if mask.softcap:
+        blocks = [dataclasses.replace(blk, softcap=mask.softcap) for blk in blocks]
+    return blocks
 
 
 @lru_cache(maxsize=4096)

@@ -17,6 +17,8 @@ protocol below it, nor the planner (`seqpar.planner`): they ask the registry, no
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -132,7 +134,7 @@ class _Resolved:
     chosen: tuple = None
 
 
-def _signature(strategy, backend, causal, window_size, layout, q, k, v, options, r: Optional[_Resolved]):
+def _signature(strategy, backend, causal, window_size, softcap, layout, q, k, v, options, r: Optional[_Resolved]):
     # root causes first: the first field that differs is the one the error names
     return (
         ("q [batch, heads, head_dim], dtype, device", no_seq(q)),
@@ -149,6 +151,7 @@ def _signature(strategy, backend, causal, window_size, layout, q, k, v, options,
         ("backend resolved on this rank", r and r.backend),
         ("causal", causal),
         ("window_size", brief(window_size)),
+        ("softcap", brief(softcap)),
         ("softmax_scale", r and r.scale),
         ("options", describe_options(options)),
         # defaults read from this rank's environment shape the collectives too
@@ -169,8 +172,17 @@ def check_window(window_size) -> Tuple[int, int]:
     return left, right
 
 
+def check_softcap(softcap) -> float:
+    """`softcap` as a float >= 0 (0: no softcap)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap: expected a float >= 0 (0: none), got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap: expected a finite float >= 0 (0: none), got {softcap!r}")
+    return float(softcap)
+
+
 def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, window_size=(-1, -1),
-        backend="auto", choose=None, _error=None, **options):
+        softcap=0.0, backend="auto", choose=None, _error=None, **options):
     """Check, agree on and run one call of a registered strategy (or of `choose`'s pick
     when `strategy == "auto"`: `choose(q, k, v, layout, causal, options) -> (name,
     options)`). `_error`: bad input a wrapper (seqpar.nn) found with its own checks; it
@@ -184,6 +196,7 @@ def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, win
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
         check_window(window_size)
+        cap = check_softcap(softcap)
         scale = resolve_scale(softmax_scale, q.shape[-1])
         chosen = None
         if strategy == "auto" and choose is not None:
@@ -194,11 +207,13 @@ def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, win
         opts = check_strategy(name, q, k, v, local, given)
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        concrete = resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale)
+        concrete = resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale, cap)
         return _Resolved(local, name, opts, scale, concrete, chosen)
 
     r = collective_call(group, f"seqpar.attention(strategy={strategy!r})", check,
-                        lambda r: _signature(strategy, backend, causal, window_size, layout, q, k, v, options, r),
+                        lambda r: _signature(strategy, backend, causal, window_size, softcap, layout, q, k, v, options,
+                                             r),
                         prior_error=_error)
-    mask = Mask(causal, tuple(window_size)) if tuple(window_size) != (-1, -1) else causal
+    plain = tuple(window_size) == (-1, -1) and not softcap
+    mask = causal if plain else Mask(causal, tuple(window_size), float(softcap))
     return _REGISTRY[r.name].apply(q, k, v, r.layout, mask, r.scale, r.backend, r.options)

@@ -96,10 +96,13 @@ def kernels(backend: str, q: torch.Tensor, k: torch.Tensor) -> Tuple[ForwardFn, 
 
 # -- the custom ops ---------------------------------------------------------------------
 
-def _forward_of(backend: str, q, k, v, scale, offset, lo):
+def _forward_of(backend: str, q, k, v, scale, offset, lo, softcap):
     """The backend's forward of one block; a window's lower bound `lo` natively where the
-    backend takes it (`BANDS`), else cut into one-sided blocks (`pieces.band_forward`)."""
+    backend takes it (`BANDS`), else cut into one-sided blocks (`pieces.band_forward`).
+    `softcap` reaches only backends that take it (`SOFTCAP`; `resolve_backend` picks one)."""
     module = backends.get(backend)
+    if softcap:
+        return module.forward(q, k, v, scale, offset, lo, softcap)
     if lo is None:
         return module.forward(q, k, v, scale, offset)
     if getattr(module, "BANDS", False):
@@ -107,8 +110,10 @@ def _forward_of(backend: str, q, k, v, scale, offset, lo):
     return band_forward(module.forward, q, k, v, scale, offset, lo)
 
 
-def _backward_of(backend: str, do, q, k, v, out, lse, scale, offset, lo):
+def _backward_of(backend: str, do, q, k, v, out, lse, scale, offset, lo, softcap):
     module = backends.get(backend)
+    if softcap:
+        return module.backward(do, q, k, v, out, lse, scale, offset, lo, softcap)
     if lo is None:
         return module.backward(do, q, k, v, out, lse, scale, offset)
     if getattr(module, "BANDS", False):
@@ -134,8 +139,8 @@ def _in_contract(x: Tensor, shape, backend: str, acc: torch.dtype) -> Tensor:
 
 @torch.library.custom_op("seqpar::block_forward", mutates_args=())
 def block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: Optional[int],
-                  backend: str, lo: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-    out, lse = _forward_of(backend, q, k, v, scale, offset, lo)
+                  backend: str, lo: Optional[int] = None, softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
+    out, lse = _forward_of(backend, q, k, v, scale, offset, lo, softcap)
     acc = acc_dtype(q.dtype)
     b, nq, h, d = q.shape
     out = _in_contract(out, (b, nq, h, d), backend, acc)
@@ -143,7 +148,7 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: Optiona
 
 
 @block_forward.register_fake
-def _block_forward_fake(q, k, v, scale, offset, backend, lo=None):
+def _block_forward_fake(q, k, v, scale, offset, backend, lo=None, softcap=0.0):
     acc = acc_dtype(q.dtype)
     b, nq, h, d = q.shape
     _, out = empty_in_kernel_layout((b, nq, h, d), backend, dtype=acc, device=q.device)
@@ -151,10 +156,10 @@ def _block_forward_fake(q, k, v, scale, offset, backend, lo=None):
 
 
 def _block_forward_setup(ctx, inputs, output):
-    q, k, v, scale, offset, backend, lo = inputs
+    q, k, v, scale, offset, backend, lo, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale, ctx.offset, ctx.backend, ctx.lo = scale, offset, backend, lo
+    ctx.scale, ctx.offset, ctx.backend, ctx.lo, ctx.softcap = scale, offset, backend, lo, softcap
     # an lse nobody differentiates arrives as None, not as zeros: no extra kernels then
     ctx.set_materialize_grads(False)
 
@@ -169,13 +174,17 @@ def _block_forward_backward(ctx, grad_out, grad_lse):
     `dk += P^T (scale * g * q)` (the dv of a backward whose dO is `scale * g * q`).
     """
     q, k, v, out, lse = ctx.saved_tensors
-    scale, offset, backend, lo = ctx.scale, ctx.offset, ctx.backend, ctx.lo
+    scale, offset, backend, lo, softcap = ctx.scale, ctx.offset, ctx.backend, ctx.lo, ctx.softcap
     acc = acc_dtype(q.dtype)
     out_q = out.to(q.dtype)
     dq = dk = dv = None
     if grad_out is not None:
-        dq, dk, dv = block_backward(grad_out.to(q.dtype), q, k, v, out_q, lse, scale, offset, backend, lo)
+        dq, dk, dv = block_backward(grad_out.to(q.dtype), q, k, v, out_q, lse, scale, offset, backend, lo, softcap)
     if grad_lse is not None:
+        if softcap:
+            # the P K trick below has no tanh' factor; the strategies never differentiate lse
+            raise RuntimeError("seqpar::block_forward: the gradient of lse with softcap > 0 is not supported "
+                               "(differentiate out only)")
         # [B, H, nq] -> [B, nq, H, 1]
         g = grad_lse.to(acc).transpose(1, 2).unsqueeze(-1) * scale
         pk, _ = block_forward(q, k, k, scale, offset, backend, lo)
@@ -185,7 +194,7 @@ def _block_forward_backward(ctx, grad_out, grad_lse):
         dq = dq_lse if dq is None else dq + dq_lse
         dk = dk_lse if dk is None else dk + dk_lse
     grads = tuple(None if t is None else t.to(ref.dtype) for t, ref in ((dq, q), (dk, k), (dv, v)))
-    return grads + (None, None, None, None)
+    return grads + (None, None, None, None, None)
 
 
 block_forward.register_autograd(_block_forward_backward, setup_context=_block_forward_setup)
@@ -195,14 +204,15 @@ block_forward.register_autograd(_block_forward_backward, setup_context=_block_fo
 
 @torch.library.custom_op("seqpar::block_backward", mutates_args=())
 def block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-                   offset: Optional[int], backend: str, lo: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _backward_of(backend, do, q, k, v, out, lse, scale, offset, lo)
+                   offset: Optional[int], backend: str, lo: Optional[int] = None,
+                   softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _backward_of(backend, do, q, k, v, out, lse, scale, offset, lo, softcap)
     acc = acc_dtype(q.dtype)
     return tuple(_in_contract(g, ref.shape, backend, acc) for g, ref in ((dq, q), (dk, k), (dv, v)))
 
 
 @block_backward.register_fake
-def _block_backward_fake(do, q, k, v, out, lse, scale, offset, backend, lo=None):
+def _block_backward_fake(do, q, k, v, out, lse, scale, offset, backend, lo=None, softcap=0.0):
     acc = acc_dtype(q.dtype)
     return tuple(empty_in_kernel_layout(ref.shape, backend, dtype=acc, device=q.device)[1] for ref in (q, k, v))
 
@@ -215,10 +225,11 @@ def block_fns(backend: str) -> Tuple[Callable, Callable]:
     lo=None)`), each one call of the custom op for `backend`."""
     backends.get(backend)  # ValueError for a name that is no concrete backend
 
-    def forward(q, k, v, scale, offset, lo=None):
-        return torch.ops.seqpar.block_forward(q, k, v, float(scale), offset, backend, lo)
+    def forward(q, k, v, scale, offset, lo=None, softcap=0.0):
+        return torch.ops.seqpar.block_forward(q, k, v, float(scale), offset, backend, lo, float(softcap))
 
-    def backward(do, q, k, v, out, lse, scale, offset, lo=None):
-        return torch.ops.seqpar.block_backward(do, q, k, v, out, lse, float(scale), offset, backend, lo)
+    def backward(do, q, k, v, out, lse, scale, offset, lo=None, softcap=0.0):
+        return torch.ops.seqpar.block_backward(do, q, k, v, out, lse, float(scale), offset, backend, lo,
+                                               float(softcap))
 
     return forward, backward

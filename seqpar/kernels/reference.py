@@ -17,13 +17,15 @@ def dense_attention(
     k_positions: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     mask: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
 ):
     """Softmax attention on one device, differentiable by autograd.
 
     `q` `[B, Nq, H, D]`, `k`/`v` `[B, Nk, H_kv, D]`. `causal` compares global positions
     (default `arange`): key j is visible to query i iff `k_positions[j] <= q_positions[i]`.
     `mask`: an optional bool `[Nq, Nk]`, True where a key is visible, applied on top of
-    `causal`. Rows that see no key return 0 (and lse -inf). Computes in the input dtype.
+    `causal`. `softcap > 0`: scores become `softcap * tanh(score / softcap)` (before the
+    masks). Rows that see no key return 0 (and lse -inf). Computes in the input dtype.
     """
     b, nq, h, d = q.shape
     nk, h_kv = k.shape[1], k.shape[2]
@@ -32,6 +34,8 @@ def dense_attention(
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if causal:
         qp = torch.arange(nq, device=q.device) if q_positions is None else q_positions.to(q.device)
         kp = torch.arange(nk, device=q.device) if k_positions is None else k_positions.to(q.device)

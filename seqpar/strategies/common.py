@@ -38,7 +38,7 @@ def attend_blocks(fwd, q, k, v, blocks, scale, out, lse, fresh: bool = False, me
     for blk in blocks:
         qs = slice(blk.q_start, blk.q_start + blk.q_len)
         ks = slice(blk.k_start, blk.k_start + blk.k_len)
-        part_out, part_lse = fwd(q[:, qs], k[:, ks], v[:, ks], scale, blk.offset, blk.lo)
+        part_out, part_lse = fwd(q[:, qs], k[:, ks], v[:, ks], scale, blk.offset, blk.lo, blk.softcap)
         if fresh and blk.q_len == q.shape[1]:
             out.copy_(part_out)
             lse.copy_(part_lse)
@@ -57,7 +57,7 @@ def attend_blocks_backward(bwd, blocks, do, q, k, v, out, lse, scale, dq, dk, dv
         qs = slice(blk.q_start, blk.q_start + blk.q_len)
         ks = slice(blk.k_start, blk.k_start + blk.k_len)
         dq_b, dk_b, dv_b = bwd(do[:, qs], q[:, qs], k[:, ks], v[:, ks], out[:, qs], lse[:, :, qs], scale, blk.offset,
-                               blk.lo)
+                               blk.lo, blk.softcap)
         dq[:, qs] += dq_b
         dk[:, ks] += dk_b
         dv[:, ks] += dv_b

@@ -141,6 +141,7 @@ class AttentionProblem:
     # packed documents: the boundaries [0, l1, ..., seq_len] (SeqLayout's cu_seqlens), or None
     documents: Optional[Tuple[int, ...]] = None
     window: Tuple[int, int] = (-1, -1)  # window_size (left, right); -1: unbounded
+    softcap: float = 0.0  # logit softcap (0: none)
 
     def __post_init__(self):
         _check_memory_layout(self.memory_layout)
@@ -162,8 +163,10 @@ class AttentionProblem:
 
     def mask_options(self) -> Dict:
         """The keywords that give an attention function this problem's window (none when
-        unbounded, so functions without the keyword are still checked)."""
-        return {} if self.window == (-1, -1) else {"window_size": self.window}
+        unbounded, and no softcap keyword without a softcap, so functions without those
+        keywords are still checked)."""
+        options = {} if self.window == (-1, -1) else {"window_size": self.window}
+        return options if not self.softcap else {**options, "softcap": self.softcap}
 
     def replace(self, **changes) -> "AttentionProblem":
         return dataclasses.replace(self, **changes)
@@ -202,11 +205,12 @@ def visibility(seq_len: int, causal: bool, documents: Optional[Sequence[int]] = 
     return mask
 
 
-def _dense_grads(q, k, v, do, causal, scale, use_sdpa, mask: Optional[torch.Tensor] = None):
+def _dense_grads(q, k, v, do, causal, scale, use_sdpa, mask: Optional[torch.Tensor] = None, softcap: float = 0.0):
     """Dense attention's output and gradients; `mask` (bool `[N, N]`, True = visible)
-    replaces `causal` when given."""
+    replaces `causal` when given. PyTorch's SDPA has no softcap: with one, the yardstick is
+    the reference math in the same dtype."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    if use_sdpa:
+    if use_sdpa and not softcap:
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal and mask is None,
             attn_mask=mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
@@ -214,7 +218,7 @@ def _dense_grads(q, k, v, do, causal, scale, use_sdpa, mask: Optional[torch.Tens
     else:
         from ..kernels.reference import dense_attention
 
-        out = dense_attention(q, k, v, causal=causal and mask is None, softmax_scale=scale, mask=mask)
+        out = dense_attention(q, k, v, causal=causal and mask is None, softmax_scale=scale, mask=mask, softcap=softcap)
     out.backward(do)
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
@@ -231,7 +235,7 @@ def _check_results(results: Dict[str, Optional[torch.Tensor]], dtype: torch.dtyp
 
 
 def conditioning(q, k, v, do, causal: bool, scale: float, ref: Dict[str, torch.Tensor],
-                  mask: Optional[torch.Tensor] = None) -> Dict[str, float]:
+                  mask: Optional[torch.Tensor] = None, softcap: float = 0.0) -> Dict[str, float]:
     """`cond_*` of out, dq, dk, dv (float64): the largest sum of |terms| an element sums
     over the largest |element| (or 1 where the reference is exactly 0), at least 1.
     `mask`: bool `[n_q, n_k]`, True where a query sees a key (instead of `causal`); rows
@@ -243,6 +247,8 @@ def conditioning(q, k, v, do, causal: bool, scale: float, ref: Dict[str, torch.T
     qh, kh, vh, doh = (t.transpose(1, 2) for t in (q, k.repeat_interleave(group, 2),
                                                   v.repeat_interleave(group, 2), do))
     scores = scale * qh @ kh.transpose(-1, -2)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     elif causal:
@@ -295,14 +301,17 @@ def check_attention(problem: AttentionProblem, attention_fn: Optional[Callable] 
     ours = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
     _check_results(ours, dtype)
     ours = {name: gather_global(t, layout, 1) if layout.world_size > 1 else t for name, t in ours.items()}
-    ref = batch_mean(_dense_grads(q, k, v, do, problem.causal, problem.softmax_scale, use_sdpa=False, mask=mask), mem)
+    ref = batch_mean(_dense_grads(q, k, v, do, problem.causal, problem.softmax_scale, use_sdpa=False, mask=mask,
+                                  softcap=problem.softcap), mem)
     report = {f"err_{name}": _rel_err(ours[name], ref[name]) for name in ref}
     # dense PyTorch (SDPA) in the same dtype: its error is the yardstick (in float64, the
     # disagreement of two float64 implementations, which ill-conditioned problems inflate)
     low = [t.to(dtype) for t in (q, k, v, do)]
-    dense = batch_mean(_dense_grads(*low, problem.causal, problem.softmax_scale, use_sdpa=True, mask=mask), mem)
+    dense = batch_mean(_dense_grads(*low, problem.causal, problem.softmax_scale, use_sdpa=True, mask=mask,
+                                    softcap=problem.softcap), mem)
     report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
-    report.update(conditioning(q, k, v, do, problem.causal, problem.softmax_scale, ref, mask=mask))
+    report.update(conditioning(q, k, v, do, problem.causal, problem.softmax_scale, ref, mask=mask,
+                               softcap=problem.softcap))
     return report
 
 

@@ -58,15 +58,18 @@ def merge_kernel(backend: str) -> MergeFn:
 
 
 def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
-                       scale: float = 1.0) -> Optional[str]:
+                       scale: float = 1.0, softcap: float = 0.0) -> Optional[str]:
     """Why `backend` cannot serve this case on this machine, or None when it can."""
     module = MODULES.get(backend)
     if module is None:
         return f"unknown backend {backend!r}"
+    if softcap and not getattr(module, "SOFTCAP", False):
+        return f"{backend} has no softcap, got softcap={softcap} (backend='torch' serves it)"
     return module.unavailable_reason(device, dtype, head_dim, scale)
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, scale: float = 1.0) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, scale: float = 1.0,
+                    softcap: float = 0.0) -> str:
     """The concrete backend for `backend`; "auto" takes the first that can serve of:
 
     - cuda: flash_attn, cuda (PyTorch's flash op + seqpar's compiled merge, when the
@@ -78,13 +81,13 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
-        reason = unavailable_reason(backend, device, dtype, head_dim, scale)
+        reason = unavailable_reason(backend, device, dtype, head_dim, scale, softcap)
         if reason is not None:
             raise ValueError(f"backend: {reason}")
         return backend
     order = ("flash_attn", "cuda", "sdpa", "triton", "torch") if device.type == "cuda" else ("sdpa", "torch")
     for candidate in order:
-        if unavailable_reason(candidate, device, dtype, head_dim, scale) is None:
+        if unavailable_reason(candidate, device, dtype, head_dim, scale, softcap) is None:
             return candidate
     return "torch"
 

@@ -24,9 +24,11 @@ def _row_chunks(q: torch.Tensor, nk: int):
         yield start, min(nq, start + rows)
 
 
-def _scores(q, k, scale, offset, row0, acc, lo=None):
+def _scores(q, k, scale, offset, row0, acc, lo=None, softcap=0.0):
     # q [B, r, H_kv, G, D], k [B, nk, H_kv, D] -> [B, H_kv, G, r, nk]
     s = torch.einsum("bihgd,bjhd->bhgij", q.to(acc), k.to(acc)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     if offset is not None or lo is not None:
         i = torch.arange(row0, row0 + q.shape[1], device=q.device)[:, None]
         j = torch.arange(k.shape[1], device=q.device)[None, :]
@@ -38,13 +40,14 @@ def _scores(q, k, scale, offset, row0, acc, lo=None):
 
 
 BANDS = True  # takes the lower bound `lo` of a window natively (others: pieces.band_forward)
+SOFTCAP = True  # takes `softcap` (the other backends do not: unavailable_reason says so)
 
 
 def _safe(lse):
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
 
 
-def forward(q, k, v, scale, offset, lo=None):
+def forward(q, k, v, scale, offset, lo=None, softcap=0.0):
     b, nq, h, d = q.shape
     h_kv = k.shape[2]
     acc = acc_dtype(q.dtype)
@@ -53,7 +56,7 @@ def forward(q, k, v, scale, offset, lo=None):
     lse = torch.empty(b, h_kv, h // h_kv, nq, dtype=acc, device=q.device)
     vv = v.to(acc)
     for r0, r1 in _row_chunks(q, k.shape[1]):
-        s = _scores(qg[:, r0:r1], k, scale, offset, r0, acc, lo)
+        s = _scores(qg[:, r0:r1], k, scale, offset, r0, acc, lo, softcap)
         l = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - _safe(l)[..., None])
         out[:, r0:r1] = torch.einsum("bhgij,bjhd->bihgd", p, vv)
@@ -61,7 +64,7 @@ def forward(q, k, v, scale, offset, lo=None):
     return out.reshape(b, nq, h, d), lse.reshape(b, h, nq)
 
 
-def backward(do, q, k, v, out, lse, scale, offset, lo=None):
+def backward(do, q, k, v, out, lse, scale, offset, lo=None, softcap=0.0):
     b, nq, h, d = q.shape
     h_kv = k.shape[2]
     g = h // h_kv
@@ -76,10 +79,13 @@ def backward(do, q, k, v, out, lse, scale, offset, lo=None):
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     for r0, r1 in _row_chunks(q, k.shape[1]):
-        s = _scores(qg[:, r0:r1], k, scale, offset, r0, acc, lo)
+        s = _scores(qg[:, r0:r1], k, scale, offset, r0, acc, lo, softcap)
         p = torch.exp(s - lse[..., r0:r1, None])
         dp = torch.einsum("bihgd,bjhd->bhgij", dog[:, r0:r1], vv)
         ds = p * (dp - delta[..., r0:r1, None])
+        if softcap:
+            # s = c tanh(x / c): ds/dx = 1 - tanh^2 = 1 - (s / c)^2 (masked entries have p = 0)
+            ds = ds * (1 - (s.masked_fill(torch.isinf(s), 0.0) / softcap) ** 2)
         dq[:, r0:r1] = torch.einsum("bhgij,bjhd->bihgd", ds, kk) * scale
         dk += torch.einsum("bhgij,bihgd->bjhd", ds, qg[:, r0:r1].to(acc)) * scale
         dv += torch.einsum("bhgij,bihgd->bjhd", p, dog[:, r0:r1])
