@@ -139,9 +139,10 @@ def group_of(layout):
 
 
 def no_seq(t) -> tuple:
-    """`describe(t)` without the sequence dim of a `[B, n, H, D]` tensor (it may differ by rank)."""
+    """`describe(t)` without the sequence dim (dim 1) of a `[B, n, ...]` tensor: a rank's
+    share of the sequence may differ by rank, its other dims may not."""
     d = describe(t)
-    if d[0] == "tensor" and len(d[1]) == 4:
+    if d[0] == "tensor" and len(d[1]) > 1:
         return (d[0], d[1][:1] + d[1][2:]) + d[2:]
     return d
 

@@ -14,14 +14,12 @@ documents whole on one rank and cuts only the long ones (`_balanced_runs`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
-
 import bisect
 import dataclasses
 import hashlib
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -98,9 +96,12 @@ class SeqLayout:
     """Which global positions of a `seq_len`-token sequence each rank of `group` holds.
 
     `scheme`: "contiguous" (rank r holds the r-th of P runs), "zigzag" (2P chunks; rank r
-    holds chunks r and 2P-1-r) or "stripe" (token i on rank i mod P). Any
-    `seq_len >= world_size` is valid; unequal chunks differ by at most one token, as
-    `torch.tensor_split` makes them.
+    holds chunks r and 2P-1-r; with documents, of every document), "stripe" (token i on
+    rank i mod P) or "balanced" (whole short documents on one rank, long ones cut zigzag;
+    without documents, zigzag). Any `seq_len >= world_size` is valid; unequal chunks differ
+    by at most one token, as `torch.tensor_split` makes them. `cu_seqlens`: packed
+    documents' boundaries `[0, l1, ..., seq_len]` (a token sees only its own document);
+    with documents a rank may hold no token.
     """
 
     def __init__(self, seq_len: int, *, group=None, scheme: str = "contiguous", cu_seqlens=None,
@@ -145,7 +146,7 @@ class SeqLayout:
               documents: Optional[Tuple[int, ...]] = None) -> None:
         if seq_len < world:
             raise ValueError(
-                f"seq_len: expected at least the world size ({world}) so every rank holds a token, got {seq_len}"
+                f"seq_len: expected at least the world size ({world}), got {seq_len}"
             )
         self.seq_len = seq_len
         self.scheme = scheme
@@ -350,7 +351,10 @@ def _balanced_runs(docs: List[Tuple[int, int]], world: int) -> List[List[Run]]:
     document above the mean: when the busiest rank took its last document, it had the
     least work, so at most the mean; that document is at most `BALANCE_SLACK * W/P`.
     So the busiest rank's work is within `BALANCE_SLACK` (5%) of the mean plus the
-    zigzag rounding, and only the long documents span ranks. Deterministic in
+    zigzag rounding, and only the long documents span ranks. Documents shorter than 2P
+    tokens are never cut (their zigzag chunks would be partly empty and load the low
+    ranks): when such a document outweighs 5% of the mean (a few short documents in all),
+    the bound is the mean plus that document's work, under 2P^2 pairs. Deterministic in
     (documents, P): every rank computes the same assignment. Runs are stored in position
     order, so local order ascends."""
     total = sum(_causal_work(b - a) for a, b in docs)
@@ -358,7 +362,8 @@ def _balanced_runs(docs: List[Tuple[int, int]], world: int) -> List[List[Run]]:
     pieces: List[List[Run]] = [[] for _ in range(world)]
     whole = []
     for a, b in docs:
-        if _causal_work(b - a) > limit:
+        # a document shorter than 2P has empty zigzag chunks: cutting it would load the low ranks
+        if _causal_work(b - a) > limit and b - a >= 2 * world:
             for r in range(world):
                 pieces[r].extend(_zigzag_runs(a, b - a, world, r))
         else:
@@ -579,7 +584,8 @@ class GroupLayout:
             coalesced = [self._merge_adjacent(runs) for runs in member_runs]
         elif all(_covers_a_range(runs) for runs in member_runs):
             # e.g. stripe under plain Ulysses: every group's tokens form one range
-            coalesced = [[Run(min(r.start for r in runs), sum(r.length for r in runs), 1, 0)] for runs in member_runs]
+            coalesced = [[Run(min(r.start for r in runs), sum(r.length for r in runs), 1, 0)] if runs else []
+                         for runs in member_runs]
         else:
             # strides must agree between groups for the causal offsets: keep rank order
             coalesced = member_runs
@@ -590,7 +596,7 @@ class GroupLayout:
     @staticmethod
     def _merge_adjacent(runs: List[Run]) -> List[Run]:
         runs = sorted(runs, key=lambda run: run.start)
-        merged = [runs[0]]
+        merged = runs[:1]  # a group may hold no token (documents)
         for run in runs[1:]:
             last = merged[-1]
             if last.start + last.length == run.start:
@@ -624,7 +630,7 @@ class GroupLayout:
     def local_index(self, member: int) -> torch.Tensor:
         """Where rank `member`'s tokens (in its local order) sit in its group's storage."""
         g = next(i for i, members in enumerate(self._members) if member in members)
-        storage_positions = torch.cat([
+        storage_positions = torch.cat([torch.empty(0, dtype=torch.long)] + [
             torch.arange(run.start, run.start + run.stride * run.length, run.stride) for run in self._runs[g]
         ])
         order = torch.empty(self.seq_len, dtype=torch.long)
@@ -633,5 +639,7 @@ class GroupLayout:
 
 
 def _covers_a_range(runs: List[Run]) -> bool:
+    if not runs:
+        return True
     positions = torch.cat([torch.arange(r.start, r.start + r.stride * r.length, r.stride) for r in runs]).sort().values
     return bool(torch.equal(positions, torch.arange(int(positions[0]), int(positions[0]) + len(positions))))

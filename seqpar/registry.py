@@ -25,7 +25,7 @@ from typing import Callable, Dict, Optional, Tuple
 from .call import check_tensors, collective_call, grad_wanted, group_of, layout_for, no_seq, resolve_scale
 from .comm.groups import describe
 from .errors import brief
-from .kernels.block import BACKENDS, resolve_backend
+from .kernels.block import BACKENDS, resolve_backend, verify_once
 from .layout import Mask, SeqLayout, documents_key
 
 
@@ -208,6 +208,7 @@ def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, win
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         concrete = resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale, cap)
+        verify_once(concrete, q)  # a GPU backend's first-use check, before any collective
         return _Resolved(local, name, opts, scale, concrete, chosen)
 
     r = collective_call(group, f"seqpar.attention(strategy={strategy!r})", check,

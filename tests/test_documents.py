@@ -167,3 +167,48 @@ def test_every_strategy_serves_documents(strategy, p, docs, scheme, causal):
     problem = AttentionProblem(p, docs[-1], heads=heads, kv_heads=p, causal=causal,
                                scheme=scheme, documents=docs)
     assert_matches_dense(problem, world(p).run(check_attention, problem, None, strategy=strategy)[0])
+
+
+@pytest.mark.parametrize("p, docs", [(4, (0, 1, 2, 3, 4, 5)), (4, tuple(range(0, 31, 3))), (3, (0, 2, 4, 6))])
+def test_balanced_never_cuts_documents_shorter_than_2p(p, docs):
+    """Short documents stay whole (their zigzag chunks would be partly empty and load the
+    low ranks): 10 documents of 3 tokens at P=4 put 2 or 3 on every rank."""
+    lays = _layouts(docs[-1], p, "balanced", docs)
+    spans = list(zip(docs[:-1], docs[1:]))
+    work = [causal_work_of(_split(lay.runs(), docs), spans) for lay in lays]
+    largest = max((b - a) * (b - a + 1) // 2 for a, b in spans)
+    assert max(work) <= sum(work) / p + largest, work
+    for lay in lays:
+        for pos in lay.positions().tolist():
+            doc = _doc_of(pos, docs)
+            assert all(q in lay.positions().tolist() for q in range(docs[doc], docs[doc + 1]))
+
+
+@pytest.mark.parametrize("scheme", ["zigzag", "balanced"])
+def test_usp_serves_a_ulysses_group_that_holds_no_token(scheme):
+    # one-token documents at P=4: zigzag leaves ranks (and so a whole Ulysses group of 2) empty
+    problem = AttentionProblem(4, 5, heads=4, kv_heads=2, causal=True, scheme=scheme, documents=(0, 1, 2, 3, 4, 5))
+    report = world(4).run(check_attention, problem, None, strategy="usp", ulysses_size=2)[0]
+    assert_matches_dense(problem, report)
+
+
+def _linear_or_star_with_documents(entry):
+    import seqpar
+
+    layout = SeqLayout(8, cu_seqlens=[0, 3, 8])
+    x = torch.randn(1, layout.local_len, 2, 4)
+    try:
+        if entry == "linear":
+            seqpar.linear_attention(x, x, x, layout=layout)
+        else:
+            seqpar.star_attention(x, x, x, layout=layout, anchor_len=1)
+    except ValueError as exc:
+        return str(exc)
+    return "returned"
+
+
+@pytest.mark.parametrize("entry", ["linear", "star"])
+def test_entry_points_without_documents_refuse_them_everywhere(entry):
+    # before, both ran on across document starts: a silent wrong answer
+    for message in world(2).run(_linear_or_star_with_documents, entry, timeout=120):
+        assert "does not take documents" in message, message

@@ -35,6 +35,11 @@ def timed_call(fn, device=None, barrier=None) -> float:
     return time.perf_counter() - start
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest |got - want| over the largest |want| (float64)."""
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+
+
 def machine_description() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()

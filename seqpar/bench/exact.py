@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .common import (HelpFormatter, default_out_dir, is_main, machine_description, progress, progress_end, repo_root,
-                     timed_call, write_json)
+                     rel_err, timed_call, write_json)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -282,10 +282,6 @@ def _peer_contestants(cfg: BenchConfig, tensors, skipped: Dict[str, str]) -> Dic
 # -- the driver -----------------------------------------------------------------------
 
 
-def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
-
-
 def _assemble(results: List[Dict], name: str, seq_dim_size: int) -> torch.Tensor:
     first = results[0][name]
     full = first.new_empty((first.shape[0], seq_dim_size) + tuple(first.shape[2:]))
@@ -363,7 +359,7 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
                         row[f"bytes_{phase}_{direction}"] = max(sent)
             row["ops_rank0"] = {"forward": per_rank[0]["ops_forward"], "backward": per_rank[0]["ops_backward"]}
         grads = ("out", "dq", "dk", "dv") if "dq" in per_rank[0] else ("out",)
-        row["errors"] = {g: _rel_err(_assemble(per_rank, g, cfg.seq_len), dense[g]) for g in grads}
+        row["errors"] = {g: rel_err(_assemble(per_rank, g, cfg.seq_len), dense[g]) for g in grads}
         row["max_rel_err"] = max(row["errors"].values())
         rows.append(row)
     for name, reason in res[0]["peer_skipped"].items():

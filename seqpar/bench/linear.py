@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .common import progress, timed_call
+from .common import progress, rel_err, timed_call
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 METHODS = ("ring", "allgather", "allscan")
@@ -229,10 +229,6 @@ def _chain_on_rank(cfg: LinearBenchConfig, layout) -> Dict:
 # -- the driver -------------------------------------------------------------------------------
 
 
-def _rel_err(got, want) -> float:
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
-
-
 def _assemble(per_rank: List[Dict], name: str, index: Optional[int], n: int) -> torch.Tensor:
     parts = [(r["positions"], r[name]["out"] if index is None else r[name]["grads"][index]) for r in per_rank]
     first = parts[0][1]
@@ -280,9 +276,9 @@ def run(cfg: LinearBenchConfig) -> Dict:
                 row[key] = max(r[method][key] for r in per_rank)
             row["forward_vs_single"] = row["forward_s"] / base["forward_s"]
             row["forward_backward_vs_single"] = row["forward_backward_s"] / base["forward_backward_s"]
-            errors = {"out": _rel_err(_assemble(per_rank, method, None, cfg.seq_len), single["out"])}
+            errors = {"out": rel_err(_assemble(per_rank, method, None, cfg.seq_len), single["out"])}
             for i, name in enumerate(("dq", "dk", "dv")):
-                errors[name] = _rel_err(_assemble(per_rank, method, i, cfg.seq_len), single["grads"][i])
+                errors[name] = rel_err(_assemble(per_rank, method, i, cfg.seq_len), single["grads"][i])
             row["max_rel_err"] = max(errors.values())
             rows.append(row)
         last = res[-1]["chain"]

@@ -11,11 +11,12 @@ the process; NCCL hangs). Each public entry point validates locally, then calls 
 - only on disagreement do the ranks all-gather their signatures and error messages, so
   that each rank raises an error naming the field, every rank's value, or the bad rank.
 
-The agreement is host metadata, so it runs on the host: over the group itself when its
-backend is gloo, else over a gloo group of the same ranks, created once per group
-(`host_group`; only the group's members take part, so a sub-group of a larger world
-works). On NCCL the check therefore never touches the device stream: no host sync, and
-the launch queue keeps running ahead (one ~16-byte TCP all-reduce per call instead).
+The agreement is host metadata, so it runs on the host where it can: over the group
+itself when its backend is gloo, and for the default (world) group on NCCL over a gloo
+group of all ranks created once (`host_group`). There the check never touches the device
+stream: no host sync, and the launch queue keeps running ahead (one ~16-byte TCP
+all-reduce per call instead). On an NCCL sub-group it runs on that group and syncs the
+host: creating a gloo twin of a sub-group safely needs every process of the world.
 
 The digest check runs on every call ("always", the default): a rank cannot know from its
 own history whether its peers have seen a signature, so a per-rank cache cannot decide
@@ -31,7 +32,7 @@ from typing import Dict, Optional, Set, Tuple
 import torch
 import torch.distributed as dist
 
-from . import collectives
+from . import collectives, timeout
 
 _MODES = ("always", "first")
 _mode = "always"
@@ -45,16 +46,23 @@ def _runs_on_host(group) -> bool:
 
 
 def host_group(group):
-    """A process group over `group`'s ranks that takes CPU tensors: `group` itself when
-    its backend does, else a gloo group created (once, by the members only) on first use.
-    Every member reaches this in the same collective call, so creation is in step."""
+    """A process group over `group`'s ranks that takes CPU tensors, or None.
+
+    `group` itself when its backend takes CPU tensors. For the default (world) group on a
+    device backend, a gloo group of all ranks, created once on first use with the world's
+    timeout: every rank reaches it in the same collective call, so all ranks create it in
+    step, as `new_group` requires. For any other device sub-group None: creating a group
+    needs every process of the world (or, with local synchronisation, names derived from
+    each process's own group history, which can differ between the members and hang), so
+    the agreement stays on the device group there and syncs the host."""
     if _runs_on_host(group):
         return group
-    key = dist.group.WORLD if group is None else group
-    if key not in _host_groups:
-        ranks = dist.get_process_group_ranks(key)
-        _host_groups[key] = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
-    return _host_groups[key]
+    if group is not None and group is not dist.group.WORLD:
+        return None
+    if "world" not in _host_groups:
+        limit = timeout.group_timeout(None, collectives.device_of(None))
+        _host_groups["world"] = dist.new_group(backend="gloo", timeout=limit)
+    return _host_groups["world"]
 
 
 def set_validation(mode: str) -> None:
@@ -91,7 +99,9 @@ def agree(group, world_size: int, signature: Tuple[Tuple[str, object], ...], err
     # a failed rank's digest is odd-signed and rank-specific: it equals nobody's
     mine = _digest(signature) if error is None else -(1 + dist.get_rank(group))
     host = host_group(group)
-    digests = torch.tensor([mine, -mine], dtype=torch.int64)
+    if host is None:  # a device sub-group: agree on it (a host sync on NCCL)
+        host = group
+    digests = torch.tensor([mine, -mine], dtype=torch.int64, device=collectives.device_of(host))
     collectives.all_reduce_max(digests, host, op="check")
     top, neg_bottom = digests.tolist()
     if error is None and top == mine == -neg_bottom:

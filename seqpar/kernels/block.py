@@ -75,7 +75,7 @@ from .memory import acc_dtype, empty_in_kernel_layout, heads_major, to_kernel_la
 from .pieces import band_backward, band_forward, square_pieces
 
 __all__ = [
-    "BACKENDS", "kernels", "merge_kernel", "resolve_backend", "unavailable_reason",
+    "BACKENDS", "kernels", "merge_kernel", "resolve_backend", "unavailable_reason", "verify_once",
     "acc_dtype", "empty_in_kernel_layout", "heads_major", "to_kernel_layout", "square_pieces",
     "torch_forward", "torch_backward", "sdpa_forward", "sdpa_backward",
 ]

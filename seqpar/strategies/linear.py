@@ -49,14 +49,14 @@ from typing import Dict, Optional
 
 import torch
 
-from ..call import check_qkv_types, collective_call, grad_wanted, group_of, layout_for
+from ..call import check_qkv_types, collective_call, grad_wanted, group_of, layout_for, no_seq
 from ..comm import collectives, stats
 from ..comm.groups import describe
 from ..comm.scan import StateScan
 from ..errors import brief
 from ..kernels import linear as linear_kernels
 from ..kernels.linear import state_bytes
-from ..layout import SeqLayout, group_rank_and_size
+from ..layout import SeqLayout, documents_key, group_rank_and_size
 
 METHODS = ("auto", "ring", "allgather", "allscan")
 BACKENDS = ("auto", "torch", "triton")
@@ -315,6 +315,10 @@ def _check(q, k, v, decay, layout, scale, method, options):
     if layout.scheme != "contiguous":
         raise ValueError(f"layout: linear attention expects scheme 'contiguous' (the state runs through the "
                          f"sequence in order), got {layout.scheme!r}")
+    if layout.documents is not None:
+        # the state would run on across document starts: refused rather than wrong
+        raise ValueError(f"layout: linear attention does not take documents yet, got a layout with "
+                         f"{len(layout.documents) - 1} (cu_seqlens); use a layout without cu_seqlens")
     if q.shape[1] != layout.local_len:
         raise ValueError(f"q: expected local seqlen {layout.local_len} (layout.local_len on rank {layout.rank}), "
                          f"got {q.shape[1]}")
@@ -353,12 +357,6 @@ def _check(q, k, v, decay, layout, scale, method, options):
 
 
 def _signature(q, k, v, decay, layout, scale, method, backend, options, chosen=None, concrete=None):
-    def no_seq(t, dim=1):
-        d = describe(t)
-        if d[0] == "tensor" and len(d[1]) > dim:
-            return (d[0], d[1][:dim] + d[1][dim + 1:]) + d[2:]
-        return d
-
     return (
         ("q [batch, heads, Dk], dtype, device", no_seq(q)),
         ("k [batch, heads, Dk], dtype, device", no_seq(k)),
@@ -366,6 +364,7 @@ def _signature(q, k, v, decay, layout, scale, method, backend, options, chosen=N
         ("decay", no_seq(decay) if isinstance(decay, torch.Tensor) and decay.dim() == 3 else describe(decay)),
         ("seq_len", getattr(layout, "seq_len", None)),
         ("scheme", getattr(layout, "scheme", None)),
+        ("cu_seqlens (documents; a checksum of the boundaries)", documents_key(getattr(layout, "documents", None))),
         ("method", method),
         ("method='auto' chose (method, scan_pieces; from its topology: the cached calibration or the defaults)",
          chosen),

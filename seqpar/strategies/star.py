@@ -188,6 +188,9 @@ def star_attention(q, k, v, *, layout=None, anchor_len: int, softmax_scale=None,
                 f"layout: expected scheme 'contiguous' (Star attention splits the context into contiguous "
                 f"blocks), got {local.scheme!r}"
             )
+        if local.documents is not None:
+            raise ValueError(f"layout: star_attention does not take documents (cu_seqlens), got a layout with "
+                             f"{len(local.documents) - 1}")
         if isinstance(anchor_len, bool) or not isinstance(anchor_len, int):
             raise TypeError(f"anchor_len: expected an int, got {type(anchor_len).__name__}")
         if not 0 <= anchor_len <= local.local_len_of(0):
@@ -196,7 +199,9 @@ def star_attention(q, k, v, *, layout=None, anchor_len: int, softmax_scale=None,
                 f"got {anchor_len}"
             )
         scale = resolve_scale(softmax_scale, q.shape[-1])
-        return local, scale, block_kernels.resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale)
+        concrete = block_kernels.resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale)
+        block_kernels.verify_once(concrete, q)  # before any collective
+        return local, scale, concrete
 
     def signature(resolved):
         local = layout if resolved is None else resolved[0]
@@ -333,7 +338,8 @@ def star_query_attention(q, k, v, *, group=None, causal=True, softmax_scale=None
     """Star attention, phase 2 (query): exact attention of replicated queries over a KV
     sequence split across the ranks of `group`.
 
-    `q` `[B, n_q, H, D]`, the same on every rank; `k`/`v` `[B, m_r, H_kv, D]`, rank r's
+    `q` `[B, n_q, H, D]`, the same on every rank, bit for bit (a checksum of its bits is
+    agreed on every call: a q computed with different rounding on one rank raises); `k`/`v` `[B, m_r, H_kv, D]`, rank r's
     contiguous part of the global KV (ranks in order; `m_r` may differ and may be 0).
     Returns `[B, n_q, H, D]` (input dtype) on every rank: attention of q over all M keys.
     `causal=True` (default) places query i at global position `M - n_q + i`; rows before
@@ -360,6 +366,7 @@ def _query_call(q, k, v, *, group, causal, softmax_scale, backend, kv_lens, prio
             raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
         scale = resolve_scale(softmax_scale, q.shape[-1])
         concrete = block_kernels.resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale)
+        block_kernels.verify_once(concrete, q)  # before any collective
         lens = None if kv_lens is None else _check_kv_lens(kv_lens, world, rank, k.shape[1])
         return scale, concrete, lens
 

@@ -98,7 +98,9 @@ _verified: set = set()
 def verify_once(backend: str, q: torch.Tensor) -> None:
     """First use of a backend not exercised by the CPU test suite on a device: compare a
     tiny GQA block (forward and backward, square causal and offset) with the torch math,
-    so a changed private kernel API raises instead of returning wrong numbers."""
+    so a changed private kernel API raises instead of returning wrong numbers. A
+    ValueError: entry points call this in their local check, before the cross-rank
+    agreement, so a backend that fails on one device raises on every rank."""
     key = (backend, q.device, q.dtype)
     # on cpu the test suite exercises sdpa and triton (the interpreter) directly
     if key in _verified or (backend in ("sdpa", "triton") and q.device.type == "cpu") or backend == "torch":
@@ -120,7 +122,7 @@ def verify_once(backend: str, q: torch.Tensor) -> None:
         pairs = [(out, ref_out), (lse, ref_lse)] + list(zip(grads, ref_grads))
         for got, want in pairs:
             if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
-                raise RuntimeError(
+                raise ValueError(
                     f"backend {backend!r} disagrees with the reference math on {q.device} {q.dtype} "
                     f"(offset={offset}); use backend='torch' and report this"
                 )
