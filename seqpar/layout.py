@@ -334,7 +334,8 @@ def _layout_runs(seq_len: int, scheme: str, world: int, documents: Optional[Tupl
         sizes = split_sizes(n, p)
         return [[Run(sum(sizes[:r]), sizes[r], 1, 0)] for r in range(p)]
     docs = [(0, n)] if documents is None else list(zip(documents[:-1], documents[1:]))
-    if scheme == "zigzag":
+    # without documents "balanced" is zigzag (the sequence is one document, cut however short)
+    if scheme == "zigzag" or documents is None:
         return [_merge_runs([run for a, b in docs for run in _zigzag_runs(a, b - a, p, r)]) for r in range(p)]
     return _balanced_runs(docs, p)
 
