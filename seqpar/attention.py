@@ -39,14 +39,14 @@ def _auto(q, k, v, layout, causal, options):
 
 
 def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, window_size=(-1, -1),
-                 softcap=0.0, backend="auto", _error=None, **options):
+                 softcap=0.0, sinks=None, backend="auto", _error=None, **options):
     """`registry.run` with "auto" served by the planner (what `attention` and `seqpar.nn` call)."""
     return run(strategy, q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-               softcap=softcap, backend=backend, choose=_auto, _error=_error, **options)
+               softcap=softcap, sinks=sinks, backend=backend, choose=_auto, _error=_error, **options)
 
 
 def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-              strategy="auto", backend="auto", **options):
+              sinks=None, strategy="auto", backend="auto", **options):
     """Exact softmax attention over a sequence split across the ranks of `layout.group`.
 
     `q` `[B, S/P, H, D]`, `k`/`v` `[B, S/P, H_kv, D]` (`H % H_kv == 0`): this rank's tokens
@@ -56,7 +56,10 @@ def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, window_
     `D ** -0.5`. `window_size=(left, right)`: query i sees keys `i - left <= j <= i + right`
     in global positions (-1: unbounded; flash-attn's convention), on top of `causal` and
     of the layout's documents. `softcap > 0`: every score becomes `softcap * tanh(score /
-    softcap)` (flash-attn's softcap; the torch backend serves it, "auto" picks it). `strategy`: "ring", "ulysses", "usp" (option `ulysses_size`), "allgather"
+    softcap)` (flash-attn's softcap; the torch backend serves it, "auto" picks it).
+    `sinks`: None or `[H]` logits, the same on every rank (gpt-oss's attention sinks): each
+    row's softmax gets one more term `exp(sinks[h])` with a zero value; differentiable,
+    each rank's `sinks.grad` being its share (sum it over the group). `strategy`: "ring", "ulysses", "usp" (option `ulysses_size`), "allgather"
     (option `kv_head_chunk`), "token_ring" (option `route`) or "auto" (the choice of
     `seqpar.plan` on this group's cached calibration, else default topology: the fastest
     feasible one, near-ties to a fixed preference; options are then chosen too, so none may
@@ -64,4 +67,4 @@ def attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, window_
     "flash_attn" (per-block kernel). Differentiable in q, k, v.
     """
     return run_strategy(strategy, q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
-                        window_size=window_size, softcap=softcap, backend=backend, **options)
+                        window_size=window_size, softcap=softcap, sinks=sinks, backend=backend, **options)

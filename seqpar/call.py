@@ -150,3 +150,22 @@ def no_seq(t) -> tuple:
 def grad_wanted(*tensors) -> bool:
     """Whether autograd will run a backward (and its collectives) for this call."""
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+_DIGEST_MODULUS = 2 ** 31 - 1
+
+
+def values_digest(t: torch.Tensor) -> tuple:
+    """Two checksums of `t`'s bits (its sum and a position-weighted sum, modulo a prime), so
+    ranks can agree that a replicated tensor is the same everywhere: computed on t's device
+    in O(numel), then 16 bytes reach the host. Exact integer arithmetic, so equal tensors
+    give equal digests on every device; reordered rows change the weighted sum."""
+    flat = t.detach().contiguous().view(-1)
+    bits = flat.view(torch.int16 if flat.element_size() == 2 else torch.int32).to(torch.int64)
+    bits = torch.remainder(bits, _DIGEST_MODULUS)
+    weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64)
+    weights = torch.remainder(weights * 2654435761, _DIGEST_MODULUS)
+    # every term is below 2**31, so the sums stay exact for up to 2**32 elements
+    total = bits.sum()
+    weighted = torch.remainder(bits * weights, _DIGEST_MODULUS).sum()
+    return tuple(torch.stack([total, weighted]).tolist())

@@ -22,7 +22,10 @@ import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
-from .call import check_tensors, collective_call, grad_wanted, group_of, layout_for, no_seq, resolve_scale
+import torch
+
+from .call import (check_tensors, collective_call, grad_wanted, group_of, layout_for, no_seq, resolve_scale,
+                   values_digest)
 from .comm.groups import describe
 from .errors import brief
 from .kernels.block import BACKENDS, resolve_backend, verify_once
@@ -134,7 +137,8 @@ class _Resolved:
     chosen: tuple = None
 
 
-def _signature(strategy, backend, causal, window_size, softcap, layout, q, k, v, options, r: Optional[_Resolved]):
+def _signature(strategy, backend, causal, window_size, softcap, sinks, layout, q, k, v, options,
+               r: Optional[_Resolved]):
     # root causes first: the first field that differs is the one the error names
     return (
         ("q [batch, heads, head_dim], dtype, device", no_seq(q)),
@@ -152,6 +156,9 @@ def _signature(strategy, backend, causal, window_size, softcap, layout, q, k, v,
         ("causal", causal),
         ("window_size", brief(window_size)),
         ("softcap", brief(softcap)),
+        ("sinks [heads], dtype, device", describe(sinks)),
+        # replicated logits: a rank with other values would answer differently, silently
+        ("sinks (its values)", values_digest(sinks) if r is not None and isinstance(sinks, torch.Tensor) else None),
         ("softmax_scale", r and r.scale),
         ("options", describe_options(options)),
         # defaults read from this rank's environment shape the collectives too
@@ -181,8 +188,25 @@ def check_softcap(softcap) -> float:
     return float(softcap)
 
 
+def check_sinks(sinks, q) -> None:
+    """`sinks`: None, or a floating tensor `[H]` (one logit per query head) on q's device."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks: expected None or a torch.Tensor [{q.shape[2]}], got {type(sinks).__name__}")
+    problems = []
+    if tuple(sinks.shape) != (q.shape[2],):
+        problems.append(f"sinks: expected shape [{q.shape[2]}] (one logit per query head), got {tuple(sinks.shape)}")
+    if not sinks.is_floating_point():
+        problems.append(f"sinks: expected a floating-point tensor, got {sinks.dtype}")
+    if sinks.device != q.device:
+        problems.append(f"sinks: expected device {q.device} (that of q), got {sinks.device}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, window_size=(-1, -1),
-        softcap=0.0, backend="auto", choose=None, _error=None, **options):
+        softcap=0.0, sinks=None, backend="auto", choose=None, _error=None, **options):
     """Check, agree on and run one call of a registered strategy (or of `choose`'s pick
     when `strategy == "auto"`: `choose(q, k, v, layout, causal, options) -> (name,
     options)`). `_error`: bad input a wrapper (seqpar.nn) found with its own checks; it
@@ -197,6 +221,7 @@ def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, win
             raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
         check_window(window_size)
         cap = check_softcap(softcap)
+        check_sinks(sinks, q)
         scale = resolve_scale(softmax_scale, q.shape[-1])
         chosen = None
         if strategy == "auto" and choose is not None:
@@ -212,9 +237,11 @@ def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, win
         return _Resolved(local, name, opts, scale, concrete, chosen)
 
     r = collective_call(group, f"seqpar.attention(strategy={strategy!r})", check,
-                        lambda r: _signature(strategy, backend, causal, window_size, softcap, layout, q, k, v, options,
-                                             r),
+                        lambda r: _signature(strategy, backend, causal, window_size, softcap, sinks, layout, q, k, v,
+                                             options, r),
                         prior_error=_error)
     plain = tuple(window_size) == (-1, -1) and not softcap
     mask = causal if plain else Mask(causal, tuple(window_size), float(softcap))
-    return _REGISTRY[r.name].apply(q, k, v, r.layout, mask, r.scale, r.backend, r.options)
+    if sinks is None:
+        return _REGISTRY[r.name].apply(q, k, v, r.layout, mask, r.scale, r.backend, r.options)
+    return _REGISTRY[r.name].apply(q, k, v, r.layout, mask, r.scale, r.backend, r.options, sinks=sinks)

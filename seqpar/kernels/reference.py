@@ -18,6 +18,7 @@ def dense_attention(
     return_lse: bool = False,
     mask: Optional[torch.Tensor] = None,
     softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
 ):
     """Softmax attention on one device, differentiable by autograd.
 
@@ -25,7 +26,9 @@ def dense_attention(
     (default `arange`): key j is visible to query i iff `k_positions[j] <= q_positions[i]`.
     `mask`: an optional bool `[Nq, Nk]`, True where a key is visible, applied on top of
     `causal`. `softcap > 0`: scores become `softcap * tanh(score / softcap)` (before the
-    masks). Rows that see no key return 0 (and lse -inf). Computes in the input dtype.
+    masks). `sinks` `[H]`: one more logit per head in every row's softmax, with a zero
+    value (differentiable). Rows that see no key (and no sink) return 0 (and lse -inf).
+    Computes in the input dtype.
     """
     b, nq, h, d = q.shape
     nk, h_kv = k.shape[1], k.shape[2]
@@ -43,9 +46,13 @@ def dense_attention(
         scores = scores.masked_fill(~visible, float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask.to(q.device), float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.to(scores.dtype)[None, :, None, None].expand(b, h, nq, 1)], dim=-1)
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - safe[..., None])
+    if sinks is not None:
+        probs = probs[..., :-1]
     out = torch.einsum("bhij,bjhd->bihd", probs, v)
     return (out, lse) if return_lse else out
 

@@ -195,9 +195,9 @@ def candidates(prob):
     """All KV heads at once, and (when there are several) one at a time: the least memory."""
     return [{}] + ([{"kv_head_chunk": 1}] if prob.kv_heads > 1 else [])
 
-def _apply(q, k, v, layout, causal, scale, backend, options: Options):
+def _apply(q, k, v, layout, causal, scale, backend, options: Options, sinks=None):
     args = (layout, causal, scale, backend, options.kv_head_chunk)
-    return AllGatherAttention.apply(q, k, v, args)
+    return AllGatherAttention.apply(q, k, v, sinks, args)
 
 
 def allgather_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto",

@@ -6,23 +6,48 @@ import torch
 from ..kernels.merge import merge_
 
 
+def fold_sinks(out, lse, sinks):
+    """Attention sinks (one logit per query head, a zero value): fold them into a row's
+    final `(out [B, n, H, D], lse [B, H, n])` like one more partial result, `(0, sink)`:
+    `lse' = logaddexp(lse, sink)`, `out' = out exp(lse - lse')`. With `lse'` and `out'`
+    the block backwards stay exact (the flash identity holds with the sink in the
+    normaliser). `sinks` `[H]` (None: returns the inputs)."""
+    if sinks is None:
+        return out, lse
+    sink = sinks.detach().to(lse.dtype)[None, :, None]
+    new = torch.logaddexp(lse, sink)
+    return out * torch.exp(lse - new).transpose(1, 2)[..., None].to(out.dtype), new
+
+
+def sinks_grad(do, out, lse, sinks):
+    """`dL/dsinks` `[H]` from this rank's rows: with `P_sink = exp(sink - lse')`, every
+    probability shrinks by `P_j P_sink` as the sink grows, so `dL/dsink = -sum_rows
+    P_sink rowsum(dO * O')` (`out`, `lse`: the folded ones)."""
+    acc = lse.dtype
+    delta = (do.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [B, H, n]
+    p_sink = torch.exp(sinks.detach().to(acc)[None, :, None] - lse)
+    return -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
+
+
 def saved_output_function(name: str, forward_fn, backward_fn) -> type:
     """An autograd function named `name` (profiles and tracebacks show `{name}Backward`):
-    `out, lse = forward_fn(q, k, v, *args)`; its backward calls
-    `backward_fn(do, q, k, v, out, lse, *args) -> dq, dk, dv` with the saved tensors.
-    `.apply(q, k, v, args)`. Results come back in the input dtypes."""
+    `out, lse = forward_fn(q, k, v, *args)`, attention sinks folded in when given; its
+    backward calls `backward_fn(do, q, k, v, out, lse, *args) -> dq, dk, dv` with the saved
+    tensors. `.apply(q, k, v, sinks, args)`. Results come back in the input dtypes."""
 
-    def forward(ctx, q, k, v, args):
-        out, lse = forward_fn(q, k, v, *args)
+    def forward(ctx, q, k, v, sinks, args):
+        out, lse = fold_sinks(*forward_fn(q, k, v, *args), sinks)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.args = args
         return out
 
     def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward_fn(do.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        do = do.contiguous()
+        dq, dk, dv = backward_fn(do, q, k, v, out, lse, *ctx.args)
+        dsinks = sinks_grad(do, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[3] else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
                                                    "backward": staticmethod(backward)})

@@ -28,7 +28,7 @@ from ..comm import p2p
 from ..kernels import block as block_kernels
 from ..layout import SeqLayout, visible_blocks
 from ..registry import Strategy, register, run
-from .common import attend_blocks, attend_blocks_backward
+from .common import attend_blocks, attend_blocks_backward, fold_sinks, sinks_grad
 
 
 def _kv_buffer(k: torch.Tensor, n: int, backend: str, dtype=None):
@@ -201,22 +201,23 @@ def candidates(prob):
 
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout, causal, scale, backend):
+    def forward(ctx, q, k, v, sinks, layout, causal, scale, backend):
         q_k = block_kernels.to_kernel_layout(q, backend)
-        out, lse = _ring_forward(q_k, k, v, layout, causal, scale, backend)
+        out, lse = fold_sinks(*_ring_forward(q_k, k, v, layout, causal, scale, backend), sinks)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q_k, k, v, out, lse)
+        ctx.save_for_backward(q_k, k, v, out, lse, sinks)
         ctx.args = (layout, causal, scale, backend)
         # the caller gets the usual [B, n, H, D]-contiguous layout
         return out.contiguous()
 
     @staticmethod
     def backward(ctx, do):
-        q_k, k, v, out, lse = ctx.saved_tensors
+        q_k, k, v, out, lse, sinks = ctx.saved_tensors
         layout, causal, scale, backend = ctx.args
         do = block_kernels.to_kernel_layout(do, backend)
         dq, dk, dv = _ring_backward(do, q_k, k, v, out, lse, layout, causal, scale, backend)
-        return dq.to(q_k.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        dsinks = sinks_grad(do, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[3] else None
+        return dq.to(q_k.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None, None
 
 
 def ring_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto", **options):
@@ -231,8 +232,8 @@ def ring_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, ba
                         backend=backend, **options)
 
 
-def _apply(q, k, v, layout, causal, scale, backend, options):
-    return RingAttention.apply(q, k, v, layout, causal, scale, backend)
+def _apply(q, k, v, layout, causal, scale, backend, options, sinks=None):
+    return RingAttention.apply(q, k, v, sinks, layout, causal, scale, backend)
 
 
 register(Strategy("ring", _apply, analytic_bytes, cost=cost, peak_memory=peak_memory, candidates=candidates))

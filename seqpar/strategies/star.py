@@ -72,7 +72,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..call import check_tensors, collective_call, grad_wanted, group_of, layout_for, no_seq, resolve_scale
+from ..call import (check_tensors, collective_call, grad_wanted, group_of, layout_for, no_seq, resolve_scale,
+                    values_digest)
 from ..comm import collectives
 from ..comm.groups import describe
 from ..kernels import block as block_kernels
@@ -225,7 +226,7 @@ def star_attention(q, k, v, *, layout=None, anchor_len: int, softmax_scale=None,
     world = layout.world_size
     anchor = _Anchor(k, v, anchor_len, layout) if world > 1 and anchor_len > 0 else None
     q_k, k_k, v_k = (block_kernels.to_kernel_layout(t, concrete_backend) for t in (q, k, v))
-    out = StarContextAttention.apply(q_k, k_k, v_k, (anchor, layout, scale, concrete_backend))
+    out = StarContextAttention.apply(q_k, k_k, v_k, None, (anchor, layout, scale, concrete_backend))
     return out.contiguous()
 
 
@@ -304,25 +305,6 @@ def query_analytic_bytes(world_size: int, batch: int, n_q: int, heads: int, head
     }
 
 
-_DIGEST_MODULUS = 2 ** 31 - 1
-
-
-def values_digest(t: torch.Tensor) -> tuple:
-    """Two checksums of `t`'s bits (its sum and a position-weighted sum, modulo a prime), so
-    ranks can agree that a replicated tensor is the same everywhere: computed on t's device
-    in O(numel), then 16 bytes reach the host. Exact integer arithmetic, so equal tensors
-    give equal digests on every device; reordered rows change the weighted sum."""
-    flat = t.detach().contiguous().view(-1)
-    bits = flat.view(torch.int16 if flat.element_size() == 2 else torch.int32).to(torch.int64)
-    bits = torch.remainder(bits, _DIGEST_MODULUS)
-    weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64)
-    weights = torch.remainder(weights * 2654435761, _DIGEST_MODULUS)
-    # every term is below 2**31, so the sums stay exact for up to 2**32 elements
-    total = bits.sum()
-    weighted = torch.remainder(bits * weights, _DIGEST_MODULUS).sum()
-    return tuple(torch.stack([total, weighted]).tolist())
-
-
 def _check_kv_lens(kv_lens, world: int, rank: int, m: int) -> tuple:
     if not isinstance(kv_lens, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) for x in kv_lens):
         raise TypeError(f"kv_lens: expected a list of ints or None, got {brief(kv_lens)}")
@@ -397,4 +379,4 @@ def _query_call(q, k, v, *, group, causal, softmax_scale, backend, kv_lens, prio
         else:
             kv_lens = [k.shape[1] if r == rank else 0 for r in range(world)]  # only the own entry is read
     blocks = _query_blocks(kv_lens, rank, q.shape[1], causal)
-    return StarQueryAttention.apply(q, k, v, (blocks, group, world, scale, concrete_backend))
+    return StarQueryAttention.apply(q, k, v, None, (blocks, group, world, scale, concrete_backend))

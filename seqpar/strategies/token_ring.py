@@ -455,9 +455,9 @@ def peak_memory(prob, options) -> int:
 def candidates(prob):
     return [{"route": route} for route in ROUTES]
 
-def _apply(q, k, v, layout, causal, scale, backend, options: Options):
+def _apply(q, k, v, layout, causal, scale, backend, options: Options, sinks=None):
     args = (layout, causal, scale, backend, options.route, "token_ring")
-    return TokenRingAttention.apply(q, k, v, args)
+    return TokenRingAttention.apply(q, k, v, sinks, args)
 
 
 def token_ring_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto",

@@ -36,6 +36,7 @@ from ..kernels import block as block_kernels
 from ..layout import GroupLayout, SeqLayout
 from ..registry import Strategy, register, run
 from . import ring
+from .common import fold_sinks, sinks_grad
 
 
 def kv_heads_per_member(heads: int, kv_heads: int, size: int) -> int:
@@ -140,18 +141,21 @@ class HeadParallelAttention(torch.autograd.Function):
     """Ulysses inside a group, ring across groups (a ring of one group is plain Ulysses)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scatter: HeadScatter, ring_layout, causal, scale, backend, name):
+    def forward(ctx, q, k, v, sinks, scatter: HeadScatter, ring_layout, causal, scale, backend, name):
         qf, kf, vf = scatter.to_heads([(q, "q"), (k, "kv"), (v, "kv")], op=f"{name}.forward.qkv")
-        out, lse = ring._ring_forward(qf, kf, vf, ring_layout, causal, scale, backend, ring_op=f"{name}.forward.kv")
+        # this member's query heads are the chunk [me * hq, (me + 1) * hq)
+        local_sinks = None if sinks is None else sinks[scatter.me * scatter.hq:(scatter.me + 1) * scatter.hq]
+        out, lse = fold_sinks(*ring._ring_forward(qf, kf, vf, ring_layout, causal, scale, backend,
+                                                  ring_op=f"{name}.forward.kv"), local_sinks)
         out = out.to(q.dtype)
         (result,) = scatter.to_sequence([(out, "q", q.shape[2])], op=f"{name}.forward.out")
-        ctx.save_for_backward(qf, kf, vf, out, lse)
+        ctx.save_for_backward(qf, kf, vf, out, lse, sinks)
         ctx.args = (scatter, ring_layout, causal, scale, backend, name, q.shape[2], k.shape[2])
         return result
 
     @staticmethod
     def backward(ctx, do):
-        qf, kf, vf, out, lse = ctx.saved_tensors
+        qf, kf, vf, out, lse, sinks = ctx.saved_tensors
         scatter, ring_layout, causal, scale, backend, name, heads, kv_heads = ctx.args
         (dof,) = scatter.to_heads([(do, "q")], op=f"{name}.backward.do")
         dq, dk, dv = ring._ring_backward(dof, qf, kf, vf, out, lse, ring_layout, causal, scale, backend,
@@ -161,7 +165,13 @@ class HeadParallelAttention(torch.autograd.Function):
             [(dq.to(dtype), "q", heads), (dk.to(dtype), "kv", kv_heads), (dv.to(dtype), "kv", kv_heads)],
             op=f"{name}.backward.grads",
         )
-        return (*grads, None, None, None, None, None, None)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            # this member computed every row of its heads: their whole gradient, zero elsewhere
+            chunk = slice(scatter.me * scatter.hq, (scatter.me + 1) * scatter.hq)
+            dsinks = torch.zeros_like(sinks)
+            dsinks[chunk] = sinks_grad(dof, out, lse, sinks[chunk])
+        return (*grads, dsinks, None, None, None, None, None, None)
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
@@ -251,12 +261,12 @@ def _check(q, k, v, layout, options):
         raise ValueError(reason)
 
 
-def _apply(q, k, v, layout, causal, scale, backend, options):
+def _apply(q, k, v, layout, causal, scale, backend, options, sinks=None):
     world = layout.world_size
     ring_layout = GroupLayout(layout, [list(range(world))], 0)
     scatter = HeadScatter(layout, list(range(world)), layout.rank, layout.group, ring_layout,
                           q.shape[2], k.shape[2], backend)
-    return HeadParallelAttention.apply(q, k, v, scatter, ring_layout, causal, scale, backend, "ulysses")
+    return HeadParallelAttention.apply(q, k, v, sinks, scatter, ring_layout, causal, scale, backend, "ulysses")
 
 
 def ulysses_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto", **options):

@@ -70,10 +70,10 @@ def _check(q, k, v, layout, options: Options):
         raise ValueError(reason.replace("strategy='usp' with a smaller ulysses_size", "a smaller ulysses_size"))
 
 
-def _apply(q, k, v, layout, causal, scale, backend, options: Options):
+def _apply(q, k, v, layout, causal, scale, backend, options: Options, sinks=None):
     size = options.ulysses_size
     if size == 1:
-        return ring._apply(q, k, v, layout, causal, scale, backend, None)
+        return ring._apply(q, k, v, layout, causal, scale, backend, None, sinks)
     groups = ulysses.ulysses_groups(layout.world_size, size)
     members = groups[layout.rank // size]
     # no sub-groups are created: both levels talk on the layout's group (see GroupLayout.peer
@@ -81,7 +81,7 @@ def _apply(q, k, v, layout, causal, scale, backend, options: Options):
     ring_layout = GroupLayout(layout, groups, layout.rank // size, member=layout.rank % size)
     scatter = ulysses.HeadScatter(layout, members, members.index(layout.rank), layout.group, ring_layout,
                                   q.shape[2], k.shape[2], backend)
-    return ulysses.HeadParallelAttention.apply(q, k, v, scatter, ring_layout, causal, scale, backend, "usp")
+    return ulysses.HeadParallelAttention.apply(q, k, v, sinks, scatter, ring_layout, causal, scale, backend, "usp")
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,

@@ -142,6 +142,7 @@ class AttentionProblem:
     documents: Optional[Tuple[int, ...]] = None
     window: Tuple[int, int] = (-1, -1)  # window_size (left, right); -1: unbounded
     softcap: float = 0.0  # logit softcap (0: none)
+    sinks: bool = False  # attention sinks: one logit per query head, drawn from `seed`
 
     def __post_init__(self):
         _check_memory_layout(self.memory_layout)
@@ -181,6 +182,13 @@ class AttentionProblem:
         do = torch.randn(b, n, self.heads, d, generator=gen, dtype=torch.float64)
         return tuple(same_batch_rows((q, k, v, do), self.memory_layout))
 
+    def global_sinks(self) -> Optional[torch.Tensor]:
+        """The sink logits `[H]` in float64 (None without sinks), identical on every rank."""
+        if not self.sinks:
+            return None
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        return torch.randn(self.heads, generator=gen, dtype=torch.float64) * 2
+
 
 def visibility(seq_len: int, causal: bool, documents: Optional[Sequence[int]] = None,
                window: Tuple[int, int] = (-1, -1)) -> Optional[torch.Tensor]:
@@ -205,12 +213,15 @@ def visibility(seq_len: int, causal: bool, documents: Optional[Sequence[int]] = 
     return mask
 
 
-def _dense_grads(q, k, v, do, causal, scale, use_sdpa, mask: Optional[torch.Tensor] = None, softcap: float = 0.0):
-    """Dense attention's output and gradients; `mask` (bool `[N, N]`, True = visible)
-    replaces `causal` when given. PyTorch's SDPA has no softcap: with one, the yardstick is
-    the reference math in the same dtype."""
+def _dense_grads(q, k, v, do, causal, scale, use_sdpa, mask: Optional[torch.Tensor] = None, softcap: float = 0.0,
+                 sinks: Optional[torch.Tensor] = None):
+    """Dense attention's output and gradients (`dsinks` too with sinks); `mask` (bool
+    `[N, N]`, True = visible) replaces `causal` when given. PyTorch's SDPA has neither
+    softcap nor sinks: with one, the yardstick is the reference math in the same dtype."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    if use_sdpa and not softcap:
+    if sinks is not None:
+        sinks = sinks.detach().clone().requires_grad_()
+    if use_sdpa and not softcap and sinks is None:
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal and mask is None,
             attn_mask=mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
@@ -218,9 +229,11 @@ def _dense_grads(q, k, v, do, causal, scale, use_sdpa, mask: Optional[torch.Tens
     else:
         from ..kernels.reference import dense_attention
 
-        out = dense_attention(q, k, v, causal=causal and mask is None, softmax_scale=scale, mask=mask, softcap=softcap)
+        out = dense_attention(q, k, v, causal=causal and mask is None, softmax_scale=scale, mask=mask, softcap=softcap,
+                              sinks=sinks)
     out.backward(do)
-    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    grads = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    return grads if sinks is None else {**grads, "dsinks": sinks.grad}
 
 
 def _check_results(results: Dict[str, Optional[torch.Tensor]], dtype: torch.dtype) -> None:
@@ -235,7 +248,8 @@ def _check_results(results: Dict[str, Optional[torch.Tensor]], dtype: torch.dtyp
 
 
 def conditioning(q, k, v, do, causal: bool, scale: float, ref: Dict[str, torch.Tensor],
-                  mask: Optional[torch.Tensor] = None, softcap: float = 0.0) -> Dict[str, float]:
+                  mask: Optional[torch.Tensor] = None, softcap: float = 0.0,
+                  sinks: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """`cond_*` of out, dq, dk, dv (float64): the largest sum of |terms| an element sums
     over the largest |element| (or 1 where the reference is exactly 0), at least 1.
     `mask`: bool `[n_q, n_k]`, True where a query sees a key (instead of `causal`); rows
@@ -254,11 +268,21 @@ def conditioning(q, k, v, do, causal: bool, scale: float, ref: Dict[str, torch.T
     elif causal:
         n_q, n_k = scores.shape[-2:]
         scores = scores.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool).triu(1 + n_k - n_q), float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees no key: no terms
+    if sinks is not None:
+        # the sink is one more column of the softmax, with a zero value
+        with_sink = torch.cat([scores, sinks[None, :, None, None].expand(*scores.shape[:3], 1)], dim=-1)
+        p_all = torch.softmax(with_sink, dim=-1)
+        p, p_sink = p_all[..., :-1], p_all[..., -1]
+    else:
+        p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees no key: no terms
     out = p @ vh
     weights = p * ((doh @ vh.transpose(-1, -2)).abs() + (doh * out).sum(-1, keepdim=True).abs())
     terms = {"out": p @ vh.abs(), "dv": p.transpose(-1, -2) @ doh.abs(),
              "dq": scale * weights @ kh.abs(), "dk": scale * weights.transpose(-1, -2) @ qh.abs()}
+    if sinks is not None:
+        # dsinks_h = -sum over rows of P_sink rowsum(dO * O'): terms of either sign
+        rows = (p_sink * (doh * out).sum(-1)).abs()
+        terms["dsinks"] = rows.sum((0, 2))[None, None, None, :]
     cond = {}
     for name, mag in terms.items():
         if name in ("dk", "dv"):  # a KV head sums the terms of its group's query heads
@@ -292,8 +316,10 @@ def check_attention(problem: AttentionProblem, attention_fn: Optional[Callable] 
     q, k, v, do = problem.global_tensors()
     mem = problem.memory_layout
     leaves, views = lay_out([layout.shard(t).to(dtype) for t in (q, k, v)], mem)
+    sinks = problem.global_sinks()
+    extra = {} if sinks is None else {"sinks": sinks.to(dtype).requires_grad_()}
     out = fn(*views, layout=layout, causal=problem.causal, softmax_scale=problem.softmax_scale,
-             **problem.mask_options(), **options)
+             **problem.mask_options(), **extra, **options)
     if out.dtype != dtype or out.shape != views[0].shape:
         raise AssertionError(f"output has dtype {out.dtype} shape {tuple(out.shape)}, expected {dtype} {tuple(views[0].shape)}")
     out.backward(lay_out_grad(layout.shard(do).to(dtype), mem))
@@ -301,17 +327,23 @@ def check_attention(problem: AttentionProblem, attention_fn: Optional[Callable] 
     ours = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
     _check_results(ours, dtype)
     ours = {name: gather_global(t, layout, 1) if layout.world_size > 1 else t for name, t in ours.items()}
+    if sinks is not None:
+        # each rank's sinks.grad is its rows' share: the group's sum is the dense gradient
+        dsinks = extra["sinks"].grad.detach().to(torch.float64).clone()
+        if layout.world_size > 1:
+            torch.distributed.all_reduce(dsinks, group=layout.group)
+        ours["dsinks"] = dsinks
     ref = batch_mean(_dense_grads(q, k, v, do, problem.causal, problem.softmax_scale, use_sdpa=False, mask=mask,
-                                  softcap=problem.softcap), mem)
+                                  softcap=problem.softcap, sinks=sinks), mem)
     report = {f"err_{name}": _rel_err(ours[name], ref[name]) for name in ref}
     # dense PyTorch (SDPA) in the same dtype: its error is the yardstick (in float64, the
     # disagreement of two float64 implementations, which ill-conditioned problems inflate)
     low = [t.to(dtype) for t in (q, k, v, do)]
     dense = batch_mean(_dense_grads(*low, problem.causal, problem.softmax_scale, use_sdpa=True, mask=mask,
-                                    softcap=problem.softcap), mem)
+                                    softcap=problem.softcap, sinks=None if sinks is None else sinks.to(dtype)), mem)
     report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
     report.update(conditioning(q, k, v, do, problem.causal, problem.softmax_scale, ref, mask=mask,
-                               softcap=problem.softcap))
+                               softcap=problem.softcap, sinks=sinks))
     return report
 
 

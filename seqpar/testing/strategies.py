@@ -26,8 +26,8 @@ def attention_problems(
     """Problems with P in `world_sizes`, tiny and uneven lengths (down to N = P), MHA, GQA
     and MQA, head dims that are not powers of two, causal or not, every scheme, and logit
     scales from gentle to saturating, every memory layout of q, k, v and dO, packed
-    documents (`documents()`) and sliding windows (`windows()`) half the time each, and a
-    logit softcap (gentle to biting) half the time."""
+    documents (`documents()`) and sliding windows (`windows()`) half the time each, a
+    logit softcap (gentle to biting) and attention sinks half the time each."""
     world_size = draw(st.sampled_from(list(world_sizes)))
     seq_len = draw(st.integers(world_size, world_size * max_tokens_per_rank))
     kv_heads = draw(st.sampled_from([1, 2, 3]))
@@ -48,6 +48,7 @@ def attention_problems(
         documents=draw(st.one_of(st.none(), documents(seq_len))),
         window=draw(st.one_of(st.just((-1, -1)), windows(seq_len))),
         softcap=draw(st.sampled_from([0.0, 0.0, 0.0, 1.0, 5.0, 30.0])),
+        sinks=draw(st.booleans()),
     )
 
 
