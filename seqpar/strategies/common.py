@@ -37,10 +37,10 @@ def saved_output_function(name: str, forward_fn, backward_fn) -> type:
 
     def forward(ctx, q, k, v, sinks, args):
         out, lse = fold_sinks(*forward_fn(q, k, v, *args), sinks)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        # with sinks the backward's rowsum(dO * O) cancels against dO . v: keep O unrounded
+        ctx.save_for_backward(q, k, v, out if sinks is not None else out.to(q.dtype), lse, sinks)
         ctx.args = args
-        return out
+        return out.to(q.dtype)
 
     def backward(ctx, do):
         q, k, v, out, lse, sinks = ctx.saved_tensors

@@ -204,11 +204,11 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, sinks, layout, causal, scale, backend):
         q_k = block_kernels.to_kernel_layout(q, backend)
         out, lse = fold_sinks(*_ring_forward(q_k, k, v, layout, causal, scale, backend), sinks)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q_k, k, v, out, lse, sinks)
+        # with sinks the backward's rowsum(dO * O) cancels against dO . v: keep O unrounded
+        ctx.save_for_backward(q_k, k, v, out if sinks is not None else out.to(q.dtype), lse, sinks)
         ctx.args = (layout, causal, scale, backend)
         # the caller gets the usual [B, n, H, D]-contiguous layout
-        return out.contiguous()
+        return out.to(q.dtype).contiguous()
 
     @staticmethod
     def backward(ctx, do):

@@ -147,9 +147,10 @@ class HeadParallelAttention(torch.autograd.Function):
         local_sinks = None if sinks is None else sinks[scatter.me * scatter.hq:(scatter.me + 1) * scatter.hq]
         out, lse = fold_sinks(*ring._ring_forward(qf, kf, vf, ring_layout, causal, scale, backend,
                                                   ring_op=f"{name}.forward.kv"), local_sinks)
-        out = out.to(q.dtype)
-        (result,) = scatter.to_sequence([(out, "q", q.shape[2])], op=f"{name}.forward.out")
-        ctx.save_for_backward(qf, kf, vf, out, lse, sinks)
+        # with sinks the backward's rowsum(dO * O) cancels against dO . v: keep O unrounded
+        saved = out if sinks is not None else out.to(q.dtype)
+        (result,) = scatter.to_sequence([(out.to(q.dtype), "q", q.shape[2])], op=f"{name}.forward.out")
+        ctx.save_for_backward(qf, kf, vf, saved, lse, sinks)
         ctx.args = (scatter, ring_layout, causal, scale, backend, name, q.shape[2], k.shape[2])
         return result
 

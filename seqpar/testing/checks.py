@@ -15,7 +15,7 @@ Rounding a sum costs ulps of the sum of its terms' magnitudes, not of the result
 gradient that cancels (a softmax saturated on one key, a single token, where dq is exactly
 0) carries rounding noise far above its own size. So the floor grows with the
 quantity's conditioning `cond_*` (softmax checks: the largest sum of |terms| over the
-largest |result|) beyond `COND_BASELINE`, the conditioning of well-conditioned random
+largest |result|, the terms of the inner sums dO.v included) beyond `COND_BASELINE`, the conditioning of well-conditioned random
 problems on which the floor was set (measured 5-18 on the suite's problems). Across P
 ranks a row's result is a merge of up to P partial results, each rounded in fp32 before it
 is merged (dense rounds once), so that rounding grows with P as well: floor x
@@ -297,12 +297,15 @@ def conditioning(q, k, v, do, causal: bool, scale: float, ref: Dict[str, torch.T
     else:
         p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees no key: no terms
     out = p @ vh
-    weights = p * ((doh @ vh.transpose(-1, -2)).abs() + (doh * out).sum(-1, keepdim=True).abs())
+    # dP_ij = dO_i . v_j and delta_i = sum_j P_ij dP_ij are sums themselves: their terms'
+    # magnitudes, not their (possibly cancelled) values, are what rounding scales with
+    dp_terms = doh.abs() @ vh.abs().transpose(-1, -2)
+    weights = p * (dp_terms + (p * dp_terms).sum(-1, keepdim=True))
     terms = {"out": p @ vh.abs(), "dv": p.transpose(-1, -2) @ doh.abs(),
              "dq": scale * weights @ kh.abs(), "dk": scale * weights.transpose(-1, -2) @ qh.abs()}
     if sinks is not None:
         # dsinks_h = -sum over rows of P_sink rowsum(dO * O'): terms of either sign
-        rows = (p_sink * (doh * out).sum(-1)).abs()
+        rows = p_sink * (doh.abs() * out.abs()).sum(-1)
         terms["dsinks"] = rows.sum((0, 2))[None, None, None, :]
     cond = {}
     for name, mag in terms.items():
