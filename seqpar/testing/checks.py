@@ -366,10 +366,11 @@ def check_attention(problem: AttentionProblem, attention_fn: Optional[Callable] 
     dense = batch_mean(_dense_grads(*low, problem.causal, problem.softmax_scale, use_sdpa=True, mask=mask,
                                     softcap=problem.softcap, sinks=None if sinks is None else sinks.to(dtype)), mem)
     report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
-    if sinks is not None and not problem.softcap:
-        # SDPA takes sinks only through a bias, which sends it to its math kernel; without
-        # them its fused kernel runs, as for a model without sinks: its error on the same
-        # q, k, v is PyTorch's own too, and the yardstick is the larger of the two
+    if sinks is not None or problem.softcap:
+        # SDPA takes sinks only through a bias, which sends it to its math kernel, and has no
+        # softcap (the yardstick is then the reference math in the dtype); without them its
+        # fused kernel runs, as for a model without them: its error on the same q, k, v is
+        # PyTorch's own too, and the yardstick is the larger of the two
         plain_ref = _dense_grads(q, k, v, do, problem.causal, problem.softmax_scale, use_sdpa=False, mask=mask)
         plain = _dense_grads(*low, problem.causal, problem.softmax_scale, use_sdpa=True, mask=mask)
         for name in plain:
