@@ -112,7 +112,8 @@ def _forward_of(backend: str, q, k, v, scale, offset, lo, softcap):
 
 def _backward_of(backend: str, do, q, k, v, out, lse, scale, offset, lo, softcap):
     module = backends.get(backend)
-    if out.dtype != q.dtype and not (backend in ("torch", "sdpa") and q.device.type == "cpu"):
+    takes = getattr(module, "takes_precise_out", None)
+    if out.dtype != q.dtype and not (takes is not None and takes(q.device)):
         # a more precise `out` (kept with sinks) reaches the kernels that take it; the
         # fused GPU kernels want the input dtype
         out = out.to(q.dtype)

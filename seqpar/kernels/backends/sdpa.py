@@ -18,6 +18,12 @@ from ..memory import acc_dtype, unit_stride
 from ..pieces import pieces_backward, pieces_forward
 
 
+
+def takes_precise_out(device: torch.device) -> bool:
+    """On CPU the backward runs in fp32 and takes an fp32 `out`; CUDA's flash op wants the
+    input dtype."""
+    return device.type == "cpu"
+
 def _bhsd(x):
     return x.transpose(1, 2)
 

@@ -43,6 +43,11 @@ BANDS = True  # takes the lower bound `lo` of a window natively (others: pieces.
 SOFTCAP = True  # takes `softcap` (the other backends do not: unavailable_reason says so)
 
 
+def takes_precise_out(device: torch.device) -> bool:
+    """The backward takes `out` in the accumulation dtype (it computes in it anyway)."""
+    return True
+
+
 def _safe(lse):
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
 
