@@ -205,6 +205,13 @@ def check_sinks(sinks, q) -> None:
         raise ValueError("; ".join(problems))
 
 
+# Under torch.compile a strategy call is one graph break and runs eagerly: on an H200
+# (torch 2.11, inductor and aot_eager alike) tracing ring attention with the triton
+# backend gave a zero incoming gradient to its backward, so all of dq, dk, dv came back
+# zero while eager was right (bench/results/2026-11-30-h200-gpu-check.md). The blocks
+# inside stay custom ops (`seqpar::block_forward`/`block_backward`) for code that
+# compiles its own loops over them.
+@torch.compiler.disable
 def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, window_size=(-1, -1),
         softcap=0.0, sinks=None, backend="auto", choose=None, _error=None, **options):
     """Check, agree on and run one call of a registered strategy (or of `choose`'s pick

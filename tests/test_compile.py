@@ -1,11 +1,13 @@
 """torch.compile over seqpar's custom ops.
 
-Ring attention compiled (backend aot_eager: AOT autograd and functionalization over the
-ops' fake kernels, then eager kernels; inductor works too but compiles for minutes on this
-2-core machine) on a 2-rank gloo world, forward and backward, against eager. The graphs
-break at the process-group calls (p2p, the agreement check); each block must be one
-`seqpar.block_forward` / `block_backward` node in the traced graphs. Without distributed
-code, a block loop with merges compiles as one graph (`fullgraph=True`).
+A strategy's entry point is a graph break under torch.compile and runs eagerly (traced, ring
+attention with the triton backend got a zero incoming gradient on an H200: registry.run), so
+compiled and eager agree exactly. The strategies' own loops, compiled directly (backend
+aot_eager: AOT autograd and functionalization over the ops' fake kernels, then eager
+kernels; inductor compiles for minutes on this 2-core machine) on a 2-rank gloo world,
+break at the process-group calls, and each block is one `seqpar.block_forward` /
+`block_backward` node. Without distributed code, a block loop with merges compiles as one
+graph (`fullgraph=True`).
 """
 import torch
 
@@ -71,9 +73,9 @@ def _compiled_vs_eager(seed):
 def test_ring_attention_compiles_on_two_ranks():
     for rank, (autograd_diff, autograd_targets, passes_diff, passes_targets, n_graphs) in enumerate(
             world(2).run(_compiled_vs_eager, 0)):
-        assert max(autograd_diff) <= 1e-6, (rank, autograd_diff)
+        assert max(autograd_diff) == 0.0, (rank, autograd_diff)  # the entry point runs eagerly
         assert max(passes_diff) <= 1e-6, (rank, passes_diff)
-        assert "seqpar.block_forward" in autograd_targets, (rank, sorted(autograd_targets))
+        assert not autograd_targets & {"seqpar.block_forward", "seqpar.block_backward"}, (rank, sorted(autograd_targets))
         assert {"seqpar.block_forward", "seqpar.block_backward"} <= passes_targets, rank
         assert n_graphs >= 2  # broken at the p2p exchanges, not one opaque call
 

@@ -188,11 +188,11 @@ def test_strided_inputs_match_contiguous():
     """Views with arbitrary strides give the same numbers as their contiguous copies."""
     gen = torch.Generator().manual_seed(3)
     B, n, H, K, V = 2, 37, 3, 12, 20
-    q = torch.randn(B, H, n, K, generator=gen).transpose(1, 2)
-    k = torch.randn(B, n, K, H, generator=gen).transpose(2, 3)
-    v = torch.randn(B, n, H, 2 * V, generator=gen)[..., ::2]
-    do = torch.randn(B, H, n, V, generator=gen).transpose(1, 2)
-    g = make_decay((B, H, n), "mixed", gen).transpose(1, 2)
+    q = torch.randn(B, H, n, K, generator=gen).to(DEVICE).transpose(1, 2)
+    k = torch.randn(B, n, K, H, generator=gen).to(DEVICE).transpose(2, 3)
+    v = torch.randn(B, n, H, 2 * V, generator=gen).to(DEVICE)[..., ::2]
+    do = torch.randn(B, H, n, V, generator=gen).to(DEVICE).transpose(1, 2)
+    g = make_decay((B, H, n), "mixed", gen).to(DEVICE).transpose(1, 2)
     assert not any(t.is_contiguous() for t in (q, k, v, do, g))
     scale = 0.3
 

@@ -10,6 +10,7 @@ blocks with seqpar's compiled merge are backend "cuda" (`backends/cuda.py`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -70,12 +71,22 @@ def _cuda_flash_fwd(q, k, v, scale, causal):
     return res[0], res[1]
 
 
+@functools.lru_cache(maxsize=None)
+def _dense_bwd_extras(device: torch.device):
+    """The cumulative-length and RNG arguments of the CUDA flash backward for dense (not
+    varlen) inputs, exactly as the forward returns them, as PyTorch's own autograd passes
+    them back. A placeholder of our own would be wrong: a defined cumulative-length tensor
+    selects the varlen kernel (torch 2.11 then fails with 'cu_seqlens_q must have dtype
+    int32'), and the RNG tensors' dtype differs between versions."""
+    x = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16, device=device)
+    res = torch.ops.aten._scaled_dot_product_flash_attention(x, x, x, 0.0, False, False, scale=1.0)
+    return res[2], res[3], res[6], res[7]
+
+
 def _cuda_flash_bwd(do, q, k, v, out, lse, scale, causal):
-    empty = torch.empty(0, dtype=torch.int64, device=q.device)
-    seed = torch.zeros(2, dtype=torch.int64, device=q.device)
-    offset = torch.zeros((), dtype=torch.int64, device=q.device)
+    cum_q, cum_k, seed, offset = _dense_bwd_extras(q.device)
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        do, q, k, v, out, lse, empty, empty, q.shape[2], k.shape[2], 0.0, causal, seed, offset, scale=scale
+        do, q, k, v, out, lse, cum_q, cum_k, q.shape[2], k.shape[2], 0.0, causal, seed, offset, scale=scale
     )
 
 
