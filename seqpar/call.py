@@ -81,11 +81,11 @@ def check_qkv_types(q, k, v) -> None:
     raise_all(problems)
 
 
-def check_tensors(q, k, v, same_seqlen: bool = True) -> None:
+def check_tensors(q, k, v, same_seqlen: bool = True, value_dim: bool = False) -> None:
     """Types, ranks, dtypes, devices and shapes of q, k, v; `same_seqlen=False` lets the
-    key length differ from the query length (Star's query phase). k is checked against q
-    and then v against k, so each message blames the tensor that is wrong; every problem
-    found is named at once."""
+    key length differ from the query length (Star's query phase); `value_dim=True` lets v
+    have a head dim of its own (MLA). k is checked against q and then v against k, so each
+    message blames the tensor that is wrong; every problem found is named at once."""
     check_qkv_types(q, k, v)
     problems = []
     if k.shape[0] != q.shape[0]:
@@ -96,7 +96,10 @@ def check_tensors(q, k, v, same_seqlen: bool = True) -> None:
         problems.append(f"k: expected head_dim {q.shape[3]} (that of q), got {k.shape[3]}")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         problems.append(f"k: expected a number of KV heads that divides q's {q.shape[2]} heads, got {k.shape[2]}")
-    if not problems and k.shape != v.shape:
+    if not problems and value_dim and (k.shape[:3] != v.shape[:3] or v.shape[3] == 0):
+        problems.append(f"v: expected the shape of k {tuple(k.shape)} up to its head dim (any >= 1), "
+                        f"got {tuple(v.shape)}")
+    elif not problems and not value_dim and k.shape != v.shape:
         problems.append(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     raise_all(problems)
 

@@ -222,7 +222,7 @@ def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, win
     group = group_of(layout)
 
     def check() -> _Resolved:
-        check_tensors(q, k, v)
+        check_tensors(q, k, v, value_dim=True)
         local = layout_for(layout, q, group)
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
@@ -239,7 +239,7 @@ def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, win
         opts = check_strategy(name, q, k, v, local, given)
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        concrete = resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale, cap)
+        concrete = resolve_backend(backend, q.device, q.dtype, q.shape[-1], scale, cap, value_dim=v.shape[-1])
         verify_once(concrete, q)  # a GPU backend's first-use check, before any collective
         return _Resolved(local, name, opts, scale, concrete, chosen)
 

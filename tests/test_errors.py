@@ -20,7 +20,7 @@ LOCAL_CASES = [
     ("int_dtype", dict(q=q.int(), k=k.int(), v=v.int()), ValueError, "q: expected dtype in"),
     ("heads_not_divisible", dict(k=torch.randn(1, 6, 3, 8), v=torch.randn(1, 6, 3, 8)), ValueError,
      "k: expected a number of KV heads that divides q's 4 heads, got 3"),
-    ("v_shape", dict(v=torch.randn(1, 6, 2, 4)), ValueError, r"v: expected the shape of k \(1, 6, 2, 8\)"),
+    ("v_shape", dict(v=torch.randn(1, 6, 3, 4)), ValueError, r"v: expected the shape of k \(1, 6, 2, 8\) up to its head dim"),
     ("head_dim", dict(k=torch.randn(1, 6, 2, 4), v=torch.randn(1, 6, 2, 4)), ValueError, "k: expected head_dim 8"),
     ("batch", dict(k=torch.randn(2, 6, 2, 8), v=torch.randn(2, 6, 2, 8)), ValueError, "k: expected batch 1"),
     ("kv_len", dict(k=torch.randn(1, 5, 2, 8), v=torch.randn(1, 5, 2, 8)), ValueError, "k: expected local seqlen 6"),

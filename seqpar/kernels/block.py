@@ -1,8 +1,15 @@
 """Block attention: a query block over a key block, returning `(out, lse)`, and its backward.
 
 Every exact strategy is built from these two calls. Shapes: `q` `[B, nq, H, D]`,
-`k`/`v` `[B, nk, H_kv, D]` with `H % H_kv == 0` (GQA by head groups; K/V are never
-repeated per query head). `lse` is `[B, H, nq]` in fp32 (fp64 for fp64 inputs).
+`k` `[B, nk, H_kv, D]`, `v` `[B, nk, H_kv, Dv]` with `H % H_kv == 0` (GQA by head groups;
+K/V are never repeated per query head); `out` is `[B, nq, H, Dv]`. `lse` is `[B, H, nq]`
+in fp32 (fp64 for fp64 inputs).
+
+A value head dim of its own (MLA: D = 192, Dv = 128) reaches the backends that take it
+(`VALUE_DIM`: the torch math); for the others the block pads the smaller of the two head
+dims with zeros to the larger, which changes no score and no output column, and drops the
+padded columns of the results (`_forward_of`/`_backward_of`): exact, at the cost of
+the padded arithmetic.
 
 The mask of a block is `offset`: `None` (every key visible) or an int (key j visible to
 query i iff `j <= i + offset`). Fused kernels only know "no mask" and "square causal",
@@ -44,7 +51,7 @@ Ops (namespace `seqpar`):
 runs that backend's plain function; what the op adds is a fixed output contract, which
 its fake (meta) implementation states without running anything:
 
-- `out` `[B, nq, H, D]` and `dq`/`dk`/`dv` (shapes of q/k/v) in the accumulation dtype
+- `out` `[B, nq, H, Dv]` and `dq`/`dk`/`dv` (shapes of q/k/v) in the accumulation dtype
   (fp32; fp64 for fp64 inputs), in the backend's kernel memory layout
   (`memory.empty_in_kernel_layout`: heads-major for sdpa, else contiguous);
 - `lse` `[B, H, nq]` contiguous, accumulation dtype.
@@ -71,12 +78,13 @@ from .backends import BACKENDS, merge_kernel, resolve_backend, unavailable_reaso
 from .backends.sdpa import backward as sdpa_backward, forward as sdpa_forward
 from .backends.torch_math import backward as torch_backward, forward as torch_forward
 from .backends.cuda import merge as merge_  # noqa: F401  (the op seqpar::merge_)
-from .memory import acc_dtype, empty_in_kernel_layout, heads_major, to_kernel_layout
+from .memory import acc_dtype, empty_in_kernel_layout, heads_major, to_kernel_layout, view_in_kernel_layout
 from .pieces import band_backward, band_forward, square_pieces
 
 __all__ = [
     "BACKENDS", "kernels", "merge_kernel", "resolve_backend", "unavailable_reason", "verify_once",
-    "acc_dtype", "empty_in_kernel_layout", "heads_major", "to_kernel_layout", "square_pieces",
+    "acc_dtype", "empty_in_kernel_layout", "heads_major", "to_kernel_layout", "view_in_kernel_layout",
+    "square_pieces",
     "torch_forward", "torch_backward", "sdpa_forward", "sdpa_backward",
 ]
 
@@ -96,11 +104,25 @@ def kernels(backend: str, q: torch.Tensor, k: torch.Tensor) -> Tuple[ForwardFn, 
 
 # -- the custom ops ---------------------------------------------------------------------
 
+def _pad_last(x: Tensor, width: int) -> Tensor:
+    """`x` with zero columns appended to its last dim up to `width`."""
+    return x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+
 def _forward_of(backend: str, q, k, v, scale, offset, lo, softcap):
     """The backend's forward of one block; a window's lower bound `lo` natively where the
     backend takes it (`BANDS`), else cut into one-sided blocks (`pieces.band_forward`).
-    `softcap` reaches only backends that take it (`SOFTCAP`; `resolve_backend` picks one)."""
+    `softcap` reaches only backends that take it (`SOFTCAP`; `resolve_backend` picks one).
+    A value head dim other than q's is padded to one head dim where the backend does not
+    take it (`VALUE_DIM`): zero key columns change no score, zero value columns only add
+    output columns, which are dropped."""
     module = backends.get(backend)
+    d, dv = q.shape[-1], v.shape[-1]
+    if d != dv and not getattr(module, "VALUE_DIM", False):
+        width = max(d, dv)
+        out, lse = _forward_of(backend, _pad_last(q, width), _pad_last(k, width), _pad_last(v, width), scale,
+                               offset, lo, softcap)
+        return out[..., :dv], lse
     if softcap:
         return module.forward(q, k, v, scale, offset, lo, softcap)
     if lo is None:
@@ -112,6 +134,14 @@ def _forward_of(backend: str, q, k, v, scale, offset, lo, softcap):
 
 def _backward_of(backend: str, do, q, k, v, out, lse, scale, offset, lo, softcap):
     module = backends.get(backend)
+    d, dv = q.shape[-1], v.shape[-1]
+    if d != dv and not getattr(module, "VALUE_DIM", False):
+        # as in `_forward_of`: the padded columns of dO and out are zeros, so rowsum(dO * O)
+        # and dO . v are unchanged, and the padded columns of the gradients are dropped
+        width = max(d, dv)
+        dq, dk, dv_ = _backward_of(backend, _pad_last(do, width), _pad_last(q, width), _pad_last(k, width),
+                                   _pad_last(v, width), _pad_last(out, width), lse, scale, offset, lo, softcap)
+        return dq[..., :d], dk[..., :d], dv_[..., :dv]
     takes = getattr(module, "takes_precise_out", None)
     if out.dtype != q.dtype and not (takes is not None and takes(q.device)):
         # a more precise `out` (kept with sinks) reaches the kernels that take it; the
@@ -147,16 +177,16 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: Optiona
                   backend: str, lo: Optional[int] = None, softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
     out, lse = _forward_of(backend, q, k, v, scale, offset, lo, softcap)
     acc = acc_dtype(q.dtype)
-    b, nq, h, d = q.shape
-    out = _in_contract(out, (b, nq, h, d), backend, acc)
+    b, nq, h, _ = q.shape
+    out = _in_contract(out, (b, nq, h, v.shape[-1]), backend, acc)
     return out, lse.to(acc).contiguous()
 
 
 @block_forward.register_fake
 def _block_forward_fake(q, k, v, scale, offset, backend, lo=None, softcap=0.0):
     acc = acc_dtype(q.dtype)
-    b, nq, h, d = q.shape
-    _, out = empty_in_kernel_layout((b, nq, h, d), backend, dtype=acc, device=q.device)
+    b, nq, h, _ = q.shape
+    _, out = empty_in_kernel_layout((b, nq, h, v.shape[-1]), backend, dtype=acc, device=q.device)
     return out, q.new_empty((b, h, nq), dtype=acc)
 
 

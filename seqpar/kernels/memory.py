@@ -30,6 +30,15 @@ def heads_major(backend: str) -> bool:
     return backend == "sdpa"
 
 
+def view_in_kernel_layout(flat: torch.Tensor, shape, backend: str) -> torch.Tensor:
+    """The contiguous 1-D `flat` (exactly `prod(shape)` elements) viewed as `[..., n, H, D]`
+    in the memory layout `backend` prefers (`empty_in_kernel_layout`'s view)."""
+    shape = tuple(shape)
+    if heads_major(backend):
+        return flat.view(shape[:-3] + (shape[-2], shape[-3], shape[-1])).transpose(-3, -2)
+    return flat.view(shape)
+
+
 def to_kernel_layout(x: torch.Tensor, backend: str) -> torch.Tensor:
     """`x` `[..., n, H, D]` copied (if needed) into the memory layout `backend` prefers;
     the shape stays `[..., n, H, D]`, only strides change."""

@@ -20,7 +20,7 @@ Volume per rank (`n_max` the longest local length, `e` the element size):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -42,16 +42,18 @@ class _Gather:
 
     def __init__(self, k, v, heads, layout: SeqLayout, op: str):
         a, b = heads
-        local = torch.stack([k[:, :, a:b], v[:, :, a:b]], dim=1)  # [B, 2, n, c, D]
-        local = local.transpose(0, 2).contiguous()  # [n, 2, B, c, D]: rows are tokens
+        self.d = k.shape[3]
+        # [n, B, c, D + Dv]: rows are tokens, each token's K then V (their head dims may differ)
+        local = torch.cat([k[:, :, a:b], v[:, :, a:b]], dim=3).transpose(0, 1).contiguous()
         self.lens = layout.local_lens
         self.handle, self.buffers = collectives.all_gather_uneven_async(local, self.lens, layout.group, op)
 
-    def result(self) -> List[torch.Tensor]:
-        """Per source rank, `[2, B, n_src, c, D]` (views)."""
+    def result(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Per source rank, (K `[B, n_src, c, D]`, V `[B, n_src, c, Dv]`) (views)."""
         if self.handle is not None:
             self.handle.wait()
-        return [buf[:n].permute(1, 2, 0, 3, 4) for buf, n in zip(self.buffers, self.lens)]
+        return [(buf[:n, ..., :self.d].transpose(0, 1), buf[:n, ..., self.d:].transpose(0, 1))
+                for buf, n in zip(self.buffers, self.lens)]
 
 
 def _gathered(k, v, layout: SeqLayout, chunk, op: str):
@@ -71,9 +73,9 @@ def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, chunk):
     fwd, _ = block_kernels.kernels(backend, q, k)
     merge = block_kernels.merge_kernel(backend)
     acc = block_kernels.acc_dtype(q.dtype)
-    b, nq, h, d = q.shape
+    b, nq, h, _ = q.shape
     group = h // k.shape[2]
-    out = torch.zeros(b, nq, h, d, dtype=acc, device=q.device)
+    out = torch.zeros(b, nq, h, v.shape[3], dtype=acc, device=q.device)
     lse = torch.full((b, h, nq), float("-inf"), dtype=torch.float64, device=q.device)
     for a, c_end, kvs in _gathered(k, v, layout, chunk, "allgather.forward.kv"):
         heads = slice(a * group, c_end * group)
@@ -88,6 +90,7 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
     _, bwd = block_kernels.kernels(backend, q, k)
     acc = block_kernels.acc_dtype(q.dtype)
     group = q.shape[2] // k.shape[2]
+    d = k.shape[3]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.empty(k.shape, dtype=acc, device=q.device)
     dv = torch.empty(v.shape, dtype=acc, device=q.device)
@@ -95,16 +98,16 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
     for a, c_end, kvs in _gathered(k, v, layout, chunk, "allgather.backward.kv"):
         heads = slice(a * group, c_end * group)
         # dK/dV of every rank's keys for this chunk, padded rows so the reduce-scatter is even
-        dkv = torch.zeros(world, longest, 2, k.shape[0], c_end - a, k.shape[3], dtype=acc, device=q.device)
+        dkv = torch.zeros(world, longest, k.shape[0], c_end - a, d + v.shape[3], dtype=acc, device=q.device)
         for src, kv in enumerate(kvs):
-            # dkv[src] is [rows, 2, B, c, D]: its K and V parts as [B, rows, c, D] views
+            # dkv[src] is [rows, B, c, D + Dv]: its K and V parts as [B, rows, c, D or Dv] views
             attend_blocks_backward(bwd, visible_blocks(layout, rank, src, causal), do[:, :, heads], q[:, :, heads],
                                    kv[0], kv[1], out[:, :, heads], lse[:, heads], scale, dq[:, :, heads],
-                                   dkv[src, :, 0].transpose(0, 1), dkv[src, :, 1].transpose(0, 1))
+                                   dkv[src, ..., :d].transpose(0, 1), dkv[src, ..., d:].transpose(0, 1))
         mine = collectives.reduce_scatter_sum(list(dkv.unbind(0)), layout.group, op="allgather.backward.dkv")
-        mine = mine[: layout.local_len]  # [n, 2, B, c, D]
-        dk[:, :, a:c_end] = mine[:, 0].transpose(0, 1)
-        dv[:, :, a:c_end] = mine[:, 1].transpose(0, 1)
+        mine = mine[: layout.local_len]  # [n, B, c, D + Dv]
+        dk[:, :, a:c_end] = mine[..., :d].transpose(0, 1)
+        dv[:, :, a:c_end] = mine[..., d:].transpose(0, 1)
     return dq, dk, dv
 
 
@@ -112,10 +115,12 @@ AllGatherAttention = saved_output_function("AllGatherAttention", _forward, _back
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
-                   element_size: int, **options) -> Dict[str, int]:
-    """Bytes this rank sends in one forward and one backward, exactly (padding included)."""
+                   element_size: int, value_dim: Optional[int] = None, **options) -> Dict[str, int]:
+    """Bytes this rank sends in one forward and one backward, exactly (padding included;
+    `value_dim`: v's head dim, None for head_dim)."""
     world = layout.world_size
-    rows = (world - 1) * max(layout.local_lens) * 2 * batch * kv_heads * head_dim
+    dv = head_dim if value_dim is None else value_dim
+    rows = (world - 1) * max(layout.local_lens) * batch * kv_heads * (head_dim + dv)
     grads = 8 if element_size == 8 else 4
     return {"forward": rows * element_size, "backward": rows * element_size + rows * grads}
 

@@ -20,7 +20,7 @@ element size, `kv(s) = 2 B n_s H_kv D`):
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -31,20 +31,23 @@ from ..registry import Strategy, register, run
 from .common import attend_blocks, attend_blocks_backward, fold_sinks, sinks_grad
 
 
-def _kv_buffer(k: torch.Tensor, n: int, backend: str, dtype=None):
-    """(storage, view) for the K/V (or dK/dV) of an n-token rank: `view[0]`, `view[1]`
-    are `[B, n, H_kv, D]` in the kernel's preferred layout; `storage` is what travels."""
+def _kv_buffer(k: torch.Tensor, v: torch.Tensor, n: int, backend: str, dtype=None):
+    """(storage, (k view, v view)) for the K/V (or dK/dV) of an n-token rank: the views
+    are `[B, n, H_kv, D]` and `[B, n, H_kv, Dv]` in the kernel's preferred layout, one
+    after the other in `storage`, a flat buffer, which is what travels."""
     b, _, h_kv, d = k.shape
-    return block_kernels.empty_in_kernel_layout(
-        (2, b, n, h_kv, d), backend, dtype=dtype or k.dtype, device=k.device
-    )
+    dv = v.shape[3]
+    storage = torch.empty(b * n * h_kv * (d + dv), dtype=dtype or k.dtype, device=k.device)
+    k_size = b * n * h_kv * d
+    return storage, (block_kernels.view_in_kernel_layout(storage[:k_size], (b, n, h_kv, d), backend),
+                     block_kernels.view_in_kernel_layout(storage[k_size:], (b, n, h_kv, dv), backend))
 
 
 def _pack_kv(k, v, backend, world: int):
     """K and V in one buffer that can travel; a ring of one member uses them as they are."""
     if world == 1:
         return None, (k, v)
-    storage, view = _kv_buffer(k, k.shape[1], backend)
+    storage, view = _kv_buffer(k, v, k.shape[1], backend)
     view[0].copy_(k)
     view[1].copy_(v)
     return storage, view
@@ -52,13 +55,13 @@ def _pack_kv(k, v, backend, world: int):
 
 def _ring_forward(q, k, v, layout: SeqLayout, causal: bool, scale: float, backend: str,
                   ring_op: str = "ring.forward.kv"):
-    """q in the kernel layout; returns (out [B, n, H, D] acc dtype, lse [B, H, n] acc dtype)."""
+    """q in the kernel layout; returns (out [B, n, H, Dv] acc dtype, lse [B, H, n] acc dtype)."""
     rank, world = layout.rank, layout.world_size
     fwd, _ = block_kernels.kernels(backend, q, k)
     merge = block_kernels.merge_kernel(backend)
     acc = block_kernels.acc_dtype(q.dtype)
-    b, nq, h, d = q.shape
-    _, out = block_kernels.empty_in_kernel_layout((b, nq, h, d), backend, dtype=acc, device=q.device)
+    b, nq, h, _ = q.shape
+    _, out = block_kernels.empty_in_kernel_layout((b, nq, h, v.shape[3]), backend, dtype=acc, device=q.device)
     # lse accumulates in fp64: it is only [B, H, n], and each merge would otherwise round
     # it by an ulp of |lse|, an error that saturated softmax rows amplify in the gradients
     lse = torch.empty((b, h, nq), dtype=torch.float64, device=q.device)
@@ -69,7 +72,7 @@ def _ring_forward(q, k, v, layout: SeqLayout, causal: bool, scale: float, backen
         src = (rank - step) % world
         exchange = None
         if step < world - 1:
-            incoming = _kv_buffer(k, layout.local_len_of((src - 1) % world), backend)
+            incoming = _kv_buffer(k, v, layout.local_len_of((src - 1) % world), backend)
             exchange = p2p.post([(kv_storage, nxt)], [(incoming[0], prv)], layout.group, op=ring_op)
         empty = attend_blocks(fwd, q, kv[0], kv[1], visible_blocks(layout, rank, src, causal), scale, out, lse,
                               fresh=empty, merge=merge)
@@ -97,16 +100,16 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal: bool, scale
         src = (rank - step) % world
         sends, recvs = [], []
         if step < world - 1:
-            next_kv = _kv_buffer(k, layout.local_len_of((src - 1) % world), backend)
+            next_kv = _kv_buffer(k, v, layout.local_len_of((src - 1) % world), backend)
             sends.append((kv_storage, nxt))
             recvs.append((next_kv[0], prv))
         if dkv_storage is not None:
             # the previous step's dK/dV go on one hop, in the same batch as the K/V
-            incoming_dkv = _kv_buffer(k, layout.local_len_of(src), backend, dtype=acc)
+            incoming_dkv = _kv_buffer(k, v, layout.local_len_of(src), backend, dtype=acc)
             sends.append((dkv_storage, nxt))
             recvs.append((incoming_dkv[0], prv))
         exchange = p2p.post(sends, recvs, layout.group, op=ring_op) if sends else None
-        part_storage, part = _kv_buffer(k, layout.local_len_of(src), backend, dtype=acc)
+        part_storage, part = _kv_buffer(k, v, layout.local_len_of(src), backend, dtype=acc)
         part_storage.zero_()
         attend_blocks_backward(bwd, visible_blocks(layout, rank, src, causal), do, q, kv[0], kv[1], out, lse, scale,
                                dq, part[0], part[1])
@@ -119,16 +122,17 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal: bool, scale
         dkv_storage, dkv = part_storage, part
     if world > 1:
         # dK/dV of rank r+1's K/V are here; one more hop brings everyone's home
-        home_storage, dkv = _kv_buffer(k, layout.local_len, backend, dtype=acc)
+        home_storage, dkv = _kv_buffer(k, v, layout.local_len, backend, dtype=acc)
         p2p.post([(dkv_storage, nxt)], [(home_storage, prv)], layout.group, op=ring_op).wait()
     return dq, dkv[0], dkv[1]
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
-                   element_size: int, **options) -> Dict[str, int]:
-    """Bytes this rank sends (and receives) in the forward and the backward, exactly."""
+                   element_size: int, value_dim: Optional[int] = None, **options) -> Dict[str, int]:
+    """Bytes this rank sends (and receives) in the forward and the backward, exactly
+    (`value_dim`: v's head dim, None for head_dim)."""
     rank, world = layout.rank, layout.world_size
-    per_token = 2 * batch * kv_heads * head_dim
+    per_token = batch * kv_heads * (head_dim + (head_dim if value_dim is None else value_dim))
     forwarded = sum(layout.local_len_of((rank - t) % world) for t in range(world - 1))
     fwd = forwarded * per_token * element_size
     acc_size = 8 if element_size == 8 else 4  # gradients travel in fp32 (fp64 for fp64)

@@ -40,7 +40,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -133,8 +133,8 @@ class _Plan:
 # -- forward ---------------------------------------------------------------------------
 
 def _attend(fwd, merge, q_rows, k, v, blocks, scale, acc, lse_dtype):
-    b, m, h, d = q_rows.shape
-    out = torch.zeros(b, m, h, d, dtype=acc, device=q_rows.device)
+    b, m, h, _ = q_rows.shape
+    out = torch.zeros(b, m, h, v.shape[3], dtype=acc, device=q_rows.device)
     lse = torch.full((b, h, m), float("-inf"), dtype=lse_dtype, device=q_rows.device)
     attend_blocks(fwd, q_rows, k, v, blocks, scale, out, lse, merge=merge)
     return out, lse
@@ -248,7 +248,7 @@ class _ForwardPass(_Pass):
         self.merge = block_kernels.merge_kernel(backend)
         self.acc = block_kernels.acc_dtype(q.dtype)
         self.out, self.lse = out, lse
-        self.shape = q.shape
+        self.shape = out.shape  # [B, n, H, Dv]: what returns
         # the partial outputs' wire dtype: the input dtype on the direct route (each partial is
         # rounded once before its merge), fp32 on the relayed one, whose partials are merged
         # and sent on at every hop (bf16 rounded P-1 times reached 2.3x dense's error at P=4)
@@ -336,7 +336,8 @@ TokenRingAttention = saved_output_function("TokenRingAttention", _forward, _back
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int, element_size: int,
-                   route: str = DEFAULT_ROUTE, causal: bool = True, **options) -> Dict[str, int]:
+                   route: str = DEFAULT_ROUTE, causal: bool = True, value_dim: Optional[int] = None,
+                   **options) -> Dict[str, int]:
     """Bytes this rank sends, per pass and direction ("forward"/"backward" are the totals;
     "*_outgoing" is the queries' direction, "*_returning" the results' direction)."""
     rank, world = layout.rank, layout.world_size
@@ -346,7 +347,8 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
     else:
         plan = _Plan(layout, causal, route)
     a = 8 if element_size == 8 else 4
-    row = batch * heads * head_dim
+    row = batch * heads * head_dim  # a query row (and a dq row)
+    vrow = batch * heads * (head_dim if value_dim is None else value_dim)  # an output (and dO) row
     if route == "direct":
         out_rows = sum(_count(plan.rows[rank][t]) for t in range(1, world))
         back_rows = sum(_count(plan.rows[(rank - t) % world][t]) for t in range(1, world))
@@ -356,14 +358,15 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
         back_rows = sum(_count(plan.rows[(rank + hop) % world][world - hop]) for hop in range(1, world))
     heads_rows = batch * heads
     wire = a if route == "ring" else element_size  # the returning partial outputs (see _forward)
-    return {
+    volume = {
         "forward_outgoing": out_rows * row * element_size,
-        "forward_returning": back_rows * (row * wire + heads_rows * a),
-        "backward_outgoing": out_rows * (3 * row * element_size + heads_rows * a),
+        "forward_returning": back_rows * (vrow * wire + heads_rows * a),
+        "backward_outgoing": out_rows * ((row + 2 * vrow) * element_size + heads_rows * a),  # q, dO, out, lse
         "backward_returning": back_rows * row * a,
-        "forward": out_rows * row * element_size + back_rows * (row * wire + heads_rows * a),
-        "backward": out_rows * (3 * row * element_size + heads_rows * a) + back_rows * row * a,
     }
+    volume["forward"] = volume["forward_outgoing"] + volume["forward_returning"]
+    volume["backward"] = volume["backward_outgoing"] + volume["backward_returning"]
+    return volume
 
 
 @lru_cache(maxsize=16)

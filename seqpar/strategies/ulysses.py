@@ -97,37 +97,60 @@ class HeadScatter:
         return chunks.permute(2, 1, 0, 3, 4)
 
     def to_heads(self, tensors: Sequence[Tuple[torch.Tensor, str]], op: str) -> List[torch.Tensor]:
-        """Sequence shards -> head shards over the group's tokens, in the kernel layout."""
-        send = torch.cat([self._per_member(t, kind) for t, kind in tensors], dim=3)
-        b, d = send.shape[2], send.shape[4]
-        widths = [self.hq if kind == "q" else self.hkv for _, kind in tensors]
-        hc = sum(widths)
-        send = send.reshape(self.size * self.rows[self.me], b, hc, d)
-        recv = all_to_all_rows(send, [self.rows[self.me]] * self.size, self.rows, self.group, op, self.members)
-        _, full = block_kernels.empty_in_kernel_layout((b, self.n_group, hc, d), self.backend,
-                                                       dtype=send.dtype, device=send.device)
-        seq_first = full.permute(1, 0, 2, 3)
+        """Sequence shards -> head shards over the group's tokens, in the kernel layout.
+        The tensors travel in one all-to-all, each token's heads x head dim flattened, so
+        that they may differ in head dim (v's own, in MLA)."""
+        b = tensors[0][0].shape[0]
+        shapes = [(self.hq if kind == "q" else self.hkv, t.shape[3]) for t, kind in tensors]
+        rows_me = self.rows[self.me]
+        send = torch.cat([self._per_member(t, kind).reshape(self.size, rows_me, b, h * d)
+                          for (t, kind), (h, d) in zip(tensors, shapes)], dim=3)
+        send = send.reshape(self.size * rows_me, b, send.shape[3])
+        recv = all_to_all_rows(send, [rows_me] * self.size, self.rows, self.group, op, self.members)
+        if len(tensors) == 1 or len(set(d for _, d in shapes)) == 1:
+            # one head dim: one buffer, one copy per member, the tensors' heads side by side
+            d = shapes[0][1]
+            hc = sum(h for h, _ in shapes)
+            _, full = block_kernels.empty_in_kernel_layout((b, self.n_group, hc, d), self.backend,
+                                                           dtype=send.dtype, device=send.device)
+            seq_first = full.permute(1, 0, 2, 3)
+            for piece, index in zip(split_rows(recv, self.rows), self.index):
+                seq_first.index_copy_(0, index.to(send.device), piece.reshape(piece.shape[0], b, hc, d))
+            out, start = [], 0
+            for h, _ in shapes:
+                out.append(full[:, :, start:start + h])
+                start += h
+            return out
+        out = []
+        for h, d in shapes:
+            out.append(block_kernels.empty_in_kernel_layout((b, self.n_group, h, d), self.backend,
+                                                            dtype=send.dtype, device=send.device)[1])
         for piece, index in zip(split_rows(recv, self.rows), self.index):
-            seq_first.index_copy_(0, index.to(send.device), piece)
-        out, start = [], 0
-        for w in widths:
-            out.append(full[:, :, start:start + w])
-            start += w
+            index = index.to(send.device)
+            start = 0
+            for full, (h, d) in zip(out, shapes):
+                part = piece[:, :, start:start + h * d].reshape(piece.shape[0], b, h, d)
+                full.permute(1, 0, 2, 3).index_copy_(0, index, part)
+                start += h * d
         return out
 
     def to_sequence(self, tensors: Sequence[Tuple[torch.Tensor, str, int]], op: str) -> List[torch.Tensor]:
         """Head shards -> sequence shards: `(full [B, n_group, h, D], kind, total heads)`;
         replicated KV heads sum what their members computed (in fp32)."""
-        b, _, _, d = tensors[0][0].shape
-        full = torch.cat([t for t, _, _ in tensors], dim=2)
-        order = torch.cat(self.index).to(full.device)
-        send = full.permute(1, 0, 2, 3).index_select(0, order)
+        b = tensors[0][0].shape[0]
+        device = tensors[0][0].device
+        order = torch.cat(self.index).to(device)
+        # each token's heads x head dim flattened, the tensors side by side (head dims may differ)
+        send = torch.cat([t.permute(1, 0, 2, 3).index_select(0, order)
+                          .reshape(order.numel(), b, t.shape[2] * t.shape[3]) for t, _, _ in tensors], dim=2)
         recv = all_to_all_rows(send, self.rows, [self.rows[self.me]] * self.size, self.group, op, self.members)
-        recv = recv.reshape(self.size, self.rows[self.me], b, full.shape[2], d)
+        recv = recv.reshape(self.size, self.rows[self.me], b, send.shape[2])
         out, start = [], 0
         for t, kind, total in tensors:
-            piece = recv[:, :, :, start:start + t.shape[2]].permute(2, 1, 0, 3, 4)  # [B, n, U, h, D]
-            start += t.shape[2]
+            h, d = t.shape[2], t.shape[3]
+            piece = recv[:, :, :, start:start + h * d].reshape(self.size, self.rows[self.me], b, h, d)
+            piece = piece.permute(2, 1, 0, 3, 4)  # [B, n, U, h, D]
+            start += h * d
             if kind == "q" or self.kv_split:
                 out.append(piece.reshape(b, self.rows[self.me], total, d))
             else:
@@ -176,19 +199,23 @@ class HeadParallelAttention(torch.autograd.Function):
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
-                   element_size: int, members: Sequence[int] = None, **options) -> Dict[str, int]:
-    """Bytes this rank sends in the Ulysses all-to-alls (forward, backward), exactly."""
+                   element_size: int, members: Sequence[int] = None, value_dim: Optional[int] = None,
+                   **options) -> Dict[str, int]:
+    """Bytes this rank sends in the Ulysses all-to-alls (forward, backward), exactly
+    (`value_dim`: v's, the output's and dO's head dim, None for head_dim)."""
     members = list(range(layout.world_size)) if members is None else list(members)
     me = members.index(layout.rank)
     size = len(members)
     hq, hkv = heads // size, kv_heads_per_member(heads, kv_heads, size)
     mine = layout.local_len_of(members[me])
     others = sum(layout.local_len_of(m) for j, m in enumerate(members) if j != me)
-    unit = batch * head_dim * element_size
-    qkv_in = (size - 1) * mine * (hq + 2 * hkv) * unit
-    out_back = others * hq * unit
-    do_in = (size - 1) * mine * hq * unit
-    grads_back = others * (hq + 2 * hkv) * unit
+    d, dv = head_dim, head_dim if value_dim is None else value_dim
+    unit = batch * element_size
+    qkv = hq * d + hkv * (d + dv)  # elements per token of q, k and v for one member
+    qkv_in = (size - 1) * mine * qkv * unit
+    out_back = others * hq * dv * unit
+    do_in = (size - 1) * mine * hq * dv * unit
+    grads_back = others * qkv * unit
     return {"forward": qkv_in + out_back, "backward": do_in + grads_back}
 
 

@@ -85,17 +85,20 @@ def _apply(q, k, v, layout, causal, scale, backend, options: Options, sinks=None
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
-                   element_size: int, ulysses_size: Optional[int] = None, **options) -> Dict[str, int]:
+                   element_size: int, ulysses_size: Optional[int] = None, value_dim: Optional[int] = None,
+                   **options) -> Dict[str, int]:
     """Bytes this rank sends in one forward and one backward of USP, exactly."""
     size = ulysses_size or default_ulysses_size(layout.world_size, heads, kv_heads)
     if size == 1:
-        return ring.analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size)
+        return ring.analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size, value_dim=value_dim)
     g = layout.rank // size
     groups = ulysses.ulysses_groups(layout.world_size, size)
-    a2a = ulysses.analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size, members=groups[g])
+    a2a = ulysses.analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size, members=groups[g],
+                                 value_dim=value_dim)
     ring_layout = GroupLayout(layout, groups, g)
     kv_local = ulysses.kv_heads_per_member(heads, kv_heads, size)
-    around = ring.analytic_bytes(ring_layout, batch, heads // size, kv_local, head_dim, element_size)
+    around = ring.analytic_bytes(ring_layout, batch, heads // size, kv_local, head_dim, element_size,
+                                 value_dim=value_dim)
     return {phase: a2a[phase] + around[phase] for phase in ("forward", "backward")}
 
 

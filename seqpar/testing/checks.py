@@ -147,9 +147,15 @@ class AttentionProblem:
     window: Tuple[int, int] = (-1, -1)  # window_size (left, right); -1: unbounded
     softcap: float = 0.0  # logit softcap (0: none)
     sinks: bool = False  # attention sinks: one logit per query head, drawn from `seed`
+    value_dim: Optional[int] = None  # v's head dim (MLA); None: head_dim
 
     def __post_init__(self):
         _check_memory_layout(self.memory_layout)
+
+    @property
+    def v_dim(self) -> int:
+        """v's (and the output's) head dim."""
+        return self.head_dim if self.value_dim is None else self.value_dim
 
     @property
     def softmax_scale(self) -> float:
@@ -182,8 +188,8 @@ class AttentionProblem:
         b, n, d = self.batch, self.seq_len, self.head_dim
         q = torch.randn(b, n, self.heads, d, generator=gen, dtype=torch.float64)
         k = torch.randn(b, n, self.kv_heads, d, generator=gen, dtype=torch.float64)
-        v = torch.randn(b, n, self.kv_heads, d, generator=gen, dtype=torch.float64)
-        do = torch.randn(b, n, self.heads, d, generator=gen, dtype=torch.float64)
+        v = torch.randn(b, n, self.kv_heads, self.v_dim, generator=gen, dtype=torch.float64)
+        do = torch.randn(b, n, self.heads, self.v_dim, generator=gen, dtype=torch.float64)
         return tuple(same_batch_rows((q, k, v, do), self.memory_layout))
 
     def global_sinks(self) -> Optional[torch.Tensor]:
@@ -232,6 +238,7 @@ def _dense_grads(q, k, v, do, causal, scale, use_sdpa, mask: Optional[torch.Tens
         b, n, h, d = q.shape
         n_k = k.shape[1]
         zero = k.new_zeros(b, 1, k.shape[2], d)
+        zero_v = v.new_zeros(b, 1, v.shape[2], v.shape[3])
         visible = torch.ones(n, n_k, dtype=torch.bool) if mask is None else mask
         if mask is None and causal:
             visible = visible.tril()
@@ -239,7 +246,7 @@ def _dense_grads(q, k, v, do, causal, scale, use_sdpa, mask: Optional[torch.Tens
             ~torch.cat([visible, torch.ones(n, 1, dtype=torch.bool)], 1), float("-inf"))
         bias = bias + torch.cat([torch.zeros(h, n, n_k, dtype=q.dtype), sinks[:, None, None].expand(h, n, 1)], 2)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), torch.cat([k, zero], 1).transpose(1, 2), torch.cat([v, zero], 1).transpose(1, 2),
+            q.transpose(1, 2), torch.cat([k, zero], 1).transpose(1, 2), torch.cat([v, zero_v], 1).transpose(1, 2),
             attn_mask=bias[None], scale=scale, enable_gqa=q.shape[2] != k.shape[2],
         ).transpose(1, 2)
     elif use_sdpa and not softcap:
@@ -344,8 +351,9 @@ def check_attention(problem: AttentionProblem, attention_fn: Optional[Callable] 
     extra = {} if sinks is None else {"sinks": sinks.to(dtype).requires_grad_()}
     out = fn(*views, layout=layout, causal=problem.causal, softmax_scale=problem.softmax_scale,
              **problem.mask_options(), **extra, **options)
-    if out.dtype != dtype or out.shape != views[0].shape:
-        raise AssertionError(f"output has dtype {out.dtype} shape {tuple(out.shape)}, expected {dtype} {tuple(views[0].shape)}")
+    want_shape = tuple(views[0].shape[:3]) + (problem.v_dim,)
+    if out.dtype != dtype or tuple(out.shape) != want_shape:
+        raise AssertionError(f"output has dtype {out.dtype} shape {tuple(out.shape)}, expected {dtype} {want_shape}")
     out.backward(lay_out_grad(layout.shard(do).to(dtype), mem))
     dq, dk, dv = leaf_grads(leaves, mem, problem.batch)
     ours = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}

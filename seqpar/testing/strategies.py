@@ -22,9 +22,11 @@ def attention_problems(
     dtypes: Sequence[str] = ("float64", "float32", "bfloat16"),
     max_tokens_per_rank: int = 12,
     max_batch: int = 2,
+    value_dims: bool = True,
 ):
     """Problems with P in `world_sizes`, tiny and uneven lengths (down to N = P), MHA, GQA
-    and MQA, head dims that are not powers of two, causal or not, every scheme, and logit
+    and MQA, head dims that are not powers of two, a value head dim of its own (MLA) a third
+    of the time when `value_dims`, causal or not, every scheme, and logit
     scales from gentle to saturating, every memory layout of q, k, v and dO, packed
     documents (`documents()`) and sliding windows (`windows()`) half the time each, a
     logit softcap (gentle to biting) half the time. Attention sinks are not drawn yet (the
@@ -50,6 +52,7 @@ def attention_problems(
         documents=draw(st.one_of(st.none(), documents(seq_len))),
         window=draw(st.one_of(st.just((-1, -1)), windows(seq_len))),
         softcap=draw(st.sampled_from([0.0, 0.0, 0.0, 1.0, 5.0, 30.0])),
+        value_dim=draw(st.sampled_from([None, None, 3, 16])) if value_dims else None,
     )
 
 

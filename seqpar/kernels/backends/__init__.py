@@ -69,17 +69,28 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, h
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, scale: float = 1.0,
-                    softcap: float = 0.0) -> str:
+                    softcap: float = 0.0, value_dim: Optional[int] = None) -> str:
     """The concrete backend for `backend`; "auto" takes the first that can serve of:
 
     - cuda: flash_attn, cuda (PyTorch's flash op + seqpar's compiled merge, when the
-      extension is built), sdpa, triton, torch. The compiled kernels come first (their
-      speed is known; Triton's has not been measured on a GPU here yet); Triton then serves
-      what they cannot: float32, softmax_scale <= 0.
+      extension is built), sdpa, triton, torch. The compiled kernels come first; Triton then
+      serves what they cannot: float32, softmax_scale <= 0.
     - other devices: sdpa, torch. Triton on cpu is only its interpreter, never chosen.
+      With a value head dim of its own (`value_dim` != `head_dim`) the torch math: PyTorch's
+      SDPA then runs its math kernel, whose float32 gradients are about 8x more precise
+      than the fused op's (which block.py would run padded): on saturated rows the fused
+      backward's exp(s - lse) with lse rounded to float32 gave dV 5e-6 off against the math
+      kernel's 6e-7.
+
+    A backend without a value head dim of its own runs q/k/v padded to the larger of the
+    two head dims (block.py), so its availability is judged at that width.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if value_dim is not None and value_dim != head_dim:
+        if backend == "auto" and device.type != "cuda":
+            return "torch"
+        head_dim = max(head_dim, value_dim)
     if backend != "auto":
         reason = unavailable_reason(backend, device, dtype, head_dim, scale, softcap)
         if reason is not None:

@@ -41,6 +41,7 @@ def _scores(q, k, scale, offset, row0, acc, lo=None, softcap=0.0):
 
 BANDS = True  # takes the lower bound `lo` of a window natively (others: pieces.band_forward)
 SOFTCAP = True  # takes `softcap` (the other backends do not: unavailable_reason says so)
+VALUE_DIM = True  # takes v with a head dim of its own (others: block.py pads to one head dim)
 
 
 def takes_precise_out(device: torch.device) -> bool:
@@ -54,10 +55,10 @@ def _safe(lse):
 
 def forward(q, k, v, scale, offset, lo=None, softcap=0.0):
     b, nq, h, d = q.shape
-    h_kv = k.shape[2]
+    h_kv, dv = k.shape[2], v.shape[3]
     acc = acc_dtype(q.dtype)
     qg = q.reshape(b, nq, h_kv, h // h_kv, d)
-    out = torch.empty(b, nq, h_kv, h // h_kv, d, dtype=acc, device=q.device)
+    out = torch.empty(b, nq, h_kv, h // h_kv, dv, dtype=acc, device=q.device)
     lse = torch.empty(b, h_kv, h // h_kv, nq, dtype=acc, device=q.device)
     vv = v.to(acc)
     for r0, r1 in _row_chunks(q, k.shape[1]):
@@ -66,18 +67,18 @@ def forward(q, k, v, scale, offset, lo=None, softcap=0.0):
         p = torch.exp(s - _safe(l)[..., None])
         out[:, r0:r1] = torch.einsum("bhgij,bjhd->bihgd", p, vv)
         lse[..., r0:r1] = l
-    return out.reshape(b, nq, h, d), lse.reshape(b, h, nq)
+    return out.reshape(b, nq, h, dv), lse.reshape(b, h, nq)
 
 
 def backward(do, q, k, v, out, lse, scale, offset, lo=None, softcap=0.0):
     b, nq, h, d = q.shape
-    h_kv = k.shape[2]
+    h_kv, dv_dim = k.shape[2], v.shape[3]
     g = h // h_kv
     acc = acc_dtype(q.dtype)
     qg = q.reshape(b, nq, h_kv, g, d)
-    dog = do.reshape(b, nq, h_kv, g, d).to(acc)
+    dog = do.reshape(b, nq, h_kv, g, dv_dim).to(acc)
     # delta = rowsum(dO * O): [B, H_kv, G, nq]
-    delta = (dog * out.reshape(b, nq, h_kv, g, d).to(acc)).sum(-1).permute(0, 2, 3, 1)
+    delta = (dog * out.reshape(b, nq, h_kv, g, dv_dim).to(acc)).sum(-1).permute(0, 2, 3, 1)
     lse = _safe(lse.reshape(b, h_kv, g, nq).to(acc))
     kk, vv = k.to(acc), v.to(acc)
     dq = torch.empty(b, nq, h_kv, g, d, dtype=acc, device=q.device)
