@@ -20,21 +20,24 @@ element size, `kv(s) = 2 B n_s H_kv D`):
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..comm import p2p
 from ..kernels import block as block_kernels
-from ..layout import SeqLayout, visible_blocks
+from ..layout import Mask, SeqLayout, as_mask, visible_blocks
 from ..registry import Strategy, register, run
 from .common import attend_blocks, attend_blocks_backward, fold_sinks, sinks_grad
 
 
 def _kv_buffer(k: torch.Tensor, v: torch.Tensor, n: int, backend: str, dtype=None):
-    """(storage, (k view, v view)) for the K/V (or dK/dV) of an n-token rank: the views
-    are `[B, n, H_kv, D]` and `[B, n, H_kv, Dv]` in the kernel's preferred layout, one
-    after the other in `storage`, a flat buffer, which is what travels."""
+    """(storage, (k view, v view)) for the K/V (or dK/dV) of n tokens: the views are
+    `[B, n, H_kv, D]` and `[B, n, H_kv, Dv]` in the kernel's preferred layout, one after the
+    other in `storage`, a flat buffer, which is what travels."""
     b, _, h_kv, d = k.shape
     dv = v.shape[3]
     storage = torch.empty(b * n * h_kv * (d + dv), dtype=dtype or k.dtype, device=k.device)
@@ -53,9 +56,84 @@ def _pack_kv(k, v, backend, world: int):
     return storage, view
 
 
-def _ring_forward(q, k, v, layout: SeqLayout, causal: bool, scale: float, backend: str,
+@dataclass(frozen=True)
+class RingPlan:
+    """Which K/V travel how far, from the layout and the mask alone (so every rank computes
+    the same plan). Rank s's K/V reach rank s+t at step t; `hops[s]` is the farthest t
+    whose rank sees any of s's keys (0: no other rank does, nothing of s moves), and
+    `spans[s][t]` (t = 1 .. hops[s]) the local key rows `(a, b)` of s that ranks s+t ..
+    s+hops[s] see, so the hop into rank s+t carries exactly those rows (a window or a
+    document narrows them; `spans[s][0]` is all of s's rows). The fp32 dK/dV of s's keys
+    travel one step behind over rows `spans[s][1]` and go home from rank s+hops[s]."""
+
+    hops: Tuple[int, ...]
+    spans: Tuple[Tuple[Tuple[int, int], ...], ...]
+
+    def carries(self, src: int, step: int) -> Optional[Tuple[int, int]]:
+        """The rows of `src` that reach rank src+step at step `step`, or None."""
+        return self.spans[src][step] if step <= self.hops[src] else None
+
+
+def ring_plan(layout, mask) -> RingPlan:
+    """The `RingPlan` of `layout` (a SeqLayout or a ring of Ulysses groups) under `mask`."""
+    geometry = getattr(layout, "geometry", None)
+    if geometry is not None:
+        return _cached_plan(geometry, dataclasses.replace(as_mask(mask), softcap=0.0))
+    return _plan(layout, as_mask(mask))
+
+
+@lru_cache(maxsize=256)
+def _cached_plan(geometry: tuple, mask: Mask) -> RingPlan:
+    seq_len, scheme, world, documents = geometry
+    return _plan(SeqLayout.simulated(seq_len, world, 0, scheme, documents), mask)
+
+
+def _plan(layout, mask: Mask) -> RingPlan:
+    world = layout.world_size
+    hops, spans = [], []
+    for s in range(world):
+        need = {}
+        for u in range(1, world):
+            blocks = visible_blocks(layout, (s + u) % world, s, mask)
+            if blocks:
+                need[u] = (min(b.k_start for b in blocks), max(b.k_start + b.k_len for b in blocks))
+        farthest = max(need, default=0)
+        rows = [(0, layout.local_len_of(s))] + [None] * farthest
+        lo = hi = None
+        for t in range(farthest, 0, -1):  # rows seen at distance >= t: a growing union
+            if t in need:
+                a, b = need[t]
+                lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
+            rows[t] = (lo, hi)
+        hops.append(farthest)
+        spans.append(tuple(rows))
+    return RingPlan(tuple(hops), tuple(spans))
+
+
+def _rows_to_send(held, held_rows: Tuple[int, int], rows: Tuple[int, int], k, v, backend):
+    """(storage, views) of rows `rows` of a source's K/V, held as `held` (storage, views)
+    over rows `held_rows`: the held buffer itself when the rows are the same, else a copy."""
+    storage, (hk, hv) = held
+    if storage is not None and rows == held_rows:
+        return storage, (hk, hv)
+    a, b = rows[0] - held_rows[0], rows[1] - held_rows[0]
+    packed, views = _kv_buffer(k, v, b - a, backend)
+    views[0].copy_(hk[:, a:b])
+    views[1].copy_(hv[:, a:b])
+    return packed, views
+
+
+def _shifted(blocks, first_row: int):
+    """`blocks` of a source's keys with key rows counted from `first_row` (the first row held)."""
+    if not first_row:
+        return blocks
+    return [dataclasses.replace(blk, k_start=blk.k_start - first_row) for blk in blocks]
+
+
+def _ring_forward(q, k, v, layout: SeqLayout, causal, scale: float, backend: str,
                   ring_op: str = "ring.forward.kv"):
-    """q in the kernel layout; returns (out [B, n, H, Dv] acc dtype, lse [B, H, n] acc dtype)."""
+    """q in the kernel layout; returns (out [B, n, H, Dv] acc dtype, lse [B, H, n] acc dtype).
+    `causal`: a bool or a `layout.Mask`; only the K/V rows that a later rank sees travel."""
     rank, world = layout.rank, layout.world_size
     fwd, _ = block_kernels.kernels(backend, q, k)
     merge = block_kernels.merge_kernel(backend)
@@ -66,78 +144,132 @@ def _ring_forward(q, k, v, layout: SeqLayout, causal: bool, scale: float, backen
     # it by an ulp of |lse|, an error that saturated softmax rows amplify in the gradients
     lse = torch.empty((b, h, nq), dtype=torch.float64, device=q.device)
     empty = True  # nothing written yet: the first block covering every row is copied, not merged
-    kv_storage, kv = _pack_kv(k, v, backend, world)
+    plan = ring_plan(layout, causal)
+    held, held_rows = (None, (k, v)), plan.spans[rank][0]
     nxt, prv = layout.peer((rank + 1) % world), layout.peer((rank - 1) % world)
     for step in range(world):
         src = (rank - step) % world
-        exchange = None
+        sends, recvs, incoming = [], [], None
         if step < world - 1:
-            incoming = _kv_buffer(k, v, layout.local_len_of((src - 1) % world), backend)
-            exchange = p2p.post([(kv_storage, nxt)], [(incoming[0], prv)], layout.group, op=ring_op)
-        empty = attend_blocks(fwd, q, kv[0], kv[1], visible_blocks(layout, rank, src, causal), scale, out, lse,
-                              fresh=empty, merge=merge)
+            out_rows = plan.carries(src, step + 1)
+            if out_rows is not None:
+                sends.append((_rows_to_send(held, held_rows, out_rows, k, v, backend)[0], nxt))
+            in_rows = plan.carries((src - 1) % world, step + 1)
+            if in_rows is not None:
+                incoming = _kv_buffer(k, v, in_rows[1] - in_rows[0], backend)
+                recvs.append((incoming[0], prv))
+        exchange = p2p.post(sends, recvs, layout.group, op=ring_op) if sends or recvs else None
+        blocks = visible_blocks(layout, rank, src, causal)
+        if blocks:
+            kv = held[1]
+            empty = attend_blocks(fwd, q, kv[0], kv[1], _shifted(blocks, held_rows[0]), scale, out, lse,
+                                  fresh=empty, merge=merge)
         if exchange is not None:
             exchange.wait()
-            kv_storage, kv = incoming
+        if incoming is not None:
+            held, held_rows = incoming, in_rows
     if empty:  # no block at all (no rows): keep the -inf/0 convention
         out.zero_()
         lse.fill_(float("-inf"))
     return out, lse.to(acc)
 
 
-def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal: bool, scale: float, backend: str,
+def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale: float, backend: str,
                    ring_op: str = "ring.backward"):
-    """do, q, out in the kernel layout; returns dq, dk, dv in the acc dtype."""
+    """do, q, out in the kernel layout; returns dq, dk, dv in the acc dtype.
+
+    The K/V travel as in the forward. This rank's own blocks (step 0) add straight into
+    its dK/dV; from step 1 the dK/dV of a source's keys accumulate over rows `spans[s][1]`
+    along the ring, one step behind the K/V (in the same batch of exchanges), and the last
+    rank to see them sends them home, where they are added."""
     rank, world = layout.rank, layout.world_size
     _, bwd = block_kernels.kernels(backend, q, k)
     acc = block_kernels.acc_dtype(q.dtype)
+    plan = ring_plan(layout, causal)
     nxt, prv = layout.peer((rank + 1) % world), layout.peer((rank - 1) % world)
     _, dq = block_kernels.empty_in_kernel_layout(q.shape, backend, dtype=acc, device=q.device)
     dq.zero_()
-    kv_storage, kv = _pack_kv(k, v, backend, world)
-    dkv_storage = None  # fp32 gradient of the K/V held at this step, accumulated along the ring
-    for step in range(world):
+    _, home = _kv_buffer(k, v, k.shape[1], backend, dtype=acc)  # this rank's dK, dV
+    home[0].zero_()
+    home[1].zero_()
+    held, held_rows = (None, (k, v)), plan.spans[rank][0]
+    travelling = None  # (storage, views) of the dK/dV computed at the previous step
+    for step in range(world + 1):
         src = (rank - step) % world
+        before = (src + 1) % world  # the source of the previous step
         sends, recvs = [], []
+        incoming = incoming_dkv = returning = None
         if step < world - 1:
-            next_kv = _kv_buffer(k, v, layout.local_len_of((src - 1) % world), backend)
-            sends.append((kv_storage, nxt))
-            recvs.append((next_kv[0], prv))
-        if dkv_storage is not None:
-            # the previous step's dK/dV go on one hop, in the same batch as the K/V
-            incoming_dkv = _kv_buffer(k, v, layout.local_len_of(src), backend, dtype=acc)
-            sends.append((dkv_storage, nxt))
+            out_rows = plan.carries(src, step + 1)
+            if out_rows is not None:
+                sends.append((_rows_to_send(held, held_rows, out_rows, k, v, backend)[0], nxt))
+            in_rows = plan.carries((src - 1) % world, step + 1)
+            if in_rows is not None:
+                incoming = _kv_buffer(k, v, in_rows[1] - in_rows[0], backend)
+                recvs.append((incoming[0], prv))
+        if travelling is not None:
+            if step <= plan.hops[before]:  # on to the rank that holds `before`'s K/V now
+                sends.append((travelling[0], nxt))
+            else:  # no later rank sees them: home
+                sends.append((travelling[0], layout.peer(before)))
+        if 2 <= step < world and step <= plan.hops[src]:
+            rows = plan.spans[src][1]
+            incoming_dkv = _kv_buffer(k, v, rows[1] - rows[0], backend, dtype=acc)
             recvs.append((incoming_dkv[0], prv))
-        exchange = p2p.post(sends, recvs, layout.group, op=ring_op) if sends else None
-        part_storage, part = _kv_buffer(k, v, layout.local_len_of(src), backend, dtype=acc)
-        part_storage.zero_()
-        attend_blocks_backward(bwd, visible_blocks(layout, rank, src, causal), do, q, kv[0], kv[1], out, lse, scale,
-                               dq, part[0], part[1])
+        if plan.hops[rank] >= 1 and step == plan.hops[rank] + 1:
+            rows = plan.spans[rank][1]
+            returning = _kv_buffer(k, v, rows[1] - rows[0], backend, dtype=acc)
+            recvs.append((returning[0], layout.peer((rank + plan.hops[rank]) % world)))
+        exchange = p2p.post(sends, recvs, layout.group, op=ring_op) if sends or recvs else None
+        travelling = None
+        if step < world and (step == 0 or step <= plan.hops[src]):
+            blocks = visible_blocks(layout, rank, src, causal)
+            if step == 0:
+                dkv = home
+            else:
+                first = plan.spans[src][1][0]
+                storage, dkv = _kv_buffer(k, v, plan.spans[src][1][1] - first, backend, dtype=acc)
+                storage.zero_()
+                travelling = (storage, dkv)
+                # the gradient rows that line up with the held K/V rows
+                a, b = held_rows[0] - first, held_rows[1] - first
+                dkv = (dkv[0][:, a:b], dkv[1][:, a:b])
+            if blocks:
+                kv = held[1]
+                attend_blocks_backward(bwd, _shifted(blocks, held_rows[0]), do, q, kv[0], kv[1], out, lse, scale,
+                                       dq, dkv[0], dkv[1])
         if exchange is not None:
             exchange.wait()
-            if step < world - 1:
-                kv_storage, kv = next_kv
-            if dkv_storage is not None:
-                part_storage += incoming_dkv[0]
-        dkv_storage, dkv = part_storage, part
-    if world > 1:
-        # dK/dV of rank r+1's K/V are here; one more hop brings everyone's home
-        home_storage, dkv = _kv_buffer(k, v, layout.local_len, backend, dtype=acc)
-        p2p.post([(dkv_storage, nxt)], [(home_storage, prv)], layout.group, op=ring_op).wait()
-    return dq, dkv[0], dkv[1]
+        if incoming_dkv is not None:
+            travelling[0].add_(incoming_dkv[0])
+        if returning is not None:
+            a, b = plan.spans[rank][1]
+            home[0][:, a:b] += returning[1][0]
+            home[1][:, a:b] += returning[1][1]
+        if incoming is not None:
+            held, held_rows = incoming, in_rows
+    return dq, home[0], home[1]
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
-                   element_size: int, value_dim: Optional[int] = None, **options) -> Dict[str, int]:
-    """Bytes this rank sends (and receives) in the forward and the backward, exactly
-    (`value_dim`: v's head dim, None for head_dim)."""
+                   element_size: int, value_dim: Optional[int] = None, causal: bool = False,
+                   window_size: Tuple[int, int] = (-1, -1), **options) -> Dict[str, int]:
+    """Bytes this rank sends (and receives) in the forward and the backward, exactly, for
+    the mask `causal`/`window_size` and the layout's documents (`RingPlan`; `value_dim`:
+    v's head dim, None for head_dim)."""
     rank, world = layout.rank, layout.world_size
+    plan = ring_plan(layout, Mask(bool(causal), tuple(window_size)))
     per_token = batch * kv_heads * (head_dim + (head_dim if value_dim is None else value_dim))
-    forwarded = sum(layout.local_len_of((rank - t) % world) for t in range(world - 1))
-    fwd = forwarded * per_token * element_size
-    acc_size = 8 if element_size == 8 else 4  # gradients travel in fp32 (fp64 for fp64)
-    grads = layout.seq_len * per_token * acc_size if world > 1 else 0
-    return {"forward": fwd, "backward": fwd + grads}
+    acc_size = 8 if element_size == 8 else 4  # gradients travel in fp32 (fp64 for fp64 inputs)
+    kv_rows = 0
+    for step in range(world - 1):
+        rows = plan.carries((rank - step) % world, step + 1)
+        kv_rows += 0 if rows is None else rows[1] - rows[0]
+    # dK/dV: every rank r' = s+t (1 <= t <= hops[s]) that holds s's keys sends spans[s][1] on
+    grad_rows = sum(plan.spans[s][1][1] - plan.spans[s][1][0] for s in range(world)
+                    if 1 <= (rank - s) % world <= plan.hops[s])
+    fwd = kv_rows * per_token * element_size
+    return {"forward": fwd, "backward": fwd + grad_rows * per_token * acc_size}
 
 
 

@@ -78,7 +78,7 @@ def _bytes_match(strategy, d, dv):
         out = seqpar.attention(q, k, v, layout=layout, causal=True, strategy=strategy)
     with comm.track() as bwd_log:
         out.sum().backward()
-    want = registry.analytic_bytes(strategy, layout, 1, 4, 2, d, 4, value_dim=dv)
+    want = registry.analytic_bytes(strategy, layout, 1, 4, 2, d, 4, value_dim=dv, causal=True)
     return (fwd_log.bytes_sent(f"{strategy}.forward"), bwd_log.bytes_sent(f"{strategy}.backward"), want["forward"],
             want["backward"])
 
