@@ -1,4 +1,4 @@
-"""A transformers Gemma2 (alternating sliding-window and global layers, logit softcap), sequence-parallel, against one process.
+"""A transformers Gemma2 (sliding-window and global layers, logit softcap), sequence-parallel, against one process.
 
     python examples/transformers_gemma.py                       # a local gloo world of 2 ranks
     python examples/transformers_gemma.py --world-size 3 --scheme balanced

@@ -93,7 +93,8 @@ SDPA_ERRORS = [
     ("cross_attention", dict(key=torch.randn(1, 2, 5, 8), value=torch.randn(1, 2, 5, 8)), ValueError,
      "key: expected seqlen .dim 2. 6, that of query: .*self-attention.*got 5"),
     ("value_heads", dict(value=torch.randn(1, 1, 6, 4)), ValueError,
-     r"value: expected batch, heads and seqlen \(1, 2, 6\) \(those of key\) and any head_dim, got shape \(1, 1, 6, 4\)"),
+     r"value: expected batch, heads and seqlen \(1, 2, 6\) \(those of key\) and any head_dim, "
+     r"got shape \(1, 1, 6, 4\)"),
     ("window", dict(window_size=(2,)), TypeError, r"window_size: expected a pair of ints"),
     ("softcap", dict(softcap=-1.0), ValueError, r"softcap: expected a finite float >= 0"),
     ("sinks_shape", dict(sinks=torch.zeros(2)), ValueError, r"sinks: expected shape \[4\]"),

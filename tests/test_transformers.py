@@ -219,7 +219,8 @@ def test_position_message_shows_where_positions_differ():
     q = torch.randn(1, 2, 12, 8)
     positions = torch.arange(12)[None].clone()
     positions[0, 9:] = torch.arange(3)  # a packed second document starting at index 9
-    with pytest.raises(ValueError, match=r"SeqLayout\(seq_len, cu_seqlens=...\).* got 3 that differ, the first at row 0, "
+    with pytest.raises(ValueError, match=r"SeqLayout\(seq_len, cu_seqlens=...\).* got 3 that differ, the first at "
+                                         r"row 0, "
                                          r"index 9: expected \[6:12\] = "
                                          r"\[6, 7, 8, 9, 10, 11\], got \[6, 7, 8, 0, 1, 2\]"):
         attention_forward(torch.nn.Module(), q, q, q, None, position_ids=positions)

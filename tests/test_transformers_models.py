@@ -79,13 +79,15 @@ def _config(name, attn_implementation):
         # every expert chosen for every token: the router's top-k cannot flip on rounding
         # experts_implementation="eager": torch's grouped_mm has no float64
         return tf.GptOssConfig(head_dim=8, sliding_window=WINDOW, num_local_experts=2, num_experts_per_tok=2,
-                               experts_implementation="eager", layer_types=["sliding_attention", "full_attention"], **common), tf.GptOssForCausalLM
+                               experts_implementation="eager", layer_types=["sliding_attention", "full_attention"],
+                               **common), tf.GptOssForCausalLM
     if name == "deepseek_v3":
         common.update(num_key_value_heads=4)
         # dense layers only (first_k_dense_replace): no router; v head dim 6, q/k head dim 8 + 4
         return tf.DeepseekV3Config(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
                                    v_head_dim=6, first_k_dense_replace=2, n_routed_experts=2, num_experts_per_tok=1,
-                                   n_group=1, topk_group=1, moe_intermediate_size=16, **common), tf.DeepseekV3ForCausalLM
+                                   n_group=1, topk_group=1, moe_intermediate_size=16,
+                                   **common), tf.DeepseekV3ForCausalLM
     raise ValueError(name)
 
 

@@ -9,11 +9,16 @@
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     loss = seqpar.nn.cross_entropy_share(logits, batch["shift_labels"], layout)
 
+Packed documents (e.g. `batch = DataCollatorWithFlattening()(examples)`, one row):
+
+    layout = seqpar.SeqLayout(n, scheme="balanced", cu_seqlens=seqpar.nn.cu_seqlens_of(batch))
+    local = seqpar.nn.shard_batch(batch, layout)        # position_ids inside each document
+
 transformers is imported only by `register()`; seqpar never requires it.
 
 Each model's attention layer calls `attention_forward(module, query, key, value,
 attention_mask, scaling=, dropout=, **kwargs)` with `[B, H, S/P, D]` tensors of this rank's
-tokens; it returns `([B, S/P, H, D], None)` (no attention weights). The layout, strategy,
+tokens; it returns `([B, S/P, H, Dv], None)` (no attention weights). The layout, strategy,
 backend and options come from the innermost `sequence_parallel(...)` block; outside any
 block the layout is seqpar's default (contiguous, equal lengths, default group).
 
@@ -136,7 +141,8 @@ def _check_positions(position_ids, layout) -> None:
         if documents is None:
             what = ("the layout's global positions (layout.positions(): pass those or shard_batch's; the model's "
                     "default arange(local_len) is wrong under sequence parallelism; for packed documents give the "
-                    "layout their boundaries, SeqLayout(seq_len, cu_seqlens=...), and pass layout.document_positions())")
+                    "layout their boundaries, SeqLayout(seq_len, cu_seqlens=...), and pass "
+                    "layout.document_positions())")
         else:
             what = (f"each token's position inside its document (layout.document_positions() of the layout's "
                     f"{len(documents) - 1} documents: pass those or shard_batch's; the model must be given the "
@@ -191,7 +197,8 @@ def _window(sliding_window, is_causal: bool, seq_len: int) -> tuple:
     flash-attn's `window_size`; (-1, -1) when the window covers the sequence."""
     if sliding_window is None:
         return (-1, -1)
-    if isinstance(sliding_window, torch.Tensor) and sliding_window.numel() == 1 and not sliding_window.is_floating_point():
+    if (isinstance(sliding_window, torch.Tensor) and sliding_window.numel() == 1
+            and not sliding_window.is_floating_point()):
         sliding_window = int(sliding_window.item())
     if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
         raise ValueError(f"sliding_window: expected None or a positive int (keys with i - j < sliding_window are "
