@@ -3,6 +3,8 @@
 Skipped when transformers is not installed (it is optional: `pip install seqpar[hf]`).
 float64 throughout, so logits, loss and gradients must agree to `FLOAT64_RTOL` relative.
 """
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -139,6 +141,30 @@ def test_misuse_raises_on_every_rank(case, message):
     assert any(re.search(message, r) for r in results), results
     for r in results:
         assert r != "returned" and (re.search(message, r) or "rank 1 of the group got bad input" in r), results
+
+
+def _empty_rank():
+    from seqpar.integrations.transformers import sequence_parallel
+
+    model = _model("seqpar")
+    # zigzag cuts each one-token document into 2P chunks: rank 1 holds no token
+    layout = seqpar.SeqLayout(6, scheme="zigzag", cu_seqlens=[0, 1, 2, 3, 4, 5, 6])
+    local = seqpar.nn.shard_batch({"input_ids": torch.arange(6)[None]}, layout)
+    try:
+        with sequence_parallel(layout):
+            model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False)
+    except ValueError as exc:
+        return layout.local_len, str(exc)
+    return layout.local_len, "returned"
+
+
+def test_a_rank_without_tokens_raises_on_every_rank():
+    """transformers fails on an empty shard before attention; the block refuses it on every rank at once."""
+    results = world(2).run(_empty_rank, timeout=120)
+    assert [n for n, _ in results] == [6, 0]
+    for _, message in results:
+        assert re.search(r"layout: expected every rank to hold at least one token .*got local lengths \[6, 0\] "
+                         r"\(zigzag over 2 ranks, 6 documents\): rank\(s\) \[1\] hold none", message), message
 
 
 def test_register_is_idempotent():

@@ -103,7 +103,20 @@ def sequence_parallel(layout: Optional[SeqLayout] = None, *, strategy: str = "au
 
     `strategy`, `backend` and `**options` are those of `seqpar.attention`. The backward
     may run after the block: each attention call keeps what its backward needs.
+
+    A layout that leaves a rank without tokens (possible with documents) raises a
+    ValueError here, on every rank alike (each computes every rank's share): transformers
+    models cannot run on an empty shard, and that rank would fail before its peers'
+    collectives.
     """
+    if isinstance(layout, SeqLayout) and 0 in layout.local_lens:
+        empty = [r for r, n in enumerate(layout.local_lens) if n == 0]
+        raise ValueError(
+            f"layout: expected every rank to hold at least one token (a transformers model cannot run on an empty "
+            f"shard), got local lengths {layout.local_lens} ({layout.scheme} over {layout.world_size} ranks, "
+            f"{'no documents' if layout.documents is None else f'{len(layout.documents) - 1} documents'}): rank(s) "
+            f"{empty} hold none; use a longer sequence, fewer ranks or another scheme (contiguous never leaves a rank "
+            f"empty)")
     token = _current.set(_Config(layout, strategy, backend, dict(options)))
     try:
         yield
