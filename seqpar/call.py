@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence, Tuple, TypeVar, Union
 import torch
 
 from .comm.groups import agree, describe
-from .layout import SeqLayout, group_rank_and_size
+from .layout import SeqLayout, as_process_group, group_rank_and_size
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -137,8 +137,9 @@ def layout_for(layout, q, group_of_default) -> SeqLayout:
 
 
 def group_of(layout):
-    """The process group a call runs on: the layout's, else the default group."""
-    return layout.group if isinstance(layout, SeqLayout) else None
+    """The process group a call runs on: the layout's, else the default group (a layout
+    built on a 1-D DeviceMesh holds the mesh's process group)."""
+    return as_process_group(layout.group) if isinstance(layout, SeqLayout) else None
 
 
 def no_seq(t) -> tuple:

@@ -83,8 +83,29 @@ def split_sizes(n: int, parts: int) -> List[int]:
     return [base + 1 if i < extra else base for i in range(parts)]
 
 
+def as_process_group(group):
+    """`group` as a ProcessGroup: a 1-D `torch.distributed.DeviceMesh` (or a named axis of
+    one, `mesh["cp"]`) becomes its process group; None and ProcessGroups pass unchanged."""
+    if group is None:
+        return None
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # a torch without DeviceMesh
+        return group
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            names = getattr(group, "mesh_dim_names", None)
+            pick = f' (e.g. mesh["{names[0]}"])' if names else ""
+            raise ValueError(f"group: expected a ProcessGroup or a 1-D DeviceMesh{pick}, got a {group.ndim}-D "
+                             f"DeviceMesh of shape {tuple(group.shape)} with dim names {names}")
+        return group.get_group()
+    return group
+
+
 def group_rank_and_size(group) -> tuple:
-    """(rank, world size) of `group`; a process without torch.distributed is a world of one."""
+    """(rank, world size) of `group` (a ProcessGroup, a 1-D DeviceMesh or None); a process
+    without torch.distributed is a world of one."""
+    group = as_process_group(group)
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     if not (dist.is_available() and dist.is_initialized()):
@@ -108,6 +129,7 @@ class SeqLayout:
                  _collective: bool = True):
         # collective: a rank whose arguments are bad, or differ from its peers', raises on
         # every rank here instead of leaving the others waiting in the next collective
+        group = as_process_group(group)  # a 1-D DeviceMesh is served by its process group
         rank, world = group_rank_and_size(group)
         error = None
         bounds = None

@@ -9,6 +9,7 @@ and the parameters after the last step must equal single-process training's.
 """
 import functools
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import pytest
 import torch
@@ -113,6 +114,7 @@ class Case:
     swap: str = "argument"  # "argument": the function is passed to the model; "patch": sdpa_patched
     optimizer: str = "adamw"
     seed: int = 0
+    documents: Optional[Tuple[int, ...]] = None  # packed documents' boundaries (batch rows share them)
 
 
 CASES = {
@@ -121,6 +123,10 @@ CASES = {
     "p2_stripe_ulysses": Case(2, 19, "stripe", strategy="ulysses", seed=1),
     "p3_zigzag_ring_sgd": Case(3, 29, "zigzag", optimizer="sgd", seed=2),
     "p3_contiguous_allgather_tied": Case(3, 31, "contiguous", strategy="allgather", tied=True, seed=3),
+    # packed documents: positions restart per document, no token sees another document, the
+    # last token of a document predicts nothing
+    "p2_balanced_documents": Case(2, 27, "balanced", documents=(0, 4, 15, 16, 27), seed=4),
+    "p3_zigzag_documents_patched": Case(3, 30, "zigzag", swap="patch", documents=(0, 13, 30), seed=5),
 }
 
 
@@ -147,13 +153,33 @@ def _grads(model):
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
+def _single_process_documents(case):
+    """Per-document positions, an SDPA with the documents' causal mask, labels that end each document."""
+    bounds = case.documents
+    if bounds is None:
+        return torch.arange(case.seq_len), None, []
+    doc = torch.zeros(case.seq_len, dtype=torch.long)
+    for b in bounds[1:-1]:
+        doc[b:] += 1
+    positions = torch.arange(case.seq_len) - torch.tensor(bounds)[doc]
+    visible = (doc[:, None] == doc[None, :]) & torch.ones(case.seq_len, case.seq_len, dtype=torch.bool).tril()
+
+    def sdpa(q, k, v, is_causal, enable_gqa):
+        assert is_causal
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=enable_gqa)
+
+    return positions, sdpa, [b - 1 for b in bounds[1:-1]]
+
+
 def _train_single_process(case):
     model = TinyLlama(case.tied, case.seed)
     opt = _optimizer(case, model)
     losses, grads = [], []
+    positions, sdpa, ends = _single_process_documents(case)
     for batch in _batches(case):
-        ids, labels = batch["input_ids"], batch["labels"]
-        logits = model(ids, torch.arange(case.seq_len).expand(BATCH, -1))
+        ids, labels = batch["input_ids"], batch["labels"].clone()
+        labels[:, [e + 1 for e in ends]] = -100  # shifted below: a document's last token predicts nothing
+        logits = model(ids, positions.expand(BATCH, -1), sdpa)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
         loss.backward()
         losses.append(loss.item())
@@ -165,7 +191,7 @@ def _train_single_process(case):
 
 def _train_sequence_parallel(case):
     """On every rank: the same training, sequence-parallel."""
-    layout = seqpar.SeqLayout(case.seq_len, scheme=case.scheme)
+    layout = seqpar.SeqLayout(case.seq_len, scheme=case.scheme, cu_seqlens=case.documents)
     model = TinyLlama(case.tied, case.seed)
     opt = _optimizer(case, model)
     sdpa = functools.partial(seqpar.nn.functional.scaled_dot_product_attention, layout=layout, strategy=case.strategy)

@@ -18,26 +18,27 @@ from seqpar.testing import FLOAT64_RTOL, AttentionProblem, assert_matches_dense,
 
 
 # -- every entry point computes dense attention (through seqpar.testing's check) -----------------------------
-def _via_sdpa(q, k, v, *, layout, causal, softmax_scale):
+def _via_sdpa(q, k, v, *, layout, causal, softmax_scale, **masks):
     out = scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
-                                       scale=softmax_scale, enable_gqa=True, layout=layout)
+                                       scale=softmax_scale, enable_gqa=True, layout=layout, **masks)
     return out.transpose(1, 2)
 
 
-def _via_patch(q, k, v, *, layout, causal, softmax_scale):
-    with sdpa_patched(layout, strategy="allgather"):
+def _via_patch(q, k, v, *, layout, causal, softmax_scale, **masks):
+    with sdpa_patched(layout, strategy="allgather", **masks):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=causal, scale=softmax_scale, enable_gqa=True)
     return out.transpose(1, 2)
 
 
-def _via_module_bshd(q, k, v, *, layout, causal, softmax_scale):
-    return SequenceParallelAttention(layout, causal=causal, softmax_scale=softmax_scale, strategy="token_ring")(q, k, v)
+def _via_module_bshd(q, k, v, *, layout, causal, softmax_scale, sinks=None, **masks):
+    return SequenceParallelAttention(layout, causal=causal, softmax_scale=softmax_scale, strategy="token_ring",
+                                     **masks)(q, k, v, sinks=sinks)
 
 
-def _via_module_bhsd(q, k, v, *, layout, causal, softmax_scale):
-    attn = SequenceParallelAttention(causal=causal, softmax_scale=softmax_scale, qkv_format="bhsd")
-    return attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout=layout).transpose(1, 2)
+def _via_module_bhsd(q, k, v, *, layout, causal, softmax_scale, sinks=None, **masks):
+    attn = SequenceParallelAttention(causal=causal, softmax_scale=softmax_scale, qkv_format="bhsd", **masks)
+    return attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout=layout, sinks=sinks).transpose(1, 2)
 
 
 ENTRY_POINTS = {"sdpa": _via_sdpa, "patched": _via_patch, "module_bshd": _via_module_bshd,
@@ -46,6 +47,10 @@ PROBLEMS = {
     "p2_zigzag_gqa_causal": AttentionProblem(2, 19, heads=4, kv_heads=2, causal=True, scheme="zigzag"),
     "p3_stripe_mqa": AttentionProblem(3, 17, batch=2, heads=2, kv_heads=1, head_dim=12, scheme="stripe",
                                       logit_scale=4.0),
+    # documents, a sliding window, softcap and sinks through every entry point
+    "p3_balanced_docs_window_softcap_sinks": AttentionProblem(
+        3, 23, heads=4, kv_heads=2, causal=True, scheme="balanced", documents=(0, 9, 12, 23), window=(4, 0),
+        softcap=2.0, sinks=True, logit_scale=3.0),
 }
 
 
@@ -87,8 +92,12 @@ SDPA_ERRORS = [
      "key: expected a number of heads that divides query's 4 heads, got 3"),
     ("cross_attention", dict(key=torch.randn(1, 2, 5, 8), value=torch.randn(1, 2, 5, 8)), ValueError,
      "key: expected seqlen .dim 2. 6, that of query: .*self-attention.*got 5"),
-    ("value_head_dim", dict(value=torch.randn(1, 2, 6, 4)), ValueError,
-     r"value: expected the shape of key \(1, 2, 6, 8\)"),
+    ("value_heads", dict(value=torch.randn(1, 1, 6, 4)), ValueError,
+     r"value: expected batch, heads and seqlen \(1, 2, 6\) \(those of key\) and any head_dim, "
+     r"got shape \(1, 1, 6, 4\)"),
+    ("window", dict(window_size=(2,)), TypeError, r"window_size: expected a pair of ints"),
+    ("softcap", dict(softcap=-1.0), ValueError, r"softcap: expected a finite float >= 0"),
+    ("sinks_shape", dict(sinks=torch.zeros(2)), ValueError, r"sinks: expected shape \[4\]"),
     ("query_3d", dict(query=torch.randn(4, 6, 8)), ValueError,
      r"query: expected 4 dims \[batch, heads, seqlen, head_dim\] .*got shape \(4, 6, 8\)"),
     ("key_type", dict(key=[1.0]), TypeError, "key: expected a torch.Tensor, got list"),
@@ -330,3 +339,122 @@ def _buckets_differ():
 def test_bucket_sizes_must_agree():
     for message in world(2).run(_buckets_differ, timeout=60):
         assert message is not None and "bucket_elements" in message
+
+
+# -- packed documents: shard_batch, cu_seqlens_of ---------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["contiguous", "zigzag", "stripe", "balanced"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_shard_batch_with_documents(world_size, scheme):
+    from seqpar.nn import cu_seqlens_of
+
+    lengths = (7, 2, 11, 1, 5)
+    bounds = [0, 7, 9, 20, 21, 26]
+    n = bounds[-1]
+    ids = torch.arange(100, 100 + n)[None]
+    labels = ids.clone()
+    labels[0, 15] = -100
+    in_document = torch.cat([torch.arange(m) for m in lengths])
+    # the label of token i is token i + 1, except at a document's last token
+    want = torch.cat([labels[0, 1:], torch.tensor([-100])])
+    want[[b - 1 for b in bounds[1:]]] = -100
+    batches = {
+        "position_ids": {"input_ids": ids, "labels": labels, "position_ids": in_document[None]},
+        "cu_seq_lens": {"input_ids": ids, "labels": labels, "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32),
+                        "cu_seq_lens_k": torch.tensor(bounds, dtype=torch.int32), "max_length_q": 11},
+        "layout_only": {"input_ids": ids, "labels": labels},
+    }
+    for source, batch in batches.items():
+        if source != "layout_only":
+            assert cu_seqlens_of(batch) == bounds, source
+        rebuilt = torch.full((n,), 12345)
+        for rank in range(world_size):
+            layout = SeqLayout.simulated(n, world_size, rank, scheme, cu_seqlens=bounds)
+            out = shard_batch(batch, layout)
+            positions = layout.positions()
+            assert torch.equal(out["input_ids"][0], ids[0, positions]), source
+            # positions inside each document, for RoPE
+            assert torch.equal(out["position_ids"].reshape(-1), in_document[positions]), source
+            assert torch.equal(out["position_ids"].reshape(-1), layout.document_positions())
+            rebuilt[positions] = out["shift_labels"][0]
+            if source == "cu_seq_lens":  # boundaries and lengths stay global, for the model's attention
+                assert out["cu_seq_lens_q"].tolist() == bounds and out["max_length_q"] == 11
+        assert torch.equal(rebuilt, want), source
+
+
+def test_shard_batch_masks_document_ends_with_the_collator():
+    """DataCollatorWithFlattening's labels (separator -100 at each document's first token), shifted
+    by transformers' loss, ignore the same tokens as shard_batch on the raw labels."""
+    tf = pytest.importorskip("transformers")
+    from seqpar.nn import cu_seqlens_of
+
+    docs = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15]]
+    collated = tf.DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": d} for d in docs])
+    bounds = cu_seqlens_of(collated)
+    assert bounds == [0, 4, 6, 11]
+    expected = torch.cat([collated["labels"][0, 1:], torch.tensor([-100])])  # transformers' shift
+    raw = {"input_ids": collated["input_ids"], "labels": collated["input_ids"].clone()}
+    layout = SeqLayout.simulated(11, 1, 0, "balanced", cu_seqlens=bounds)
+    assert torch.equal(shard_batch(raw, layout)["shift_labels"][0], expected)
+    assert torch.equal(shard_batch(dict(collated), layout)["shift_labels"][0], expected)
+
+
+@pytest.mark.parametrize("batch, layout_documents, err, match", [
+    ({"position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])}, None, ValueError,
+     r"batch\['position_ids'\]: expected the layout's documents \[0, 8\] \(1 documents\), got \[0, 3, 8\] "
+     r"\(2 documents\) \(build the layout from the batch: SeqLayout\(8, .*cu_seqlens_of\(batch\)\)\)"),
+    ({"cu_seq_lens_q": torch.tensor([0, 4, 8])}, [0, 3, 8], ValueError,
+     r"batch\['cu_seq_lens_q'\]: expected the layout's documents \[0, 3, 8\] \(2 documents\), got \[0, 4, 8\]"),
+    ({"position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 0, 1, 2, 3]])}, [0, 3, 8], ValueError,
+     r"batch\['position_ids'\]: expected every row to restart at the same places .*pack into batch 1.*row 1"),
+    ({"position_ids": torch.tensor([0, 1, 2, 0, 1, 2, 3, 4]), "cu_seq_lens_k": [0, 4, 8]}, [0, 3, 8], ValueError,
+     r"batch\['position_ids'\] \(where positions restart\): expected the documents of batch\['cu_seq_lens_k'\], "
+     r"\[0, 4, 8\] \(2 documents\), got \[0, 3, 8\]"),
+    ({"cu_seq_lens_q": torch.tensor([[0, 8]])}, None, ValueError,
+     r"batch\['cu_seq_lens_q'\]: expected a 1-D integer tensor"),
+    ({"cu_seq_lens_q": "0,8"}, None, TypeError, r"batch\['cu_seq_lens_q'\]: expected a 1-D integer tensor or a list"),
+])
+def test_shard_batch_documents_must_be_the_layouts(batch, layout_documents, err, match):
+    with pytest.raises(err, match=match):
+        shard_batch(batch, SeqLayout.simulated(8, 2, 0, "zigzag", cu_seqlens=layout_documents))
+
+
+# -- a torch.distributed DeviceMesh as the group --------------------------------------------------------------
+def _with_mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world_size = dist.get_world_size()
+    flat = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    grid = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp", "cp"))
+    try:
+        SeqLayout(13, group=grid)
+        refused = "returned"
+    except ValueError as exc:
+        refused = str(exc)
+    results = {}
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 13, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    ids = torch.randint(0, 10, (1, 13), generator=gen)
+    for name, group in (("default", None), ("mesh", flat), ("axis", grid["cp"])):
+        layout = SeqLayout(13, group=group, scheme="balanced", cu_seqlens=[0, 6, 13])
+        assert layout.world_size == world_size and layout.rank == dist.get_rank()
+        assert layout.group is None or isinstance(layout.group, dist.ProcessGroup)
+        weight = torch.ones(4, 10, dtype=torch.float64, requires_grad=True)
+        out = seqpar.attention(*(layout.shard(t).clone().requires_grad_() for t in (q, k, v)), layout=layout,
+                               causal=True, window_size=(3, 0))
+        batch = shard_batch({"input_ids": ids, "labels": ids}, layout)
+        share = cross_entropy_share((out.sum(2) @ weight), batch["shift_labels"], layout)
+        share.backward()
+        all_reduce_gradients([weight], layout)
+        results[name] = (layout.unshard(out.detach()), global_loss(share, layout).item(), weight.grad.clone())
+    return refused, results
+
+
+def test_device_mesh_is_a_group():
+    for refused, results in world(2).run(_with_mesh, timeout=120):
+        assert re.search(r"group: expected a ProcessGroup or a 1-D DeviceMesh \(e.g. mesh\[\"dp\"\]\), got a 2-D "
+                         r"DeviceMesh of shape \(1, 2\)", refused), refused
+        want_out, want_loss, want_grad = results["default"]
+        assert want_grad.abs().max() > 0
+        for name in ("mesh", "axis"):
+            out, loss, grad = results[name]
+            assert torch.equal(out, want_out) and loss == want_loss and torch.equal(grad, want_grad), name

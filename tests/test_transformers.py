@@ -3,6 +3,8 @@
 Skipped when transformers is not installed (it is optional: `pip install seqpar[hf]`).
 float64 throughout, so logits, loss and gradients must agree to `FLOAT64_RTOL` relative.
 """
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -85,29 +87,33 @@ def test_llama_logits_loss_grads_match_single_process(world_size, seq_len, schem
 
 
 def _misuse(case):
-    """Every rank runs the model; only rank 1 gets it wrong (positions: every rank but 0; window: all)."""
+    """Every rank runs the model; only rank 1 gets it wrong (default positions: every rank but 0 is wrong)."""
     from seqpar.integrations.transformers import sequence_parallel
 
     model = _model("seqpar")
-    if case == "sliding_window":  # on every rank: a window shorter than the global sequence
-        from transformers import MistralConfig, MistralForCausalLM
-
-        model = MistralForCausalLM(MistralConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, sliding_window=5, attn_implementation="seqpar"))
-    layout = seqpar.SeqLayout(12 * dist.get_world_size())
+    rank = dist.get_rank()
+    documents = [0, 7, 12 * dist.get_world_size()] if case.startswith("documents") else None
+    layout = seqpar.SeqLayout(12 * dist.get_world_size(), cu_seqlens=documents)
     local = seqpar.nn.shard_batch(_batch(layout.seq_len), layout)
     kwargs = dict(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False)
-    if case == "padding" and dist.get_rank() == 1:
+    if case == "padding" and rank == 1:
         mask = torch.ones_like(local["input_ids"])
         mask[0, -3:] = 0
         kwargs["attention_mask"] = mask
     elif case == "default_positions":
         del kwargs["position_ids"]  # transformers then uses arange(local_len): right on rank 0 only
-    elif case == "dropout" and dist.get_rank() == 1:
+    elif case == "dropout" and rank == 1:
         for layer in model.model.layers:
             layer.self_attn.attention_dropout = 0.1
         model.train()
+    elif case == "packed_without_documents" and rank == 1:
+        positions = kwargs["position_ids"].clone()
+        positions[:, 5:] = torch.arange(positions.shape[1] - 5)  # a document the layout does not know
+        kwargs["position_ids"] = positions
+    elif case == "documents_positions":
+        kwargs["position_ids"] = layout.positions()[None]  # global positions: the model sees one document
+    elif case == "documents_cu_seq_lens" and rank == 1:
+        kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = torch.tensor([0, 8, layout.seq_len], dtype=torch.int32)
     try:
         with sequence_parallel(layout):
             model(**kwargs)
@@ -117,10 +123,15 @@ def _misuse(case):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("padding", "attention_mask: expected None .* 3 padded token"),
+    ("padding", "attention_mask: expected None .* 3 padded token.*pack instead.*cu_seqlens"),
     ("default_positions", "position_ids: expected the layout's global positions"),
     ("dropout", "dropout: expected 0.0"),
-    ("sliding_window", "sliding_window: expected None or an int >= seq_len=24.*got 5"),
+    ("packed_without_documents", r"position_ids: expected the layout's global positions .*SeqLayout\(seq_len, "
+                                 r"cu_seqlens=...\).*index 5: expected \[2:9\] = \[14, 15, 16, 17, 18, 19, 20\], "
+                                 r"got \[14, 15, 16, 0, 1, 2, 3\]"),
+    ("documents_positions", "position_ids: expected each token's position inside its document"),
+    ("documents_cu_seq_lens", r"cu_seq_lens_q: expected the layout's global document boundaries layout.cu_seqlens = "
+                              r"\[0, 7, 24\] \(2 documents\), got \[0, 8, 24\]"),
 ])
 def test_misuse_raises_on_every_rank(case, message):
     import re
@@ -130,6 +141,30 @@ def test_misuse_raises_on_every_rank(case, message):
     assert any(re.search(message, r) for r in results), results
     for r in results:
         assert r != "returned" and (re.search(message, r) or "rank 1 of the group got bad input" in r), results
+
+
+def _empty_rank():
+    from seqpar.integrations.transformers import sequence_parallel
+
+    model = _model("seqpar")
+    # zigzag cuts each one-token document into 2P chunks: rank 1 holds no token
+    layout = seqpar.SeqLayout(6, scheme="zigzag", cu_seqlens=[0, 1, 2, 3, 4, 5, 6])
+    local = seqpar.nn.shard_batch({"input_ids": torch.arange(6)[None]}, layout)
+    try:
+        with sequence_parallel(layout):
+            model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False)
+    except ValueError as exc:
+        return layout.local_len, str(exc)
+    return layout.local_len, "returned"
+
+
+def test_a_rank_without_tokens_raises_on_every_rank():
+    """transformers fails on an empty shard before attention; the block refuses it on every rank at once."""
+    results = world(2).run(_empty_rank, timeout=120)
+    assert [n for n, _ in results] == [6, 0]
+    for _, message in results:
+        assert re.search(r"layout: expected every rank to hold at least one token .*got local lengths \[6, 0\] "
+                         r"\(zigzag over 2 ranks, 6 documents\): rank\(s\) \[1\] hold none", message), message
 
 
 def test_register_is_idempotent():
@@ -145,14 +180,63 @@ def test_refusals_name_every_argument_in_one_line_without_printing_tensors():
     from seqpar.integrations.transformers import attention_forward
 
     q = torch.randn(1, 4, 6, 8)  # [B, H, S, D], one process
-    sinks = torch.randn(64)
+    bias = torch.randn(1, 4, 6, 6)
     with pytest.raises(ValueError) as info:
-        attention_forward(torch.nn.Module(), q, q[:, :2], q[:, :2], None, sliding_window=3, s_aux=sinks, softcap=30.0)
+        attention_forward(torch.nn.Module(), q, q[:, :2], q[:, :2], None, position_bias=bias, head_mask=torch.ones(4))
     message = str(info.value)
     assert "\n" not in message and "tensor([" not in message, message
-    for part in ("sliding_window: expected None or an int >= seq_len=6, got 3",
-                 "s_aux: expected None, got a tensor of shape (64,), dtype torch.float32", "softcap: expected None"):
+    for part in ("position_bias: expected None, got a tensor of shape (1, 4, 6, 6), dtype torch.float32",
+                 "head_mask: expected None, got a tensor of shape (4,)"):
         assert part in message, message
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sliding_window=0), r"sliding_window: expected None or a positive int .*got 0"),
+    (dict(sliding_window=2.5), r"sliding_window: expected None or a positive int .*got 2.5"),
+    (dict(s_aux=torch.zeros(64)), r"sinks: expected shape \[4\] \(one logit per query head\), got \(64,\)"),
+    (dict(softcap=-1.0), r"softcap: expected a finite float >= 0"),
+    (dict(cu_seq_lens_q=torch.tensor([0, 3, 6])), r"cu_seq_lens_q: expected .* = \[0, 6\] \(1 documents\), got "
+                                                  r"\[0, 3, 6\] \(2 documents\); the layout has no documents"),
+    (dict(max_length_q=3), r"max_length_q: expected 6, the length of the layout's longest document, got 3"),
+])
+def test_bad_mask_arguments_name_the_argument(kwargs, message):
+    from seqpar.integrations.transformers import attention_forward
+
+    q = torch.randn(1, 4, 6, 8, dtype=torch.float64)
+    with pytest.raises((ValueError, TypeError), match=message):
+        attention_forward(torch.nn.Module(), q, q[:, :2], q[:, :2], None, **kwargs)
+
+
+def _dense(q, k, v, visible, scale, softcap=0.0, sinks=None):
+    """[B, H, S, D] attention with a boolean [S, S] visibility, float64."""
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+    scores = q @ k.transpose(-1, -2) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1)
+    probs = torch.softmax(scores, -1)[..., :visible.shape[-1]]
+    return (probs @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize("window", [1, 3, 11, 12])
+def test_sliding_window_is_transformers_convention(is_causal, window):
+    """Key j visible to query i when i - j < w (causal; transformers' masks), |i - j| < w
+    (bidirectional: flash-attention's window_size=(w-1, w-1), Gemma3's mask); with softcap and sinks."""
+    from seqpar.integrations.transformers import attention_forward
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 11, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    sinks = torch.randn(4, generator=gen, dtype=torch.float64)
+    module = torch.nn.Module()
+    module.is_causal = is_causal
+    out, _ = attention_forward(module, q, k, v, None, scaling=0.4, sliding_window=window, softcap=1.5, s_aux=sinks)
+    i, j = torch.arange(11)[:, None], torch.arange(11)[None]
+    visible = ((i - j < window) & (j <= i)) if is_causal else ((i - j).abs() < window)
+    want = _dense(q, k, v, visible, 0.4, softcap=1.5, sinks=sinks)
+    assert (out - want).abs().max() <= 1e-12 * want.abs().max()
 
 
 def test_position_message_shows_where_positions_differ():
@@ -161,6 +245,8 @@ def test_position_message_shows_where_positions_differ():
     q = torch.randn(1, 2, 12, 8)
     positions = torch.arange(12)[None].clone()
     positions[0, 9:] = torch.arange(3)  # a packed second document starting at index 9
-    with pytest.raises(ValueError, match=r"got 3 that differ, the first at row 0, index 9: expected \[6:12\] = "
+    with pytest.raises(ValueError, match=r"SeqLayout\(seq_len, cu_seqlens=...\).* got 3 that differ, the first at "
+                                         r"row 0, "
+                                         r"index 9: expected \[6:12\] = "
                                          r"\[6, 7, 8, 9, 10, 11\], got \[6, 7, 8, 0, 1, 2\]"):
         attention_forward(torch.nn.Module(), q, q, q, None, position_ids=positions)

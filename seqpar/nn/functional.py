@@ -11,7 +11,8 @@ What PyTorch's function takes and this one refuses, with a `ValueError` naming t
 `attn_mask` other than None (under sequence parallelism a mask built for the local length
 means nothing; causal masking is `is_causal=True` on global positions), `dropout_p` other
 than 0, keys of another length than the queries (this is self-attention over one sequence
-split across ranks) and a value head dim that differs from the key's. Errors are agreed on
+split across ranks). Beyond torch's signature it takes `window_size`, `softcap` and
+`sinks` (those of `seqpar.attention`), and `value` may have its own head dim. Errors are agreed on
 across ranks like `seqpar.attention`'s: bad input on one rank raises on every rank.
 
 `sdpa_patched(layout)` swaps this function in for `torch.nn.functional.scaled_dot_product_attention`
@@ -83,8 +84,10 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         )
     if key.shape[3] != query.shape[3]:
         raise ValueError(f"key: expected head_dim {query.shape[3]} (that of query), got {key.shape[3]}")
-    if value.shape != key.shape:
-        raise ValueError(f"value: expected the shape of key {tuple(key.shape)}, got {tuple(value.shape)}")
+    if value.shape[:3] != key.shape[:3]:
+        # the head dim may differ (MLA: DeepSeek's value head dim is not its query/key head dim)
+        raise ValueError(f"value: expected batch, heads and seqlen {tuple(key.shape[:3])} (those of key) and any "
+                         f"head_dim, got shape {tuple(value.shape)}")
     heads, kv_heads = query.shape[1], key.shape[1]
     if not enable_gqa and kv_heads != heads:
         raise ValueError(
@@ -102,19 +105,22 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 
 def sequence_parallel_sdpa(query, key, value, *, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                            enable_gqa=False, layout=None, strategy="auto", backend="auto", options=None,
-                           names=None, extra_check=None):
+                           names=None, extra_check=None, window_size=(-1, -1), softcap=0.0, sinks=None):
     """The shared body: bhsd in, **bshd** out (callers transpose as they need).
 
     `names` renames arguments in error messages (the transformers glue says `attention_mask`);
-    `extra_check()` runs with the local checks, and what it raises is agreed on too.
+    `extra_check()` runs with the local checks, and what it raises is agreed on too; it may
+    return a dict that overrides `window_size`, `softcap` and `sinks` (what the caller
+    derived from its own arguments while checking them).
     """
     options = options or {}
     names = names or _TORCH_NAMES
+    masks = {"window_size": window_size, "softcap": softcap, "sinks": sinks}
     error = None
     try:
         _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout, names)
         if extra_check is not None:
-            extra_check()
+            masks.update(extra_check() or {})
     except (ValueError, TypeError) as exc:
         error = exc
     if error is not None:
@@ -124,11 +130,12 @@ def sequence_parallel_sdpa(query, key, value, *, attn_mask=None, dropout_p=0.0, 
         raise error  # unreachable: run_strategy raised
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     return run_strategy(strategy, q, k, v, layout=layout, causal=is_causal, softmax_scale=scale, backend=backend,
-                        **options)
+                        **masks, **options)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, layout=None, strategy="auto", backend="auto", **options):
+                                 enable_gqa=False, *, layout=None, strategy="auto", backend="auto",
+                                 window_size=(-1, -1), softcap=0.0, sinks=None, **options):
     """`torch.nn.functional.scaled_dot_product_attention` over sequence shards.
 
     `query` `[B, H, S/P, D]`, `key`/`value` `[B, H_kv, S/P, D]`: this rank's tokens of
@@ -136,13 +143,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     this rank's rows of attention over the global sequence, in the input dtype.
     `is_causal`: query at global position i sees keys j <= i. `scale`: default `D ** -0.5`.
     `enable_gqa`: as in torch, False requires `H == H_kv`; True allows `H % H_kv == 0`.
-    `attn_mask` must be None and `dropout_p` 0 (ValueError otherwise). Keyword-only:
-    `layout`, `strategy`, `backend` and strategy options, as in `seqpar.attention`.
+    `attn_mask` must be None and `dropout_p` 0 (ValueError otherwise). `value` may have its
+    own head dim `Dv` (MLA); the result then has `Dv`. Keyword-only, as in `seqpar.attention`:
+    `layout` (its documents, `cu_seqlens`, mask attention between documents), `strategy`,
+    `backend`, `window_size=(left, right)` (flash-attn's sliding window, global positions),
+    `softcap` (flash-attn's logit softcap, 0: none), `sinks` (`[H]` logits, gpt-oss's
+    attention sinks) and strategy options.
     Collective: every rank of the layout's group calls it. Differentiable in q, k, v.
     """
     out = sequence_parallel_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                  scale=scale, enable_gqa=enable_gqa, layout=layout, strategy=strategy,
-                                 backend=backend, options=options)
+                                 backend=backend, options=options, window_size=window_size, softcap=softcap,
+                                 sinks=sinks)
     return out.transpose(1, 2)
 
 

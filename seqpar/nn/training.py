@@ -25,7 +25,7 @@ The convention (the data-parallel one, with sums):
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,71 @@ def _group_of(layout) -> Any:
     return layout.group
 
 
+# keys of a batch that give document boundaries `[0, l1, ..., N]` (DataCollatorWithFlattening's
+# return_flash_attn_kwargs=True gives the first two; flash-attn varlen calls them cu_seqlens)
+DOCUMENT_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens")
+
+
+def _bounds(value, name: str) -> Tuple[int, ...]:
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.is_floating_point() or value.dtype == torch.bool:
+            raise ValueError(f"{name}: expected a 1-D integer tensor of document boundaries [0, l1, ..., seq_len], "
+                             f"got {value.dim()}-D {value.dtype}")
+        return tuple(int(x) for x in value.tolist())
+    if isinstance(value, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        return tuple(value)
+    raise TypeError(f"{name}: expected a 1-D integer tensor or a list of ints, got {type(value).__name__}")
+
+
+def _show(bounds: Sequence[int], limit: int = 8) -> str:
+    shown = ", ".join(str(b) for b in bounds[:limit])
+    return f"[{shown}{', ...' if len(bounds) > limit else ''}] ({len(bounds) - 1} documents)"
+
+
+def restarts_of(position_ids: torch.Tensor) -> Tuple[int, ...]:
+    """Document boundaries `[0, ..., N]` of one row of position ids: a document starts
+    where a position is not its predecessor's plus one (transformers' packed-sequence rule)."""
+    row = position_ids.reshape(-1)
+    starts = ((row[1:] - row[:-1]) != 1).nonzero().reshape(-1) + 1
+    return (0,) + tuple(int(i) for i in starts.tolist()) + (row.numel(),)
+
+
+def cu_seqlens_of(batch: Mapping[str, Any]) -> Optional[List[int]]:
+    """The document boundaries `[0, l1, l1+l2, ..., N]` of a global packed batch, for
+    `SeqLayout(N, cu_seqlens=...)`; None when the batch is one document per row.
+
+    Read from `cu_seq_lens_q`/`cu_seq_lens_k`/`cu_seqlens` (DataCollatorWithFlattening
+    with `return_flash_attn_kwargs=True`, flash-attn varlen) or from `position_ids` that
+    restart (a document starts where a position is not the previous one plus one); when
+    both are there they must agree. Every row of `position_ids` must restart at the same
+    places (pack into batch 1 for different packings). Local (no communication)."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch: expected a mapping of names to tensors, got {type(batch).__name__}")
+    found = []  # (name, bounds)
+    for key in DOCUMENT_KEYS:
+        if batch.get(key) is not None:
+            found.append((f"batch[{key!r}]", _bounds(batch[key], f"batch[{key!r}]")))
+    positions = batch.get("position_ids")
+    if isinstance(positions, torch.Tensor) and positions.numel():
+        rows = positions.reshape(-1, positions.shape[-1])
+        first = restarts_of(rows[0])
+        for i in range(1, rows.shape[0]):
+            other = restarts_of(rows[i])
+            if other != first:
+                raise ValueError(
+                    f"batch['position_ids']: expected every row to restart at the same places (seqpar packs the "
+                    f"same documents in every row; pack into batch 1 for different packings), got row 0 with "
+                    f"boundaries {_show(first)} and row {i} with {_show(other)}")
+        found.append(("batch['position_ids'] (where positions restart)", first))
+    if not found:
+        return None
+    name, bounds = found[0]
+    for other_name, other in found[1:]:
+        if other != bounds:
+            raise ValueError(f"{other_name}: expected the documents of {name}, {_show(bounds)}, got {_show(other)}")
+    return None if len(bounds) == 2 else list(bounds)
+
+
 def shard_batch(batch: Mapping[str, Any], layout: SeqLayout, *, shift_labels: bool = True,
                 ignore_index: int = IGNORE_INDEX) -> Dict[str, Any]:
     """This rank's part of a global batch of `[B, N, ...]` tensors (N = `layout.seq_len`).
@@ -58,9 +123,17 @@ def shard_batch(batch: Mapping[str, Any], layout: SeqLayout, *, shift_labels: bo
       name transformers' causal-LM loss uses for labels already shifted). `labels` is then
       absent, so no model shifts them a second time on the local shard. Shifting the local
       shard instead would pair the last token of each shard with nothing and lose one
-      target per shard boundary. `shift_labels=False`: `labels` are sharded as they are.
-    - `position_ids`: sharded if present, else `layout.positions()` expanded to `[B, n_local]`
-      (the global positions, which RoPE needs).
+      target per shard boundary. With documents, the last token of every document gets
+      `ignore_index` too: it must not predict the next document's first token.
+      `shift_labels=False`: `labels` are sharded as they are.
+    - Documents (packed sequences) are the layout's (`SeqLayout(N, cu_seqlens=...)`, any
+      scheme, "balanced" included). A batch that names documents itself (`cu_seq_lens_q`,
+      `cu_seq_lens_k`, `cu_seqlens`, or `position_ids` that restart; `cu_seqlens_of(batch)`
+      reads them) must name the layout's: a ValueError says which differ otherwise.
+      Those boundary tensors pass through unchanged (global), for the model's attention.
+    - `position_ids`: sharded if present, else `layout.document_positions()` expanded to
+      `[B, n_local]`: each token's position inside its document (the global position
+      without documents), which RoPE needs.
     - Every other tensor whose dim 1 has N entries is sharded with `layout.shard(x, dim=1)`;
       other values pass through unchanged. The keys in `SEQUENCE_KEYS` (input_ids,
       attention_mask, ...) must have N entries in dim 1.
@@ -89,11 +162,23 @@ def shard_batch(batch: Mapping[str, Any], layout: SeqLayout, *, shift_labels: bo
             raise ValueError(
                 f"batch[{key!r}]: expected shape [B, {n}, ...] (dim 1 = layout.seq_len), got {tuple(value.shape)}"
             )
+    layout_documents = layout.documents if layout.documents is not None else (0, n)
+    given = cu_seqlens_of(batch)
+    given = (0, n) if given is None else tuple(given)
+    named = any(batch.get(k) is not None for k in DOCUMENT_KEYS + ("position_ids",))
+    if named and given != layout_documents:
+        source = next(k for k in DOCUMENT_KEYS + ("position_ids",) if batch.get(k) is not None)
+        raise ValueError(
+            f"batch[{source!r}]: expected the layout's documents {_show(layout_documents)}, got {_show(given)} "
+            f"(build the layout from the batch: SeqLayout({n}, scheme=..., cu_seqlens=seqpar.nn.cu_seqlens_of(batch)))")
     out: Dict[str, Any] = {}
     for key, value in batch.items():
         if key == "labels" and shift_labels and value is not None:
             shifted = torch.full_like(value, ignore_index)
             shifted[:, :-1] = value[:, 1:]
+            # the last token of a document does not predict the first of the next
+            ends = torch.tensor(layout_documents[1:-1], dtype=torch.long, device=value.device) - 1
+            shifted[:, ends] = ignore_index
             out["shift_labels"] = layout.shard(shifted, dim=1)
         elif key == "position_ids" and value is not None and value.dim() == 1:
             out[key] = layout.shard(value, dim=0)
@@ -106,7 +191,7 @@ def shard_batch(batch: Mapping[str, Any], layout: SeqLayout, *, shift_labels: bo
         if like is None:
             like = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == n),
                         None)
-        positions = layout.positions(device=None if like is None else like.device)
+        positions = layout.document_positions(device=None if like is None else like.device)
         out["position_ids"] = positions.unsqueeze(0).expand(1 if like is None else like.shape[0], -1)
     return out
 
