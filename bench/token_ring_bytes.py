@@ -15,7 +15,7 @@ def row(world, seq_len, heads, kv_heads, scheme, causal, elem=2, batch=1, head_d
     table = {}
     for rank in range(world):
         layout = SeqLayout.simulated(seq_len, world, rank, scheme)
-        ring = analytic_bytes("ring", layout, batch, heads, kv_heads, head_dim, elem)
+        ring = analytic_bytes("ring", layout, batch, heads, kv_heads, head_dim, elem, causal=causal)
         table.setdefault(("ring", "forward"), []).append(ring["forward"])
         table.setdefault(("ring", "backward"), []).append(ring["backward"])
         for route in ("direct", "ring"):

@@ -366,7 +366,10 @@ def _balanced_runs(docs: List[Tuple[int, int]], world: int) -> List[List[Run]]:
     """Runs of the "balanced" scheme.
 
     The work of a document of L tokens is its causal query-key pairs, L(L+1)/2; the mean
-    work per rank is W/P. A document whose work exceeds `BALANCE_SLACK * W/P` is cut into
+    work per rank is W/P. Documents are first placed whole (below); if the busiest rank is
+    then within `BALANCE_SLACK` of the mean, no document spans ranks. Otherwise the 1, 2,
+    4, ... largest documents are cut until it is, at the latest when every document whose
+    work exceeds `BALANCE_SLACK * W/P` is cut. A document that is cut is cut into
     2P zigzag chunks, one pair per rank, which balances it by itself (rank r's pair sums
     to 1/P of its work up to the rounding of uneven chunks). The other documents stay
     whole and are placed largest first, each on the rank with the least work so far
@@ -382,21 +385,34 @@ def _balanced_runs(docs: List[Tuple[int, int]], world: int) -> List[List[Run]]:
     order, so local order ascends."""
     total = sum(_causal_work(b - a) for a, b in docs)
     limit = BALANCE_SLACK * total / world
+    # a document shorter than 2P has empty zigzag chunks: cutting it would load the low ranks
+    cuttable = sorted((d for d in docs if d[1] - d[0] >= 2 * world), key=lambda d: (-_causal_work(d[1] - d[0]), d[0]))
+    heavy = sum(1 for a, b in cuttable if _causal_work(b - a) > limit)
+    # cut few documents: the largest 0, 1, 2, 4, ... until the busiest rank is within the
+    # slack of the mean (at most twice the fewest cuts that balance this way, in log tries);
+    # at the latest every heavy one is cut (the bound above)
+    counts = [0] + [2 ** i for i in range(max(1, heavy).bit_length()) if 2 ** i < heavy] + [heavy]
+    for count in sorted(set(counts)):
+        pieces, load = _assign(docs, set(cuttable[:count]), world)
+        if max(load) <= (1 + BALANCE_SLACK) * total / world:
+            break
+    return [_merge_runs(sorted(runs, key=lambda run: run.start)) for runs in pieces]
+
+
+def _assign(docs: List[Tuple[int, int]], cut, world: int):
+    """(runs per rank, causal work per rank): the documents in `cut` as zigzag pairs, the
+    others whole, largest first, each on the least loaded rank (ties: the lowest)."""
     pieces: List[List[Run]] = [[] for _ in range(world)]
-    whole = []
     for a, b in docs:
-        # a document shorter than 2P has empty zigzag chunks: cutting it would load the low ranks
-        if _causal_work(b - a) > limit and b - a >= 2 * world:
+        if (a, b) in cut:
             for r in range(world):
                 pieces[r].extend(_zigzag_runs(a, b - a, world, r))
-        else:
-            whole.append((a, b))
     load = [causal_work_of(runs, docs) for runs in pieces]
-    for a, b in sorted(whole, key=lambda d: (-(d[1] - d[0]), d[0])):
+    for a, b in sorted((d for d in docs if d not in cut), key=lambda d: (-(d[1] - d[0]), d[0])):
         r = min(range(world), key=lambda i: (load[i], i))
         pieces[r].append(Run(a, b - a, 1, 0))
         load[r] += _causal_work(b - a)
-    return [_merge_runs(sorted(runs, key=lambda run: run.start)) for runs in pieces]
+    return pieces, load
 
 
 def causal_work_of(runs: List[Run], docs: List[Tuple[int, int]]) -> int:

@@ -227,23 +227,7 @@ def _rel(got, want):
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-def _value_head_dim_served():
-    """Whether seqpar.attention takes v with its own head dim (MLA) in this checkout."""
-    q = torch.zeros(1, 2, 1, 4, dtype=torch.float64)
-    try:
-        seqpar.attention(q, q, torch.zeros(1, 2, 1, 3, dtype=torch.float64), backend="torch")
-    except ValueError:
-        return False
-    return True
-
-
-def _marks(name):
-    if CASES[name].model == "deepseek_v3" and not _value_head_dim_served():
-        return [pytest.mark.xfail(strict=False, reason="value head dim lands with the core change")]
-    return []
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_model_matches_single_process(name):
     case = CASES[name]
     ref_logits, ref_loss, ref_grads = _single_process(case)

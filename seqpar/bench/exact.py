@@ -167,7 +167,8 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
             with seqpar.comm.track() as bwd_stats:
                 q.grad = k.grad = v.grad = None
                 out.backward(do)
-            expected = analytic_bytes(name, layout, cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim, q.element_size())
+            expected = analytic_bytes(name, layout, cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim, q.element_size(),
+                                      causal=cfg.causal)
             entry.update(
                 bytes_forward=fwd_stats.bytes_sent(name), bytes_backward=bwd_stats.bytes_sent(name),
                 analytic_forward=expected["forward"], analytic_backward=expected["backward"],
@@ -500,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                          % PROFILES["quick"][:2])
     profile.add_argument("--long", action="store_true", help="the README's recorded problem (N=%d exact, %d linear; "
                          "about 4x the default's time)" % PROFILES["long"][:2])
+    parser.add_argument("--masks", action="store_true",
+                        help="instead: windowed ring against full ring and dense, and packed documents on the "
+                             "contiguous, zigzag and balanced layouts (see --masks --help)")
     parser.add_argument("--grid", action="store_true",
                         help="instead: every feasible strategy on a grid of (P, N, H, H_kv), predicted against "
                              "measured, and how often strategy='auto' picks the fastest (see --grid --help)")
@@ -527,6 +531,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .grid import main as grid_main
 
         return grid_main([a for a in argv if a != "--grid"])
+    if "--masks" in argv:  # windows and packed documents: their own options
+        from .masks import main as masks_main
+
+        return masks_main([a for a in argv if a != "--masks"])
     args = build_parser().parse_args(argv)
     profile = PROFILES["quick" if args.quick else "long" if args.long else "default"]
     cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})

@@ -86,11 +86,14 @@ def _apply(q, k, v, layout, causal, scale, backend, options: Options, sinks=None
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
                    element_size: int, ulysses_size: Optional[int] = None, value_dim: Optional[int] = None,
-                   **options) -> Dict[str, int]:
-    """Bytes this rank sends in one forward and one backward of USP, exactly."""
+                   causal: bool = False, window_size=(-1, -1), **options) -> Dict[str, int]:
+    """Bytes this rank sends in one forward and one backward of USP, exactly (the ring
+    across groups moves only what the mask `causal`/`window_size` lets later groups see)."""
     size = ulysses_size or default_ulysses_size(layout.world_size, heads, kv_heads)
+    mask = {"causal": causal, "window_size": window_size}
     if size == 1:
-        return ring.analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size, value_dim=value_dim)
+        return ring.analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size, value_dim=value_dim,
+                                   **mask)
     g = layout.rank // size
     groups = ulysses.ulysses_groups(layout.world_size, size)
     a2a = ulysses.analytic_bytes(layout, batch, heads, kv_heads, head_dim, element_size, members=groups[g],
@@ -98,7 +101,7 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
     ring_layout = GroupLayout(layout, groups, g)
     kv_local = ulysses.kv_heads_per_member(heads, kv_heads, size)
     around = ring.analytic_bytes(ring_layout, batch, heads // size, kv_local, head_dim, element_size,
-                                 value_dim=value_dim)
+                                 value_dim=value_dim, **mask)
     return {phase: a2a[phase] + around[phase] for phase in ("forward", "backward")}
 
 

@@ -78,7 +78,7 @@ def _measure(problem, strategy, options):
     with seqpar.comm.track() as bwd:
         out.backward(do)
     expected = analytic_bytes(strategy, layout, problem.batch, problem.heads, problem.kv_heads, problem.head_dim,
-                              q.element_size(), **options)
+                              q.element_size(), causal=problem.causal, **options)
     return expected, {"forward": fwd.bytes_sent(strategy), "backward": bwd.bytes_sent(strategy),
                       "ops": sorted(set(fwd.ops) | set(bwd.ops))}
 
@@ -186,7 +186,7 @@ def test_token_ring_causal_contiguous_sends_less_than_ring():
     # rank 0's queries see nothing later: with causal contiguous shards it sends no queries
     layout = SeqLayout.simulated(64, 4, rank=0)
     tr = analytic_bytes("token_ring", layout, 1, 8, 8, 16, 2, route="direct", causal=True)
-    rg = analytic_bytes("ring", layout, 1, 8, 8, 16, 2)
+    rg = analytic_bytes("ring", layout, 1, 8, 8, 16, 2, causal=True)
     assert tr["forward_outgoing"] == 0 and rg["forward"] > 0
 
 
