@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from . import strategies  # noqa: F401  (registers the built-in strategies)
 from .call import grad_wanted
+from .layout import as_mask
 from .registry import analytic_bytes, check_strategy, names, run
 
 __all__ = ["attention", "run_strategy", "analytic_bytes", "check_strategy", "registered_strategies"]
@@ -34,8 +35,9 @@ def _auto(q, k, v, layout, causal, options):
     from .planner.model import choose
 
     # the backward costs as much again: plan for it when autograd will run one
-    return choose(layout, q.shape[0], q.shape[2], k.shape[2], q.shape[3], q.dtype, causal, grad_wanted(q, k, v),
-                  q.device)
+    mask = as_mask(causal)
+    return choose(layout, q.shape[0], q.shape[2], k.shape[2], q.shape[3], q.dtype, mask.causal, grad_wanted(q, k, v),
+                  q.device, window_size=mask.window)
 
 
 def run_strategy(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, window_size=(-1, -1),

@@ -232,7 +232,9 @@ def run(strategy, q, k, v, *, layout=None, causal=False, softmax_scale=None, win
         scale = resolve_scale(softmax_scale, q.shape[-1])
         chosen = None
         if strategy == "auto" and choose is not None:
-            name, given = choose(q, k, v, local, causal, options)
+            # the planner counts the window's work and bytes (documents come with the layout)
+            windowed = tuple(window_size) != (-1, -1)
+            name, given = choose(q, k, v, local, Mask(causal, tuple(window_size)) if windowed else causal, options)
             chosen = (name, describe_options(given))
         else:
             name, given = get(strategy).name, options

@@ -486,3 +486,46 @@ def test_fit_survives_sizes_that_do_not_show_in_the_time():
     # a clean alpha-beta line is recovered
     latency, slope = _fit([(x, 1e-4 + x / 2e9) for x in (1e3, 1e5, 1e7)])
     assert abs(latency - 1e-4) < 1e-6 and abs(1 / slope - 2e9) < 2e7
+
+
+def test_plan_counts_a_window_and_documents():
+    """Masked work and ring's masked bytes reach the plan: a window of about N/8 on a
+    contiguous layout cuts ring's bytes to the previous rank's last 511 rows, and every
+    block's work to the visible pairs."""
+    full = seqpar.plan(4096, world_size=4, heads=8, head_dim=64, scheme="contiguous")
+    windowed = seqpar.plan(4096, world_size=4, heads=8, head_dim=64, scheme="contiguous", window_size=(511, 0))
+    ring_full = next(c for c in full.candidates if c.strategy == "ring")
+    ring_win = next(c for c in windowed.candidates if c.strategy == "ring")
+    assert ring_win.bytes_forward == 511 * 8 * 64 * 2 * 2 < ring_full.bytes_forward
+    assert ring_win.compute_s < ring_full.compute_s / 3
+    assert windowed.problem["window_size"] == [511, 0]
+    docs = seqpar.plan(64, world_size=4, heads=2, head_dim=8, scheme="balanced", cu_seqlens=[0, 16, 32, 48, 64])
+    assert next(c for c in docs.candidates if c.strategy == "ring").bytes_forward == 0
+    assert "window_size=(511, 0)" in str(windowed) and "4 packed documents" in str(docs)
+
+
+def test_visible_elements_with_a_window_equal_brute_force():
+    from seqpar.layout import Mask, SeqLayout
+    from seqpar.planner.schedule import visible_elements
+
+    n = 37
+    brute = sum(1 for i in range(n) for j in range(n) if j <= i and i - 5 <= j <= i + 2)
+    for scheme in ("contiguous", "zigzag", "stripe"):
+        layout = SeqLayout.simulated(n, 3, 0, scheme)
+        assert int(visible_elements(layout, Mask(True, (5, 2))).sum()) == brute
+    docs = (0, 10, 11, 37)
+    layout = SeqLayout.simulated(n, 3, 0, "balanced", docs)
+    in_docs = sum(1 for i in range(n) for j in range(n) if j <= i and
+                  max(a for a in docs if a <= i) == max(a for a in docs if a <= j))
+    assert int(visible_elements(layout, True).sum()) == in_docs
+
+
+def test_cli_plan_takes_a_window_and_documents(tmp_path, capsys):
+    from seqpar.planner.cli import main
+
+    path = tmp_path / "docs.txt"
+    path.write_text("[0, 3000, 3100, 8192]")
+    assert main(["--seq-len", "8192", "--world-size", "4", "--heads", "8", "--scheme", "balanced",
+                 "--cu-seqlens", str(path), "--window", "100", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "window_size=(100, 0), 3 packed documents" in out

@@ -33,6 +33,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--training", action=argparse.BooleanOptionalAction, default=True,
                         help="forward + backward; --no-training plans the forward alone")
     parser.add_argument("--scheme", choices=SCHEMES, default="contiguous", help="sequence layout")
+    parser.add_argument("--window", type=int, nargs=2, metavar=("LEFT", "RIGHT"), default=(-1, -1),
+                        help="sliding window_size (left, right), -1 unbounded (default: none)")
+    parser.add_argument("--cu-seqlens", metavar="FILE", default=None,
+                        help="packed documents: a file of the boundaries 0, l1, l1+l2, ..., N (JSON list, or "
+                             "integers separated by commas or whitespace)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="the default topology's device type (this machine's)")
     parser.add_argument("--calibration", default=None,
@@ -67,10 +72,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         changes.setdefault("measured", () if any(k.endswith(("bandwidth", "latency")) for k in changes)
                            else topo.measured)
         topo = topo.replace(source=topo.source + " with command-line changes", **changes)
+    documents = None
+    if args.cu_seqlens is not None:
+        try:
+            text = Path(args.cu_seqlens).read_text()
+            documents = [int(x) for x in text.replace("[", " ").replace("]", " ").replace(",", " ").split()]
+        except (OSError, ValueError) as exc:
+            parser.error(f"--cu-seqlens: expected a file of integers, got {args.cu_seqlens!r} ({exc})")
     try:
         result = plan(args.seq_len, world_size=args.world_size, heads=args.heads, kv_heads=args.kv_heads,
                       head_dim=args.head_dim, dtype=args.dtype, causal=args.causal, training=args.training,
-                      batch=args.batch, scheme=args.scheme, topology=topo)
+                      batch=args.batch, scheme=args.scheme, topology=topo, window_size=tuple(args.window),
+                      cu_seqlens=documents)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
     print(result)

@@ -69,6 +69,7 @@ import torch
 from .. import registry
 from ..errors import brief
 from ..kernels.linear import state_bytes
+from ..layout import _check_cu_seqlens
 from . import topology as _topology
 from .schedule import NotPlanned, Problem
 from .topology import SCHEMES, Topology, _dtype, _dtype_name, default_topology, steps
@@ -196,6 +197,10 @@ class Plan:
         head = (f"seqpar plan: N={p['seq_len']}, P={p['world_size']}, B={p['batch']}, H={p['heads']}, "
                 f"H_kv={p['kv_heads']}, D={p['head_dim']}, {p['dtype']}, {'causal' if p['causal'] else 'full'}, "
                 f"{p['scheme']}, {'training (fwd+bwd)' if p['training'] else 'inference (fwd)'}")
+        if tuple(p.get("window_size", (-1, -1))) != (-1, -1):
+            head += f", window_size={tuple(p['window_size'])}"
+        if p.get("documents"):
+            head += f", {p['documents']} packed documents"
         lines = [head, f"topology: {self.topology.describe()}", "",
                  "|   | strategy | predicted ms | compute ms | comm ms | exposed comm ms | MiB sent/rank fwd | "
                  "bwd | latency steps | peak MiB/rank |",
@@ -226,15 +231,19 @@ def _positive_int(name: str, value) -> int:
 
 def plan(seq_len: int, *, world_size: int, heads: int, kv_heads: Optional[int] = None, head_dim: int = 128,
          dtype="bfloat16", causal: bool = True, training: bool = True, batch: int = 1,
-         scheme: str = "contiguous", topology: Optional[Topology] = None) -> Plan:
+         scheme: str = "contiguous", topology: Optional[Topology] = None, window_size=(-1, -1),
+         cu_seqlens=None) -> Plan:
     """Predict every exact strategy's time on this problem and pick the fastest feasible one
     (or, among candidates within `TIE` of the fastest, the first in `TIE_PREFERENCE`).
 
     Problem: global `seq_len` N over `world_size` P ranks, `heads` H query heads and
     `kv_heads` H_kv (default H) of `head_dim` D, `dtype` (name or torch dtype), `causal`,
     `training` (forward + backward) or inference (forward only), `batch` B, and the layout
-    `scheme` ("contiguous", "zigzag", "stripe", "balanced"). `topology`: the machine (default:
-    `default_topology` for this machine's device type with P ranks).
+    `scheme` ("contiguous", "zigzag", "stripe", "balanced"), a sliding window `window_size`
+    `(left, right)` and packed documents `cu_seqlens` (as `seqpar.attention` and `SeqLayout`
+    take them): the work of every block and ring's bytes are counted with the mask exactly.
+    `topology`: the machine (default: `default_topology` for this machine's device type
+    with P ranks).
 
     Returns a `Plan`: `plan.strategy`, `plan.options` (for `seqpar.attention(...,
     strategy=plan.strategy, **plan.options)`), every candidate's predicted time, compute,
@@ -258,12 +267,15 @@ def plan(seq_len: int, *, world_size: int, heads: int, kv_heads: Optional[int] =
     for name, value in (("causal", causal), ("training", training)):
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    window = registry.check_window(window_size)
+    documents = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, seq_len)
     dtype = _dtype(dtype)
     if topology is None:
         topology = default_topology("cuda" if torch.cuda.is_available() else "cpu", dtype, world_size)
     elif not isinstance(topology, Topology):
         raise TypeError(f"topology: expected a seqpar.Topology or None, got {type(topology).__name__}")
-    prob = Problem(seq_len, world_size, heads, kv_heads, head_dim, dtype, causal, training, batch, scheme)
+    prob = Problem(seq_len, world_size, heads, kv_heads, head_dim, dtype, causal, training, batch, scheme, window,
+                   documents)
     return _plan(prob, topology, _planned())
 
 
@@ -290,7 +302,8 @@ def _plan(prob: Problem, topology: Topology, strategies: Tuple[registry.Strategy
     feasible = [choice] + [c for c in feasible if c is not choice]
     problem = {"seq_len": prob.seq_len, "world_size": prob.world_size, "heads": prob.heads,
                "kv_heads": prob.kv_heads, "head_dim": prob.head_dim, "dtype": _dtype_name(prob.dtype),
-               "causal": prob.causal, "training": prob.training, "batch": prob.batch, "scheme": prob.scheme}
+               "causal": prob.causal, "training": prob.training, "batch": prob.batch, "scheme": prob.scheme,
+               "window_size": list(prob.window), "documents": None if prob.documents is None else len(prob.documents) - 1}
     return Plan(problem, topology, tuple(feasible + infeasible))
 
 
@@ -425,13 +438,14 @@ def plan_linear(seq_len: int, *, world_size: int, heads: int, key_dim: int = 128
 
 
 def choose(layout, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, causal: bool,
-           training: bool, device: torch.device) -> Tuple[str, Dict[str, object]]:
-    """`(strategy, options)` for `strategy="auto"` on `layout`'s group."""
+           training: bool, device: torch.device, window_size=(-1, -1)) -> Tuple[str, Dict[str, object]]:
+    """`(strategy, options)` for `strategy="auto"` on `layout`'s group (its documents too)."""
     if layout.world_size == 1:
         return "ring", {}
     topo = _topology.auto_topology(layout.group, device, dtype)
     chosen = plan(layout.seq_len, world_size=layout.world_size, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                  dtype=dtype, causal=causal, training=training, batch=batch, scheme=layout.scheme, topology=topo)
+                  dtype=dtype, causal=causal, training=training, batch=batch, scheme=layout.scheme, topology=topo,
+                  window_size=window_size, cu_seqlens=layout.documents)
     return chosen.strategy, chosen.options
 
 

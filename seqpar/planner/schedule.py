@@ -11,11 +11,11 @@ module imports no strategy and nothing that does, so strategy files may import i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..layout import SeqLayout
+from ..layout import Mask, SeqLayout, as_mask, visible_blocks
 
 # flops per visible score element and per (batch x head x head_dim): QK^T and PV forward;
 # the flash backward recomputes QK^T and adds dV, dP, dQ, dK
@@ -40,10 +40,16 @@ def _stair_sum(y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return inside * (inside + 1) // 2 + (y - inside) * m
 
 
-def visible_elements(layout, causal: bool) -> torch.Tensor:
+def visible_elements(layout, causal) -> torch.Tensor:
     """`[P, P]` int64: visible (query, key) score pairs of rank i's queries against rank
     j's keys, exactly as `layout.visible_blocks` masks them (for a `SeqLayout` or a
-    `GroupLayout`). Counted from the runs in closed form, so it costs O(P^2) tensor work."""
+    `GroupLayout`). `causal`: a bool or a `layout.Mask` (a window). Plain causal or full
+    attention is counted from the runs in closed form (O(P^2) tensor work); a window or
+    documents from the visible blocks, pair by pair."""
+    mask = as_mask(causal)
+    if mask.windowed or getattr(layout, "documents", None) is not None:
+        return _masked_elements(layout, mask)
+    causal = mask.causal
     world = layout.world_size
     lens = torch.tensor([layout.local_len_of(r) for r in range(world)], dtype=torch.int64)
     if not causal:
@@ -67,6 +73,26 @@ def visible_elements(layout, causal: bool) -> torch.Tensor:
             offset = torch.div(qs - ks, stride, rounding_mode="floor")
             count = _stair_sum(offset + ql, kl) - _stair_sum(offset, kl)
             total += torch.where((ql > 0) & (kl > 0), count, torch.zeros_like(count))
+    return total
+
+
+def block_pairs(blk) -> int:
+    """Visible (query, key) pairs of one block: query i sees keys j with
+    `lo <= j - i <= offset` (relative to the block), inside `[0, k_len)`."""
+    if blk.offset is None and blk.lo is None:
+        return blk.q_len * blk.k_len
+    i = torch.arange(blk.q_len, dtype=torch.int64)
+    first = i + blk.lo if blk.lo is not None else torch.zeros_like(i)
+    last = i + blk.offset if blk.offset is not None else torch.full_like(i, blk.k_len - 1)
+    return int((last.clamp(max=blk.k_len - 1) - first.clamp(min=0) + 1).clamp(min=0).sum())
+
+
+def _masked_elements(layout, mask) -> torch.Tensor:
+    world = layout.world_size
+    total = torch.zeros(world, world, dtype=torch.int64)
+    for i in range(world):
+        for j in range(world):
+            total[i, j] = sum(block_pairs(blk) for blk in visible_blocks(layout, i, j, mask))
     return total
 
 
@@ -107,7 +133,9 @@ class Timeline:
 class Problem:
     """One attention problem as the planner sees it (hashable: plans are cached on it):
     global `seq_len` over `world_size` ranks of `scheme`, `batch`, `heads`, `kv_heads`,
-    `head_dim`, `dtype`, `causal`, and `training` (forward + backward) or not."""
+    `head_dim`, `dtype`, `causal`, and `training` (forward + backward) or not; a sliding
+    `window` (`window_size`) and packed `documents` (cu_seqlens) change the work each
+    rank's blocks do and, for ring, the bytes."""
 
     seq_len: int
     world_size: int
@@ -119,6 +147,13 @@ class Problem:
     training: bool
     batch: int
     scheme: str
+    window: Tuple[int, int] = (-1, -1)
+    documents: Optional[Tuple[int, ...]] = None
+
+    @property
+    def mask(self):
+        """What `visible_blocks` takes: the causal flag, or a `Mask` with the window."""
+        return self.causal if self.window == (-1, -1) else Mask(self.causal, self.window)
 
     @property
     def element_size(self) -> int:
@@ -135,7 +170,7 @@ class Problem:
         return -(-self.seq_len // self.world_size)
 
     def layout(self, rank: int = 0) -> SeqLayout:
-        return SeqLayout.simulated(self.seq_len, self.world_size, rank, self.scheme)
+        return SeqLayout.simulated(self.seq_len, self.world_size, rank, self.scheme, self.documents)
 
     def ranks(self) -> List[int]:
         """The ranks whose bytes are evaluated: all up to `EXACT_RANKS`, above it a sample."""
@@ -168,7 +203,7 @@ def busiest_bytes(prob: Problem, analytic_bytes: Callable, options: Dict) -> Dic
     best: Dict[str, int] = {}
     for r in prob.ranks():
         got = analytic_bytes(prob.layout(r), prob.batch, prob.heads, prob.kv_heads, prob.head_dim,
-                             prob.element_size, causal=prob.causal, **options)
+                             prob.element_size, causal=prob.causal, window_size=prob.window, **options)
         for key, value in got.items():
             best[key] = max(best.get(key, 0), value)
     return best

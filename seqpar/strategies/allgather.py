@@ -157,7 +157,7 @@ def cost(prob, topo, options):
     chunks = math.ceil(prob.kv_heads / chunk)
     world = prob.world_size
     level = topo.level(range(world))
-    visible = visible_elements(prob.layout(), prob.causal)
+    visible = visible_elements(prob.layout(), prob.mask)
     per = prob.batch * prob.heads * prob.head_dim
     calls = (visible > 0).sum(1).double()
     fwd_work = float((visible.sum(1).double() * FORWARD_FLOPS * per / topo.compute_rate

@@ -303,7 +303,7 @@ def ring_phase(line, prob, topo, ring_layout, heads: int, fwd_bytes: float, grad
     from ..planner.schedule import BACKWARD_FLOPS, FORWARD_FLOPS, block_time, visible_elements
 
     size = ring_layout.world_size
-    visible = visible_elements(ring_layout, prob.causal)
+    visible = visible_elements(ring_layout, prob.mask)
     per = prob.batch * heads * prob.head_dim
     if backward:
         blocks = block_time(visible, BACKWARD_FLOPS * per, topo.backward_rate, topo.kernel_overhead)

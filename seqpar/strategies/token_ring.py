@@ -408,7 +408,7 @@ def cost(prob, topo, options):
             f"route in this model (name it explicitly to use it)")
     nbytes = busiest_bytes(prob, analytic_bytes, options)
     level = topo.level(range(world))
-    visible = visible_elements(prob.layout(), prob.causal)
+    visible = visible_elements(prob.layout(), prob.mask)
     per = prob.batch * prob.heads * prob.head_dim
     rows = torch.arange(world)
     line = Timeline(topo.overlap)
