@@ -56,7 +56,7 @@ def _bad(case):
     ("softcap_negative", r"softcap: expected a finite float >= 0 \(0: none\), got -1.0"),
     ("sinks_differ", r"sinks \(its values\) must be the same on every rank"),
     ("softcap_differ", "softcap must be the same on every rank"),
-    ("softcap_on_sdpa", r"backend: sdpa has no softcap, got softcap=2.0 \(backend='torch' serves it\)"),
+    ("softcap_on_sdpa", r"backend: sdpa has no softcap, got softcap=2.0 \(backend='torch' or 'triton' serves it\)"),
 ])
 def test_bad_sinks_and_softcap_raise_on_every_rank(case, match):
     import re
@@ -64,3 +64,19 @@ def test_bad_sinks_and_softcap_raise_on_every_rank(case, match):
     for message in world(2).run(_bad, case, timeout=120):
         assert re.search(match, message) or "got bad input" in message, message
     assert any(re.search(match, m) for m in world(2).run(_bad, case, timeout=120))
+
+
+@pytest.mark.parametrize("strategy", ["ring", "ulysses", "token_ring"])
+@pytest.mark.parametrize("window, dtype", [((-1, -1), "float32"), ((5, -1), "float32"), ((4, 2), "float16")])
+def test_triton_backend_serves_softcap(strategy, window, dtype):
+    """The Triton kernels cap the scores themselves (CPU: under the interpreter), windows
+    included (one-sided pieces of the band, each capped)."""
+    from seqpar.kernels import block
+
+    reason = block.unavailable_reason("triton", torch.device("cpu"), torch.float32, 8)
+    if reason:
+        pytest.skip(reason)
+    problem = AttentionProblem(2, 14, heads=4, kv_heads=2, causal=True, scheme="zigzag", window=window, softcap=5.0,
+                               logit_scale=4.0, dtype=dtype, seed=5)
+    report = world(2).run(check_attention, problem, None, strategy=strategy, backend="triton")[0]
+    assert_matches_dense(problem, report)

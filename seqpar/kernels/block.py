@@ -124,7 +124,10 @@ def _forward_of(backend: str, q, k, v, scale, offset, lo, softcap):
                                offset, lo, softcap)
         return out[..., :dv], lse
     if softcap:
-        return module.forward(q, k, v, scale, offset, lo, softcap)
+        if lo is None or getattr(module, "BANDS", False):
+            return module.forward(q, k, v, scale, offset, lo, softcap)
+        # the capped scores are elementwise: the band's pieces cap theirs alike
+        return band_forward(lambda *a: module.forward(*a, softcap=softcap), q, k, v, scale, offset, lo)
     if lo is None:
         return module.forward(q, k, v, scale, offset)
     if getattr(module, "BANDS", False):
@@ -148,7 +151,10 @@ def _backward_of(backend: str, do, q, k, v, out, lse, scale, offset, lo, softcap
         # fused GPU kernels want the input dtype
         out = out.to(q.dtype)
     if softcap:
-        return module.backward(do, q, k, v, out, lse, scale, offset, lo, softcap)
+        if lo is None or getattr(module, "BANDS", False):
+            return module.backward(do, q, k, v, out, lse, scale, offset, lo, softcap)
+        return band_backward(lambda *a: module.backward(*a, softcap=softcap), do, q, k, v, out, lse, scale, offset,
+                             lo)
     if lo is None:
         return module.backward(do, q, k, v, out, lse, scale, offset)
     if getattr(module, "BANDS", False):

@@ -213,10 +213,11 @@ def test_bad_input_names_the_argument():
 
 def test_registry_and_unavailable_reasons(monkeypatch):
     # the registry's "triton" runs these kernels
-    monkeypatch.setattr(triton_attention, "forward", lambda *args: ("forward", args))
-    monkeypatch.setattr(triton_attention, "backward", lambda *args: ("backward", args))
-    assert backends.get("triton").forward(1, 2, 3, 0.5, None) == ("forward", (1, 2, 3, 0.5, None))
-    assert backends.get("triton").backward(1, 2, 3, 4, 5, 6, 0.5, 7) == ("backward", (1, 2, 3, 4, 5, 6, 0.5, 7))
+    monkeypatch.setattr(triton_attention, "forward", lambda *args, **kw: ("forward", args, kw))
+    monkeypatch.setattr(triton_attention, "backward", lambda *args, **kw: ("backward", args, kw))
+    assert backends.get("triton").forward(1, 2, 3, 0.5, None) == ("forward", (1, 2, 3, 0.5, None), {"softcap": 0.0})
+    assert backends.get("triton").backward(1, 2, 3, 4, 5, 6, 0.5, 7, softcap=2.0) == (
+        "backward", (1, 2, 3, 4, 5, 6, 0.5, 7), {"softcap": 2.0})
     assert "float64" in block.unavailable_reason("triton", DEVICE, torch.float64, 64)
     assert "head_dim <= 256, got 512" in block.unavailable_reason("triton", DEVICE, torch.float32, 512)
     assert "got mps" in block.unavailable_reason("triton", torch.device("mps"), torch.float32, 64)
@@ -311,3 +312,49 @@ for head_dim in (64, 128):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests compile and run the kernels")
 def test_kernels_compile_for_sm90():
     compile_for_sm90(_COMPILE_SCRIPT)
+
+
+@pytest.mark.parametrize("softcap", [0.5, 5.0, 30.0])
+@pytest.mark.parametrize("case", ["no-mask", "square-causal", "offset-negative", "gqa-3-groups", "one-row"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softcap_matches_reference(case, softcap, dtype, nan_empty):
+    """Every score s becomes softcap * tanh(s / softcap) (Gemma 2): forward and backward
+    against the torch math in float64 from the same rounded inputs. A large logit scale
+    makes the cap bite."""
+    b, nq, nk, heads, kv_heads, head_dim, offset = CASES[case]
+    q, k, v, do = _problem(nq, nk, heads, kv_heads, head_dim, dtype, seed=7, batch=b)
+    scale = 4.0 / head_dim ** 0.5
+    q64, k64, v64, do64 = (t.double().cpu() for t in (q, k, v, do))
+    ref_out, ref_lse = block.torch_forward(q64, k64, v64, scale, offset, None, softcap)
+    ref_grads = block.torch_backward(do64, q64, k64, v64, ref_out, ref_lse, scale, offset, None, softcap)
+    out, lse = triton_attention.forward(q, k, v, scale, offset, softcap=softcap, **TILES16)
+    tol = TOLERANCE[dtype]
+    assert _rel(out.cpu(), ref_out) <= tol
+    finite = ~torch.isneginf(ref_lse)
+    assert (lse.cpu()[finite].double() - ref_lse[finite]).abs().max().item() <= tol * max(1.0, ref_lse[finite].abs().max().item())
+    grads = triton_attention.backward(do, q, k, v, ref_out.to(DEVICE, dtype), ref_lse.to(DEVICE).float(), scale,
+                                      offset, softcap=softcap, **TILES16)
+    for got, want in zip(grads, ref_grads):
+        assert _rel(got.cpu(), want) <= 4 * tol
+    # the cap changed the result: without it the numbers differ
+    plain, _ = triton_attention.forward(q, k, v, scale, offset, **TILES16)
+    assert softcap > 10 or _rel(plain.cpu(), ref_out) > 10 * tol
+
+
+def test_tanh_is_accurate_everywhere():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def tanh_kernel(X, Y, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(Y + offs, triton_attention._tanh(tl.load(X + offs)))
+
+    x = torch.cat([torch.linspace(-30, 30, 4093), torch.tensor([0.0, 1e-30, -1e-8, 1.0, -1.0, float("inf"),
+                                                                 -float("inf")])]).to(DEVICE)
+    x = torch.cat([x, torch.zeros(4096 - x.numel(), device=DEVICE)]) if x.numel() < 4096 else x[:4096]
+    y = torch.empty_like(x)
+    tanh_kernel[(1,)](x, y, N=4096)
+    want = torch.tanh(x.double())
+    rel = ((y.double() - want).abs() / want.abs().clamp_min(1e-30)).max().item()
+    assert rel <= 4e-7, rel  # a few fp32 ulps

@@ -64,7 +64,7 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, h
     if module is None:
         return f"unknown backend {backend!r}"
     if softcap and not getattr(module, "SOFTCAP", False):
-        return f"{backend} has no softcap, got softcap={softcap} (backend='torch' serves it)"
+        return f"{backend} has no softcap, got softcap={softcap} (backend='torch' or 'triton' serves it)"
     return module.unavailable_reason(device, dtype, head_dim, scale)
 
 

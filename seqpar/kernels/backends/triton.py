@@ -20,12 +20,19 @@ def _attention():
     return attention
 
 
-def forward(q, k, v, scale, offset):
-    return _attention().forward(q, k, v, scale, offset)
+SOFTCAP = True  # the kernels take `softcap` (a window's lower bound comes cut by pieces.band_*)
 
 
-def backward(do, q, k, v, out, lse, scale, offset):
-    return _attention().backward(do, q, k, v, out, lse, scale, offset)
+def forward(q, k, v, scale, offset, lo=None, softcap=0.0):
+    if lo is not None:
+        raise ValueError("triton: a window's lower bound reaches the kernel cut into one-sided blocks (block.py)")
+    return _attention().forward(q, k, v, scale, offset, softcap=softcap)
+
+
+def backward(do, q, k, v, out, lse, scale, offset, lo=None, softcap=0.0):
+    if lo is not None:
+        raise ValueError("triton: a window's lower bound reaches the kernel cut into one-sided blocks (block.py)")
+    return _attention().backward(do, q, k, v, out, lse, scale, offset, softcap=softcap)
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:

@@ -47,28 +47,49 @@ MAX_HEAD_DIM = 256  # one padded head row must fit a tile in registers
 
 
 @triton.jit
-def _key_tile_scores(q, kT_ptrs, cols, offs_m, d_ok, n_k, offset, qk_scale,
-                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """`(K^T [D, BN], scores [BM, BN] in log2 units)` of one key tile for a query tile; a
-    masked stage (it may reach past the last key) sets invisible scores to -inf."""
+def _tanh(x):
+    """tanh in fp32, within a few ulps everywhere (Triton has no tanh the CPU interpreter
+    runs): the [7/6] Pade approximant of Lambert's continued fraction for |x| <= 1 (its
+    error there is below 3e-12 relative), `(1 - e) / (1 + e)` with `e = exp(-2|x|)` above
+    (no cancellation once |x| > 1). NaN stays NaN, +-inf gives +-1."""
+    a = tl.abs(x)
+    x2 = x * x
+    pade = x * (135135.0 + x2 * (17325.0 + x2 * (378.0 + x2))) / (135135.0 + x2 * (62370.0 + x2 * (3150.0 + 28.0 * x2)))
+    e = tl.math.exp2(a * -2.8853900817779268)  # exp(-2|x|) = 2^(-2 log2(e) |x|)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(x < 0, -big, big)
+    return tl.where(a <= 1.0, pade, big)
+
+
+@triton.jit
+def _key_tile_scores(q, kT_ptrs, cols, offs_m, d_ok, n_k, offset, qk_scale, softcap2,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """`(K^T [D, BN], scores [BM, BN] in log2 units, tanh of the capped scores)` of one key
+    tile for a query tile; a masked stage (it may reach past the last key) sets invisible
+    scores to -inf. With SOFTCAP a score s becomes `c tanh(s / c)` (`softcap2` is c in log2
+    units); the tanh is returned for the backward's `1 - tanh^2` (else the scores again)."""
     if MASKED:
         kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (cols[None, :] < n_k), other=0.0)
     else:
         kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
     qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+    t = qk
+    if SOFTCAP:
+        t = _tanh(qk / softcap2)
+        qk = softcap2 * t
     if MASKED:
         # after the scaling: a negative scale must not turn -inf into +inf
         visible = cols[None, :] < n_k
         if CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
         qk = tl.where(visible, qk, float("-inf"))
-    return kT, qk
+    return kT, qk, t
 
 
 @triton.jit
 def _fwd_key_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kn, stride_vn,
-                   lo, hi, offs_m, offs_n, offs_d, n_k, offset, qk_scale,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   lo, hi, offs_m, offs_n, offs_d, n_k, offset, qk_scale, softcap2,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over the key tiles [lo, hi); kT_ptrs / v_ptrs point at key `lo`."""
     d_ok = offs_d < HEAD_DIM
@@ -81,7 +102,8 @@ def _fwd_key_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kn, stride_vn,
         else:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         # [BM, BN]
-        _, qk = _key_tile_scores(q, kT_ptrs, cols, offs_m, d_ok, n_k, offset, qk_scale, MASKED, CAUSAL, PRECISION)
+        _, qk, _ = _key_tile_scores(q, kT_ptrs, cols, offs_m, d_ok, n_k, offset, qk_scale, softcap2, MASKED, CAUSAL,
+                                    SOFTCAP, PRECISION)
         # -- update m_i and l_i (a row that has seen no key yet keeps m = -inf, l = 0)
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
@@ -105,8 +127,8 @@ def _attn_fwd(Q, K, V, Out, Lse,
               stride_vb, stride_vn, stride_vh, stride_vd,
               stride_ob, stride_on, stride_oh, stride_od,
               stride_lb, stride_lh, stride_ln,
-              n_q, n_k, heads, group, offset, qk_scale,
-              CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              n_q, n_k, heads, group, offset, qk_scale, softcap2,
+              CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)  # tl.dot's smallest tile
@@ -147,13 +169,13 @@ def _attn_fwd(Q, K, V, Out, Lse,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # -- stage 1: key tiles every row sees, no mask
     acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kn, stride_vn,
-                                   0, full, offs_m, offs_n, offs_d, n_k, offset, qk_scale,
-                                   False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION)
+                                   0, full, offs_m, offs_n, offs_d, n_k, offset, qk_scale, softcap2,
+                                   False, CAUSAL, SOFTCAP, HEAD_DIM, BLOCK_N, PRECISION)
     # -- stage 2: the diagonal and the last partial tile, masked; stops at the last visible key
     acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q,
                                    kT_ptrs + tl.cast(full, tl.int64) * stride_kn, v_ptrs + tl.cast(full, tl.int64) * stride_vn,
                                    stride_kn, stride_vn, full, hi, offs_m, offs_n, offs_d, n_k, offset, qk_scale,
-                                   True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION)
+                                   softcap2, True, CAUSAL, SOFTCAP, HEAD_DIM, BLOCK_N, PRECISION)
 
     # -- epilogue: normalise; rows that saw no key keep out = 0 and get lse = -inf. A row
     # that saw a NaN score has l = NaN: `!= 0` counts it as seen, so out and lse stay NaN
@@ -213,8 +235,8 @@ def _load_row_stats(Lse, Delta, offs_m, n_q, stride_ln):
 @triton.jit
 def _dkdv_query_tiles(dk, dv, k, v, Q, DO, Lse, Delta,
                       stride_qn, stride_qd, stride_dn, stride_dd, stride_ln,
-                      lo, hi, offs_n, offs_d, n_q, offset, qk_scale,
-                      MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      lo, hi, offs_n, offs_d, n_q, offset, qk_scale, softcap2,
+                      MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """Add the query tiles [lo, hi) of one query head to dK/dV of one key tile.
 
@@ -235,6 +257,10 @@ def _dkdv_query_tiles(dk, dv, k, v, Q, DO, Lse, Delta,
         # -- P^T = exp2(S^T - lse) with the global lse: the block's exact share
         # [BN, BM]
         qkT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
+        tT = qkT
+        if SOFTCAP:
+            tT = _tanh(qkT / softcap2)
+            qkT = softcap2 * tT
         if MASKED:
             qkT = tl.where(offs_n[:, None] <= offs_m[None, :] + offset, qkT, float("-inf"))
         pT = tl.math.exp2(qkT - lse[None, :])
@@ -243,6 +269,8 @@ def _dkdv_query_tiles(dk, dv, k, v, Q, DO, Lse, Delta,
         # -- dS^T = P^T * (dP^T - delta), dP^T = V dO^T
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:  # d(c tanh(s / c)) / ds = 1 - tanh^2
+            dsT = dsT * (1.0 - tT * tT)
         # -- dK += dS^T Q (the softmax scale is applied once, at the end)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
     return dk, dv
@@ -257,8 +285,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
                    stride_lb, stride_lh, stride_ln,
                    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
                    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-                   n_q, n_k, heads, kv_heads, group, offset, qk_scale, scale,
-                   CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   n_q, n_k, heads, kv_heads, group, offset, qk_scale, scale, softcap2,
+                   CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
@@ -300,12 +328,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
         delta_head = Delta + (off_b * heads + off_h).to(tl.int64) * n_q
         dk, dv = _dkdv_query_tiles(dk, dv, k, v, q_head, do_head, lse_head, delta_head,
                                    stride_qn, stride_qd, stride_dn, stride_dd, stride_ln,
-                                   lo, mid, offs_n, offs_d, n_q, offset, qk_scale,
-                                   True, HEAD_DIM, BLOCK_M, PRECISION)
+                                   lo, mid, offs_n, offs_d, n_q, offset, qk_scale, softcap2,
+                                   True, SOFTCAP, HEAD_DIM, BLOCK_M, PRECISION)
         dk, dv = _dkdv_query_tiles(dk, dv, k, v, q_head, do_head, lse_head, delta_head,
                                    stride_qn, stride_qd, stride_dn, stride_dd, stride_ln,
-                                   full, n_q, offs_n, offs_d, n_q, offset, qk_scale,
-                                   False, HEAD_DIM, BLOCK_M, PRECISION)
+                                   full, n_q, offs_n, offs_d, n_q, offset, qk_scale, softcap2,
+                                   False, SOFTCAP, HEAD_DIM, BLOCK_M, PRECISION)
 
     dk = dk * scale
     dk_base = DK + off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh + start_n.to(tl.int64) * stride_dkn
@@ -316,8 +344,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
 
 @triton.jit
 def _dq_key_tiles(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kn, stride_vn,
-                  lo, hi, offs_m, offs_n, offs_d, n_k, offset, qk_scale,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  lo, hi, offs_m, offs_n, offs_d, n_k, offset, qk_scale, softcap2,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Add the key tiles [lo, hi) to dQ of one query tile; kT_ptrs / vT_ptrs point at key `lo`."""
     d_ok = offs_d < HEAD_DIM
@@ -331,11 +359,14 @@ def _dq_key_tiles(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kn, stride_vn,
             vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
         # -- P = exp2(S - lse)
         # [D, BN], [BM, BN]
-        kT, qk = _key_tile_scores(q, kT_ptrs, cols, offs_m, d_ok, n_k, offset, qk_scale, MASKED, CAUSAL, PRECISION)
+        kT, qk, t = _key_tile_scores(q, kT_ptrs, cols, offs_m, d_ok, n_k, offset, qk_scale, softcap2, MASKED, CAUSAL,
+                                     SOFTCAP, PRECISION)
         p = tl.math.exp2(qk - lse[:, None])
         # -- dS = P * (dP - delta), dP = dO V^T
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:  # d(c tanh(s / c)) / ds = 1 - tanh^2
+            ds = ds * (1.0 - t * t)
         # -- dQ += dS K
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
         kT_ptrs += BLOCK_N * stride_kn
@@ -351,8 +382,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
                  stride_db, stride_dn, stride_dh, stride_dd,
                  stride_lb, stride_lh, stride_ln,
                  stride_dqb, stride_dqn, stride_dqh, stride_dqd,
-                 n_q, n_k, heads, group, offset, qk_scale, scale,
-                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 n_q, n_k, heads, group, offset, qk_scale, scale, softcap2,
+                 CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
@@ -391,12 +422,12 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_key_tiles(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kn, stride_vn,
-                       0, full, offs_m, offs_n, offs_d, n_k, offset, qk_scale,
-                       False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION)
+                       0, full, offs_m, offs_n, offs_d, n_k, offset, qk_scale, softcap2,
+                       False, CAUSAL, SOFTCAP, HEAD_DIM, BLOCK_N, PRECISION)
     dq = _dq_key_tiles(dq, q, do, lse, delta,
                        kT_ptrs + tl.cast(full, tl.int64) * stride_kn, vT_ptrs + tl.cast(full, tl.int64) * stride_vn,
                        stride_kn, stride_vn, full, hi, offs_m, offs_n, offs_d, n_k, offset, qk_scale,
-                       True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION)
+                       softcap2, True, CAUSAL, SOFTCAP, HEAD_DIM, BLOCK_N, PRECISION)
     dq = dq * scale
     dq_base = DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh + start_m.to(tl.int64) * stride_dqn
     tl.store(dq_base + rows[:, None] * stride_dqn + offs_d[None, :] * stride_dqd, dq, mask=mask)
@@ -487,9 +518,11 @@ def _check_inputs(q, k, v) -> Tuple[int, int, int, int, int, int]:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: Optional[int], *,
-            block_m: Optional[int] = None, block_n: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+            softcap: float = 0.0, block_m: Optional[int] = None,
+            block_n: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block attention: `(out [B, nq, H, D] fp32, lse [B, H, nq] fp32)`.
 
+    `softcap` > 0: every score s = scale q.k becomes `softcap * tanh(s / softcap)`.
     `block_m`/`block_n` override the tile sizes (powers of two >= 16; tests use them)."""
     b, n_q, n_k, heads, kv_heads, head_dim = _check_inputs(q, k, v)
     out = torch.empty(b, n_q, heads, head_dim, dtype=torch.float32, device=q.device)
@@ -505,11 +538,16 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, off
     _attn_fwd[grid](
         q, k, v, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(lse),
-        n_q, n_k, heads, heads // kv_heads, off, scale * LOG2E.value,
-        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
+        n_q, n_k, heads, heads // kv_heads, off, scale * LOG2E.value, _softcap2(softcap),
+        CAUSAL=causal, SOFTCAP=softcap > 0, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
         PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
     return out, lse
+
+
+def _softcap2(softcap: float) -> float:
+    """The softcap in the kernels' log2 units (1.0 when there is none: never used then)."""
+    return float(softcap) * LOG2E.value if softcap > 0 else 1.0
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -519,7 +557,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor, scale: float, offset: Optional[int], *,
+             lse: torch.Tensor, scale: float, offset: Optional[int], *, softcap: float = 0.0,
              block_m: Optional[int] = None, block_n: Optional[int] = None
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients `(dq, dk, dv)` in fp32 of this block, given the final `out`/`lse` of its rows.
@@ -558,8 +596,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     _attn_bwd_dkdv[folded_grid(n_k, bn, b * kv_heads)](
         q, k, v, do, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse), *_strides(dk), *_strides(dv),
-        n_q, n_k, heads, kv_heads, group, off, scale * LOG2E.value, scale,
-        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
+        n_q, n_k, heads, kv_heads, group, off, scale * LOG2E.value, scale, _softcap2(softcap),
+        CAUSAL=causal, SOFTCAP=softcap > 0, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
         PRECISION=precision, num_warps=warps, num_stages=stages,
     )
     # -- 3. dQ: one program per query tile
@@ -568,8 +606,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     _attn_bwd_dq[folded_grid(n_q, bm, b * heads)](
         q, k, v, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse), *_strides(dq),
-        n_q, n_k, heads, group, off, scale * LOG2E.value, scale,
-        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
+        n_q, n_k, heads, group, off, scale * LOG2E.value, scale, _softcap2(softcap),
+        CAUSAL=causal, SOFTCAP=softcap > 0, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
         PRECISION=precision, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
