@@ -590,18 +590,33 @@ COMM = [
 ]
 
 
+def _causal_rows_seen(positions, s, q):
+    """Rows of rank s's keys (local order ascends in position) that some causal query of
+    rank q sees: those at or before q's last position."""
+    if len(positions[q]) == 0:
+        return 0
+    return int((positions[s] <= positions[q].max()).sum())
+
+
 @pytest.mark.parametrize("P,cfg", COMM)
 def test_ring_forward_bytes(P, cfg):
     cfg = dict(cfg, B=2, H=4, Hkv=2, D=3)
     res = world(P).run(_comm_worker, cfg, False, timeout=TIMEOUT)
     lens = [d["local_len"] for d in res]
     per_tok = 2 * cfg["B"] * cfg["Hkv"] * cfg["D"] * ELEM[cfg["dtype"]]
+    positions = [seqpar.SeqLayout.simulated(cfg["N"], P, r, cfg["scheme"]).positions() for r in range(P)]
+
+    def rows_on(src, step):
+        """K/V rows of rank src that travel into rank src+step: those that rank src+step
+        or any rank after it on the ring (up to src+P-1) sees (causal)."""
+        return max([_causal_rows_seen(positions, src, (src + u) % P) for u in range(step, P)], default=0)
+
     for r, d in enumerate(res):
-        # K/V pass to the next rank for P-1 steps: at step s rank r sends the block of
-        # rank (r - s) mod P, s = 0..P-2, i.e. every block except that of rank r+1.
-        exp_sent = per_tok * sum(lens[(r - s) % P] for s in range(P - 1))
-        # and receives every block except its own
-        exp_recv = per_tok * sum(lens[(r - 1 - s) % P] for s in range(P - 1))
+        # K/V pass to the next rank for up to P-1 steps: at step s rank r holds the block of
+        # rank (r - s) mod P and sends on the rows of it that a later rank still sees
+        exp_sent = per_tok * sum(rows_on((r - s) % P, s + 1) for s in range(P - 1))
+        # and receives, at step s, the rows of rank (r - 1 - s) that it or a later rank sees
+        exp_recv = per_tok * sum(rows_on((r - 1 - s) % P, s + 1) for s in range(P - 1))
         assert d["sent_fwd"] == exp_sent, f"rank {r}: ring.forward sent {d['sent_fwd']} != {exp_sent} (lens {lens})"
         assert d["sent"] == exp_sent, f"rank {r}: total sent {d['sent']} != {exp_sent} (lens {lens})"
         assert d["recv_fwd"] == exp_recv, f"rank {r}: ring.forward received {d['recv_fwd']} != {exp_recv}"

@@ -64,7 +64,10 @@ def forward(q, k, v, scale, offset, lo=None, softcap=0.0):
     for r0, r1 in _row_chunks(q, k.shape[1]):
         s = _scores(qg[:, r0:r1], k, scale, offset, r0, acc, lo, softcap)
         l = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - _safe(l)[..., None])
+        # exp(s - max) / sum, not exp(s - lse): lse rounded to the accumulation dtype would
+        # scale a whole row by up to an ulp of |lse| (an error the division cancels)
+        p = torch.softmax(s, dim=-1)
+        p = torch.where(torch.isneginf(l)[..., None], 0.0, p)  # a row that sees no key: 0, not NaN
         out[:, r0:r1] = torch.einsum("bhgij,bjhd->bihgd", p, vv)
         lse[..., r0:r1] = l
     return out.reshape(b, nq, h, dv), lse.reshape(b, h, nq)
