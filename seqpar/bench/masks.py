@@ -120,8 +120,9 @@ def _on_rank(cfg: MaskBenchConfig, scheme: str, window: Tuple[int, int], documen
             "positions": layout.positions()}
 
 
-def _dense_on_rank(cfg: MaskBenchConfig) -> Dict:
-    """Dense causal SDPA in one process (rank 0; the others wait at the barriers)."""
+def _dense_on_rank(cfg: MaskBenchConfig, documents=None) -> Dict:
+    """Dense causal SDPA in one process (rank 0; the others wait at the barriers); with
+    `documents`, SDPA with the causal document mask as a boolean `attn_mask`."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -130,6 +131,12 @@ def _dense_on_rank(cfg: MaskBenchConfig) -> Dict:
     q, k, v = (t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
     do = do.transpose(1, 2).contiguous()
     main = dist.get_rank() == 0
+    mask = None
+    if documents is not None:
+        from ..testing.checks import visibility
+
+        mask = visibility(cfg.seq_len, True, documents)
+    sdpa = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
     threads = torch.get_num_threads()
     if main:
         torch.set_num_threads(threads * dist.get_world_size())  # the machine's cores, as the ranks have together
@@ -137,12 +144,12 @@ def _dense_on_rank(cfg: MaskBenchConfig) -> Dict:
     def fwd():
         if main:
             with torch.no_grad():
-                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.heads != cfg.kv_heads)
+                F.scaled_dot_product_attention(q, k, v, enable_gqa=cfg.heads != cfg.kv_heads, **sdpa)
 
     def fwd_bwd():
         if main:
             q.grad = k.grad = v.grad = None
-            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.heads != cfg.kv_heads).backward(do)
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=cfg.heads != cfg.kv_heads, **sdpa).backward(do)
 
     times = {"forward": [], "forward_backward": []}
     try:
@@ -201,7 +208,7 @@ def run(cfg: MaskBenchConfig) -> Dict:
     report: Dict = {"config": {**asdict(cfg), "documents": list(documents)}, "windows": [], "documents": []}
     window_cases = [("ring, no window", (-1, -1))] + [(f"ring, window N/{w}", (n // w, 0)) for w in cfg.windows]
     doc_cases = [(scheme, scheme) for scheme in ("contiguous", "zigzag", "balanced")]
-    total = len(cfg.world_sizes) * (1 + len(window_cases) + len(doc_cases))
+    total = len(cfg.world_sizes) * (2 + len(window_cases) + len(doc_cases))
     done = 0
     refs = {}
     for p in cfg.world_sizes:
@@ -226,6 +233,13 @@ def run(cfg: MaskBenchConfig) -> Dict:
             row["forward_vs_dense"] = row["forward_s"] / dense_row["forward_s"]
             row["forward_backward_vs_dense"] = row["forward_backward_s"] / dense_row["forward_backward_s"]
             report["windows"].append(row)
+        progress(f"[{done + 1}/{total}] P={p}: dense SDPA with the document mask in one process")
+        dense_docs = w.run(_dense_on_rank, cfg, documents, timeout=3600)
+        done += 1
+        dense_docs_row = {"world_size": p, "case": "dense, document mask (one process, SDPA)",
+                          "forward_s": _slowest(dense_docs, "forward"),
+                          "forward_backward_s": _slowest(dense_docs, "forward_backward")}
+        report["documents"].append(dense_docs_row)
         for name, scheme in doc_cases:
             progress(f"[{done + 1}/{total}] P={p}: packed documents, {scheme}")
             results = w.run(_on_rank, cfg, scheme, (-1, -1), documents, "ring", timeout=3600)
@@ -235,6 +249,7 @@ def run(cfg: MaskBenchConfig) -> Dict:
                 refs[key] = _reference(cfg, (-1, -1), documents)
             row = _row(p, f"ring, {scheme}", results, refs[key], n)
             row["work_max_over_mean"], row["documents_spanning_ranks"] = _work_balance(cfg, scheme, documents, p)
+            row["forward_backward_vs_dense"] = row["forward_backward_s"] / dense_docs_row["forward_backward_s"]
             report["documents"].append(row)
     progress_end()
     return report
@@ -276,13 +291,18 @@ def format_tables(report: Dict) -> str:
     lengths = sorted((b - a for a, b in zip(docs[:-1], docs[1:])), reverse=True)
     lines += ["", f"Packed documents: {len(lengths)} documents (longest {lengths[:3]}, shortest {lengths[-1]}), "
               "causal ring", "",
-              "| P | layout | busiest work / mean | docs spanning ranks | fwd s | fwd+bwd s | MiB fwd | MiB fwd+bwd "
-              "| err vs fp64 |", "|---|---|---|---|---|---|---|---|---|"]
+              "| P | layout | busiest work / mean | docs spanning ranks | fwd s | fwd+bwd s | fwd+bwd / dense | MiB fwd "
+              "| MiB fwd+bwd | err vs fp64 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["documents"]:
+        if "bytes_forward" not in r:
+            lines.append(f"| {r['world_size']} | {r['case']} | - | - | {r['forward_s']:.3f} | "
+                         f"{r['forward_backward_s']:.3f} | 1.00 | - | - | - |")
+            continue
         eq = "=" if r["bytes_equal_analytic"] else " (differs from analytic!)"
         lines.append(f"| {r['world_size']} | {r['case']} | {r['work_max_over_mean']:.3f} | "
                      f"{r['documents_spanning_ranks']} | {r['forward_s']:.3f} | {r['forward_backward_s']:.3f} | "
-                     f"{_mib(r['bytes_forward'])} | {_mib(r['bytes_backward'])}{eq} | {r['error']:.1e} |")
+                     f"{r['forward_backward_vs_dense']:.2f} | {_mib(r['bytes_forward'])} | "
+                     f"{_mib(r['bytes_backward'])}{eq} | {r['error']:.1e} |")
     return "\n".join(lines)
 
 

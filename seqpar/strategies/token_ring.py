@@ -47,7 +47,7 @@ import torch
 from ..comm import p2p
 from ..errors import brief
 from ..kernels import block as block_kernels
-from ..layout import Block, SeqLayout, visible_blocks
+from ..layout import Block, Mask, SeqLayout, visible_blocks
 from ..registry import Strategy, register, run
 from .common import attend_blocks, attend_blocks_backward, saved_output_function
 
@@ -337,15 +337,17 @@ TokenRingAttention = saved_output_function("TokenRingAttention", _forward, _back
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int, element_size: int,
                    route: str = DEFAULT_ROUTE, causal: bool = True, value_dim: Optional[int] = None,
-                   **options) -> Dict[str, int]:
+                   window_size=(-1, -1), **options) -> Dict[str, int]:
     """Bytes this rank sends, per pass and direction ("forward"/"backward" are the totals;
     "*_outgoing" is the queries' direction, "*_returning" the results' direction)."""
     rank, world = layout.rank, layout.world_size
+    # a window narrows the rows that travel, as the strategy's own plan does
+    mask = causal if tuple(window_size) == (-1, -1) else Mask(bool(causal), tuple(window_size))
     if isinstance(layout, SeqLayout):
         # the rows depend on the layout's geometry only: every rank's call shares one plan
-        plan = _geometry_plan(layout.geometry, causal, route)
+        plan = _geometry_plan(layout.geometry, mask, route)
     else:
-        plan = _Plan(layout, causal, route)
+        plan = _Plan(layout, mask, route)
     a = 8 if element_size == 8 else 4
     row = batch * heads * head_dim  # a query row (and a dq row)
     vrow = batch * heads * (head_dim if value_dim is None else value_dim)  # an output (and dO) row
