@@ -16,8 +16,21 @@ recurrence in reverse for the state gradients: with `b_r = scale sum_t exp(G_t) 
 
 Every factor is `exp(<= 0)`. States, decays and their products stay fp32 (fp64 inputs: fp64).
 
+A gate per key channel (GLA, `decay` `[B, n, H, Dk]`) makes `G_t` and `a_r` vectors over Dk:
+every product above by `exp(G)` or `a_r` is then elementwise over the rows of the state
+(`S_out = diag(a_r) S_in + S_loc`) and the gradient of the decay is per channel.
+
+Documents (`layout.cu_seqlens`): the state restarts from zero at every document start.
+Within a rank the chunk kernels run on each piece between document starts from a zero
+state (pieces share no term: no -inf enters an exponent, gradients stay finite); across
+ranks, the incoming state reaches only the tokens before the rank's first document start,
+the outgoing state holds only the tokens from its last one on, and a rank holding a start
+has `a_r = 0`: what came before it stops there, and its backward passes back a zero
+gradient (the messages still run, so the volumes below do not change).
+
 The three methods differ only in how the recurrence crosses the ranks. With `S` the bytes
-of one state (`4 B H Dk Dv`; fp64 inputs: 8), `g` = `4 B H` when a decay is given, else 0,
+of one state (`4 B H Dk Dv`; fp64 inputs: 8), `g` = `4 B H` when a decay is given
+(`4 B H Dk` for a gate per key channel), else 0,
 `alpha` the latency of a message and `beta` the time per byte:
 
 | method    | forward bytes sent per rank | backward | last rank's wait for S_in (critical path) |
@@ -456,9 +469,12 @@ def linear_attention(q, k, v, *, layout=None, decay=None, scale=None, method="au
     zero state at global position 0: `S_t = exp(g_t) S_{t-1} + k_t^T v_t`,
     `o_t = scale q_t S_t`; returns this rank's `o` `[B, S/P, H, Dv]` in the input dtype.
 
-    - `decay`: log decay `g <= 0`: None (no decay), `[H]` (per head) or `[B, S/P, H]`
-      (per token, this rank's tokens); -inf resets the state. Values below -60 act as -60
-      (exp(-60) ~ 1e-26: no result changes). Differentiable.
+    - `decay`: log decay `g <= 0`: None (no decay), `[H]` (per head), `[B, S/P, H]`
+      (per token, this rank's tokens) or `[B, S/P, H, Dk]` (per token and key channel, GLA:
+      `S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t`; backend "torch" only, "auto" picks it);
+      -inf resets the state. Values below -60 act as -60 (exp(-60) ~ 1e-26: no result
+      changes). Differentiable.
+    - `layout.cu_seqlens` (documents): the state restarts from zero at every document start.
     - `scale`: default `Dk ** -0.5`.
     - `method`: "ring" (LASP-1), "allgather" (LASP-2), "allscan" (ZeCO All-Scan) or
       "auto" (`seqpar.plan_linear` on this group's cached calibration, else default topology;
