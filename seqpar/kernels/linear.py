@@ -17,7 +17,9 @@ The chunked form, with `C` tokens per chunk and `G` the within-chunk cumulative 
 
 Every exponent is <= 0 (differences are taken only for j <= i, masked before `exp`), so
 nothing overflows however strong the decay. States and decay sums are fp32 (fp64 for
-fp64 inputs). Shapes: q, k `[B, n, H, Dk]`, v `[B, n, H, Dv]`, g `[B, n, H]` or None.
+fp64 inputs). Shapes: q, k `[B, n, H, Dk]`, v `[B, n, H, Dv]`, g `[B, n, H]`, `[B, n, H, Dk]`
+(a gate per key channel, GLA: `S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t`; every factor above
+is then per channel, and so is dg) or None.
 
 Gradient of the decay. Write `G_t` for the cumulative log decay over the whole block. The
 output and state depend on the decay only through `exp(G_t - G_s)` (s <= t) and, with an
@@ -38,6 +40,8 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK = 64
+# chunk cap for per-channel decays: their pair factors are [C, C, Dk] per chunk
+CHANNEL_CHUNK = 16
 
 
 
@@ -66,18 +70,34 @@ def _unchunked(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class _Chunks:
-    """The per-chunk quantities forward and backward share (recomputed in the backward)."""
+    """The per-chunk quantities forward and backward share (recomputed in the backward).
+
+    A scalar decay `g` `[B, n, H]` gives pairwise factors `mask` `[B, H, NC, C, C]`; a
+    per-channel one `[B, n, H, Dk]` (GLA) gives `mask` `[B, H, NC, C, C, Dk]` (`self.channel`),
+    so its chunks are capped at `CHANNEL_CHUNK` tokens to bound that tensor."""
 
     def __init__(self, q, k, v, g, chunk: int):
         acc = acc_dtype(q.dtype)
         self.n = q.shape[1]
+        self.channel = g is not None and g.dim() == 4
+        if self.channel:
+            chunk = min(chunk, CHANNEL_CHUNK)
         chunk = max(1, min(chunk, self.n))
+        self.chunk = chunk
         self.q, self.k, self.v = (_chunked(t, chunk, acc) for t in (q, k, v))
         causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
         if g is None:
             self.decay_q = self.decay_k = None  # exp(G), exp(G_C - G): all ones
             self.gamma = None  # exp(G_C) per chunk
             self.mask = causal.to(acc)
+        elif self.channel:
+            # the same factors per key channel: G [B, H, NC, C, Dk]
+            cum = _chunked(g, chunk, acc).cumsum(-2)
+            diff = (cum[..., :, None, :] - cum[..., None, :, :]).masked_fill_(~causal[..., None], float("-inf"))
+            self.mask = diff.exp_()  # [B, H, NC, C, C, Dk]
+            self.decay_q = cum.exp()  # [B, H, NC, C, Dk]
+            self.decay_k = (cum[..., -1:, :] - cum).exp_()
+            self.gamma = cum[..., -1, :].exp()[..., None]  # [B, H, NC, Dk, 1]: scales the rows of a state
         else:
             # -- within-chunk cumulative log decay, and the pairwise factors exp(G_i - G_j), j <= i
             cum = _chunked(g, chunk, acc).cumsum(-1)  # [B, H, NC, C]
@@ -85,7 +105,14 @@ class _Chunks:
             self.mask = diff.exp_()  # [B, H, NC, C, C]
             self.decay_q = cum.exp()[..., None]  # [B, H, NC, C, 1]
             self.decay_k = (cum[..., -1:] - cum).exp_()[..., None]
-            self.gamma = cum[..., -1].exp()  # [B, H, NC]
+            self.gamma = cum[..., -1].exp()[..., None, None]  # [B, H, NC, 1, 1]
+
+    def scores(self) -> torch.Tensor:
+        """`(q_i . k_j) exp(G_i - G_j) [j <= i]` per chunk `[B, H, NC, C, C]` (per channel:
+        the factor inside the sum over channels)."""
+        if self.channel:
+            return torch.einsum("bhnic,bhnjc,bhnijc->bhnij", self.q, self.k, self.mask)
+        return (self.q @ self.k.transpose(-1, -2)).mul_(self.mask)
 
     def chunk_states(self) -> torch.Tensor:
         """State each chunk adds from zero: `(k * exp(G_C - G))^T v`, [B, H, NC, Dk, Dv]."""
@@ -105,20 +132,19 @@ class _Chunks:
             if self.gamma is None:
                 x = x + adds[:, :, c]
             else:
-                x = torch.addcmul(adds[:, :, c], self.gamma[:, :, c, None, None], x)
+                x = torch.addcmul(adds[:, :, c], self.gamma[:, :, c], x)
         return before, x
 
 
 def chunk_forward(q, k, v, g: Optional[torch.Tensor], scale: float, chunk_size: int = DEFAULT_CHUNK):
     """Outputs and final state of a block from a zero state.
 
-    q, k `[B, n, H, Dk]`; v `[B, n, H, Dv]`; g None or `[B, n, H]` (log decay, <= 0).
+    q, k `[B, n, H, Dk]`; v `[B, n, H, Dv]`; g None, `[B, n, H]` or `[B, n, H, Dk]` (log decay, <= 0).
     Returns (o `[B, n, H, Dv]`, state `[B, H, Dk, Dv]`), both fp32 (fp64 for fp64 inputs).
     """
     ch = _Chunks(q, k, v, g, chunk_size)
     # -- intra-chunk: (q k^T masked and decayed) v
-    scores = (ch.q @ ch.k.transpose(-1, -2)).mul_(ch.mask)  # [B, H, NC, C, C]
-    out = scores @ ch.v
+    out = ch.scores() @ ch.v  # [B, H, NC, C, Dv]
     # -- inter-chunk: the state entering each chunk, seen through exp(G)
     before, state = ch.scan(ch.chunk_states())
     q_dec = ch.q if ch.decay_q is None else ch.q * ch.decay_q
@@ -129,19 +155,23 @@ def chunk_forward(q, k, v, g: Optional[torch.Tensor], scale: float, chunk_size: 
 def chunk_backward(do, q, k, v, g: Optional[torch.Tensor], scale: float, chunk_size: int = DEFAULT_CHUNK):
     """Gradients of `sum(o * do)` for a block from a zero state, no gradient on the final state.
 
-    Returns (dq, dk, dv, dg) in fp32 (fp64 for fp64 inputs); dg `[B, n, H]` or None.
+    Returns (dq, dk, dv, dg) in fp32 (fp64 for fp64 inputs); dg the shape of g, or None.
     """
     ch = _Chunks(q, k, v, g, chunk_size)
-    dos = _chunked(do, ch.mask.shape[-1], ch.q.dtype) * scale  # scale folded into dO (never in place: a view of the caller's)
+    dos = _chunked(do, ch.chunk, ch.q.dtype) * scale  # scale folded into dO (never in place: a view of the caller's)
     # -- intra-chunk
     dov = dos @ ch.v.transpose(-1, -2)  # [B, H, NC, C, C]: dO_i . v_j
-    scores = (ch.q @ ch.k.transpose(-1, -2)).mul_(ch.mask)
-    dscores = dov * ch.mask
-    dq = dscores @ ch.k
-    dk = dscores.transpose(-1, -2) @ ch.q
+    scores = ch.scores()
+    if ch.channel:
+        dq = torch.einsum("bhnij,bhnjc,bhnijc->bhnic", dov, ch.k, ch.mask)
+        dk = torch.einsum("bhnij,bhnic,bhnijc->bhnjc", dov, ch.q, ch.mask)
+    else:
+        dscores = dov * ch.mask
+        dq = dscores @ ch.k
+        dk = dscores.transpose(-1, -2) @ ch.q
     dv = scores.transpose(-1, -2) @ dos
     # -- inter-chunk, forward state: dq += exp(G) dO S_prev^T
-    before, _ = ch.scan(ch.chunk_states())
+    before, final = ch.scan(ch.chunk_states())
     dq_inter = dos @ before.transpose(-1, -2)
     if ch.decay_q is not None:
         dq_inter *= ch.decay_q
@@ -157,12 +187,30 @@ def chunk_backward(do, q, k, v, g: Optional[torch.Tensor], scale: float, chunk_s
     if g is not None:
         # -- dG_t without the diagonal pairs (s = t): they cancel exactly between the query
         # and the key side, and subtracting them after rounding would swamp a small dg
-        pairs = scores * dov  # M_ij = scale exp(G_i - G_j) (q_i . k_j)(dO_i . v_j), j <= i
-        pairs.diagonal(dim1=-2, dim2=-1).zero_()
-        per_token = pairs.sum(-1) - pairs.sum(-2)  # [B, H, NC, C]
-        per_token += (ch.q * dq_inter).sum(-1) - (ch.k * dk_inter).sum(-1)
-        per_token = _unchunked(per_token[..., None], ch.n)[..., 0]  # [B, n, H]
-        dg = _reverse_cumsum(per_token).to(ch.q.dtype)
+        wide = torch.float64
+        if ch.channel:
+            # M_ijc = scale exp(G_ic - G_jc) q_ic k_jc (dO_i . v_j), j < i: one term per channel
+            pairs = torch.einsum("bhnic,bhnjc,bhnijc->bhnijc", ch.q, ch.k, ch.mask).to(wide) * dov.to(wide)[..., None]
+            pairs.diagonal(dim1=-3, dim2=-2).zero_()
+            per_token = pairs.sum(-2) - pairs.sum(-3)  # [B, H, NC, C, Dk]
+            per_token += (ch.q * dq_inter).to(wide) - (ch.k * dk_inter).to(wide)
+        else:
+            pairs = scores.to(wide) * dov.to(wide)  # M_ij = scale exp(G_i - G_j) (q_i . k_j)(dO_i . v_j), j <= i
+            pairs.diagonal(dim1=-2, dim2=-1).zero_()
+            per_token = pairs.sum(-1) - pairs.sum(-2)  # [B, H, NC, C]
+            per_token += (ch.q * dq_inter).sum(-1, dtype=wide) - (ch.k * dk_inter).sum(-1, dtype=wide)
+            per_token = per_token[..., None]
+        # -- dg_s = sum_{t >= s} dG_t, taken within s's chunk only, plus <S_end, dS_end> of that
+        # chunk (the end state's gradient from the later chunks: every g_s of the chunk scales
+        # the part of S_end that is carried on). The terms of the later chunks sum to that
+        # inner product exactly; summing them instead would add a rounding error per token
+        # over the whole block (relative dg error growing with n: 6e-5 at n = 4096 in fp32)
+        per_token = per_token.flip(3).cumsum(3).flip(3)
+        ends = torch.cat([before[:, :, 1:], final[:, :, None]], 2)  # the state at each chunk's end
+        carried = ends.to(wide).mul_(after.to(wide)).sum(-1)  # [B, H, NC, Dk]
+        per_token += (carried if ch.channel else carried.sum(-1, keepdim=True))[:, :, :, None]
+        per_token = _unchunked(per_token, ch.n)  # [B, n, H, 1 or Dk]
+        dg = (per_token if ch.channel else per_token[..., 0]).to(ch.q.dtype)
     dq += dq_inter
     dk += dk_inter
     n = ch.n
@@ -174,21 +222,32 @@ def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
     return x.double().flip(1).cumsum(1).flip(1)
 
 
-def decay_grad(q, k, dq_cross, dk_cross, state_out: Optional[torch.Tensor] = None,
-               dstate_out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """What terms added on top of a block's own gradients contribute to dg `[B, n, H]`.
+def decay_grad(q, k, dq_cross, dk_cross, carried: Optional[torch.Tensor] = None, channel: bool = False
+               ) -> torch.Tensor:
+    """What terms added on top of a block's own gradients contribute to dg `[B, n, H]`
+    (`channel`: `[B, n, H, Dk]`, a per-channel decay).
 
-    For terms that pair token t with things outside the block (an incoming state: `dq_cross`;
-    the gradient of the outgoing state: `dk_cross`), `dG_t = q_t . dq_cross_t - k_t . dk_cross_t`,
-    `dg_s = sum_{t >= s} dG_t`, plus `<S_out, dS_out>` for every s (each g_s scales S_out)."""
+    Terms that pair token t with things outside the block: an incoming state (`dq_cross`,
+    through `exp(G_t)`: every g_s with s <= t) and the gradient of the outgoing state
+    (`dk_cross`, through `exp(G_n - G_t)`: every g_s with s > t). So
+    `dg_s = sum_{t >= s} q_t . dq_cross_t + sum_{t < s} k_t . dk_cross_t + carried`, with
+    `carried = <a S_in, dS_out>` `[B, H]` (`[B, H, Dk]`) the incoming state's way through the
+    block's total decay `a` (each g_s scales it). Both sums run in fp64, and the key side is
+    a running sum from the block's start rather than `<S_out, dS_out>` minus a suffix sum
+    (the two are equal; the difference cancels to a small value, 0 before a document start)."""
     acc = acc_dtype(q.dtype)
-    per_token = 0
+
+    def per_token(x, dx):
+        prod = x.to(torch.float64) * dx.to(torch.float64)
+        return prod if channel else prod.sum(-1)
+
+    shape = q.shape if channel else q.shape[:3]
+    dg = torch.zeros(shape, dtype=torch.float64, device=q.device)
     if dq_cross is not None:
-        per_token = (q.to(acc) * dq_cross).sum(-1)
+        dg = dg + per_token(q, dq_cross).flip(1).cumsum(1).flip(1)
     if dk_cross is not None:
-        per_token = per_token - (k.to(acc) * dk_cross).sum(-1)
-    dg = _reverse_cumsum(per_token) if isinstance(per_token, torch.Tensor) else torch.zeros(
-        q.shape[:3], dtype=torch.float64, device=q.device)
-    if dstate_out is not None:
-        dg = dg + (state_out.double() * dstate_out.double()).sum((-1, -2))[:, None, :]
+        terms = per_token(k, dk_cross).cumsum(1)
+        dg = dg + torch.cat([torch.zeros_like(terms[:, :1]), terms[:, :-1]], 1)  # exclusive: t < s
+    if carried is not None:
+        dg = dg + carried.double()[:, None]
     return dg.to(acc)

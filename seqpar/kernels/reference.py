@@ -57,20 +57,27 @@ def dense_attention(
     return (out, lse) if return_lse else out
 
 
-def linear_attention_recurrent(q, k, v, g=None, *, scale=None, initial_state=None):
+def linear_attention_recurrent(q, k, v, g=None, *, scale=None, initial_state=None, cu_seqlens=None):
     """Causal linear attention token by token (the test oracle), differentiable by autograd.
 
     `S_t = exp(g_t) S_{t-1} + k_t^T v_t`, `o_t = scale q_t S_t`. q, k `[B, n, H, Dk]`,
-    v `[B, n, H, Dv]`, g None or `[B, n, H]`, initial_state None or `[B, H, Dk, Dv]`.
+    v `[B, n, H, Dv]`, g None, `[B, n, H]` or `[B, n, H, Dk]` (a gate per key channel, GLA:
+    `S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t`), initial_state None or `[B, H, Dk, Dv]`.
+    `cu_seqlens`: None or document boundaries `[0, l1, ..., n]`: the state restarts from zero
+    at every document start (the initial state reaches only the first document).
     Returns (o `[B, n, H, Dv]`, final state `[B, H, Dk, Dv]`) in the input dtype.
     """
     b, n, h, dk = q.shape
     scale = dk ** -0.5 if scale is None else scale
     state = q.new_zeros(b, h, dk, v.shape[-1]) if initial_state is None else initial_state
+    starts = set() if cu_seqlens is None else {int(x) for x in list(cu_seqlens)[1:-1]}
     outs = []
     for t in range(n):
-        if g is not None:
-            state = state * g[:, t].exp()[..., None, None]
+        if t in starts:
+            state = torch.zeros_like(state)
+        elif g is not None:
+            factor = g[:, t].exp()
+            state = state * (factor[..., None] if g.dim() == 4 else factor[..., None, None])
         state = state + k[:, t, :, :, None] * v[:, t, :, None, :]
         outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
     return torch.stack(outs, dim=1), state

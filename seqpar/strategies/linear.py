@@ -16,8 +16,21 @@ recurrence in reverse for the state gradients: with `b_r = scale sum_t exp(G_t) 
 
 Every factor is `exp(<= 0)`. States, decays and their products stay fp32 (fp64 inputs: fp64).
 
+A gate per key channel (GLA, `decay` `[B, n, H, Dk]`) makes `G_t` and `a_r` vectors over Dk:
+every product above by `exp(G)` or `a_r` is then elementwise over the rows of the state
+(`S_out = diag(a_r) S_in + S_loc`) and the gradient of the decay is per channel.
+
+Documents (`layout.cu_seqlens`): the state restarts from zero at every document start.
+Within a rank the chunk kernels run on each piece between document starts from a zero
+state (pieces share no term: no -inf enters an exponent, gradients stay finite); across
+ranks, the incoming state reaches only the tokens before the rank's first document start,
+the outgoing state holds only the tokens from its last one on, and a rank holding a start
+has `a_r = 0`: what came before it stops there, and its backward passes back a zero
+gradient (the messages still run, so the volumes below do not change).
+
 The three methods differ only in how the recurrence crosses the ranks. With `S` the bytes
-of one state (`4 B H Dk Dv`; fp64 inputs: 8), `g` = `4 B H` when a decay is given, else 0,
+of one state (`4 B H Dk Dv`; fp64 inputs: 8), `g` = `4 B H` when a decay is given
+(`4 B H Dk` for a gate per key channel), else 0,
 `alpha` the latency of a message and `beta` the time per byte:
 
 | method    | forward bytes sent per rank | backward | last rank's wait for S_in (critical path) |
@@ -45,7 +58,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -89,16 +102,34 @@ def choose_method(world: int, nbytes: int) -> str:
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, dk: int, dv: int, *, method: str,
-                   decay: bool, dtype: torch.dtype = torch.float32) -> Dict[str, int]:
-    """Bytes this rank sends in the forward and the backward of `method` (see the table)."""
+                   decay, dtype: torch.dtype = torch.float32) -> Dict[str, int]:
+    """Bytes this rank sends in the forward and the backward of `method` (see the table).
+
+    `decay`: False or None (no decay), True (per head or per token: one total decay per
+    (batch, head)) or "channel" (a gate per key channel: a `[Dk]` total per (batch, head)).
+    Documents add no bytes: whether a rank restarts the state follows from the layout."""
     rank, world = layout.rank, layout.world_size
     s = state_bytes(batch, heads, dk, dv, dtype)
     if world == 1:
         return {"forward": 0, "backward": 0}
     if method == "allgather":
-        g = batch * heads * (8 if dtype == torch.float64 else 4) if decay else 0
+        width = dk if decay == "channel" else 1
+        g = batch * heads * width * (8 if dtype == torch.float64 else 4) if decay else 0
         return {"forward": (world - 1) * (s + g), "backward": (world - 1) * s}
     return {"forward": s if rank < world - 1 else 0, "backward": s if rank > 0 else 0}
+
+
+def document_starts(layout: SeqLayout, rank: Optional[int] = None) -> List[int]:
+    """Local indices of the document starts on `rank` (default: this rank) of a contiguous
+    layout: where the state restarts from zero. Empty without documents."""
+    if layout.documents is None:
+        return []
+    rank = layout.rank if rank is None else rank
+    runs = layout.runs(rank)
+    if not runs:
+        return []
+    start, length = runs[0].start, layout.local_len_of(rank)
+    return [d - start for d in layout.documents[:-1] if start <= d < start + length]
 
 
 # -- one rank's pieces ---------------------------------------------------------------------
@@ -113,31 +144,48 @@ def _kernels(backend: str):
 
 
 class _Decay:
-    """Cumulative log decay of this rank's tokens and the factors built from it."""
+    """Cumulative log decay of this rank's tokens and the factors built from it.
 
-    def __init__(self, g: Optional[torch.Tensor], acc: torch.dtype, device: torch.device):
-        self.given = g is not None
+    `g`: None, `[B, n, H]` or `[B, n, H, Dk]` (per channel); `starts`: the local document
+    starts (the state restarts there: the incoming state reaches only the tokens before the
+    first, the outgoing state holds only the tokens from the last on, and the rank's total
+    decay is 0). Factors are kept `[B, n, H, W]` with W = 1 or Dk."""
+
+    def __init__(self, g: Optional[torch.Tensor], acc: torch.dtype, device: torch.device, shape,
+                 starts: Sequence[int] = ()):
+        self.given = g is not None  # a decay tensor (its totals travel, it has a gradient)
+        self.active = self.given or bool(starts)  # factors other than 1
+        self.channel = g is not None and g.dim() == 4
         self.device = device
-        if g is None:
+        if not self.active:
             return
-        cum = g.double().cumsum(1)  # [B, n, H]; fp64: differences of long sums stay exact
+        if g is None:
+            cum = torch.zeros(*shape[:3], 1, dtype=torch.float64, device=device)
+        else:
+            cum = g.double().cumsum(1)  # fp64: differences of long sums stay exact
+            cum = cum if self.channel else cum[..., None]  # [B, n, H, W]
         total = cum[:, -1:]
-        self.to_query = cum.exp().to(acc)[..., None]  # exp(G_t): an incoming state's weight at t
-        self.to_end = (total - cum).exp().to(acc)[..., None]  # exp(G_n - G_s): token s in the outgoing state
-        self.total = total[:, 0].exp().to(acc)  # [B, H]
+        to_query = cum.exp()  # exp(G_t): an incoming state's weight at t
+        to_end = (total - cum).exp()  # exp(G_n - G_s): token s in the outgoing state
+        total = total[:, 0].exp()  # [B, H, W]
+        if starts:
+            to_query[:, starts[0]:] = 0
+            to_end[:, :starts[-1]] = 0
+            total = torch.zeros_like(total)
+        self.to_query, self.to_end, self.total = to_query.to(acc), to_end.to(acc), total.to(acc)
 
     def state_factor(self, dk: int, dv: int) -> Optional[torch.Tensor]:
-        """`a_r` broadcast over a flat state `[B*H*Dk*Dv]`, or None (no decay: 1)."""
-        if not self.given:
+        """`a_r` broadcast over a flat state `[B*H*Dk*Dv]`, or None (1)."""
+        if not self.active:
             return None
-        b, h = self.total.shape
-        return self.total[:, :, None, None].expand(b, h, dk, dv).reshape(-1)
+        b, h, _ = self.total.shape
+        return self.total[..., None].expand(b, h, dk, dv).reshape(-1)
 
     def query(self, x):
-        return x if not self.given else x * self.to_query
+        return x if not self.active else x * self.to_query
 
     def key(self, x):
-        return x if not self.given else x * self.to_end
+        return x if not self.active else x * self.to_end
 
 
 def _local_state(k, v, decay: _Decay, acc) -> torch.Tensor:
@@ -164,7 +212,8 @@ def _timed_wait(handle, op: str) -> None:
 
 
 def _fold(values, factors, order):
-    """x = a_j x + b_j over `order`; zeros when `order` is empty."""
+    """x = a_j x + b_j over `order` (`factors[j]` a tensor, or a number); zeros when
+    `order` is empty."""
     x = torch.zeros_like(values[0])
     for j in order:
         x = values[j] + (x if factors is None else factors[j] * x)
@@ -191,8 +240,10 @@ def _cross(layout: SeqLayout, method: str, phase: str, reverse: bool, pieces: in
         if send_totals:
             gathered_totals = [buf[flat.numel():].reshape(decay.total.shape) for buf in buffers]
         factors = None
-        if decay.given:
-            factors = [t[:, :, None, None].expand(shape).reshape(-1) for t in gathered_totals]
+        if decay.given:  # the totals of ranks that restart are 0 already
+            factors = [t[..., None].expand(shape).reshape(-1) for t in gathered_totals]
+        elif layout.documents is not None:  # no decay: 0 where a rank restarts, else 1
+            factors = [0.0 if document_starts(layout, j) else 1.0 for j in range(world)]
         x_in = _fold(states, factors, range(world - 1, rank, -1) if reverse else range(rank))
         x_out = flat + (x_in if a is None else a * x_in)
         return result, x_in.reshape(shape), x_out.reshape(shape), gathered_totals
@@ -205,42 +256,70 @@ def _cross(layout: SeqLayout, method: str, phase: str, reverse: bool, pieces: in
     return result, x_in.reshape(shape), x_out.reshape(shape), None
 
 
+def _segments(n: int, starts: Sequence[int]):
+    """The runs `[a, b)` of local tokens between document starts (the whole rank without)."""
+    cuts = sorted({0, n, *starts})
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _split_forward(fwd, q, k, v, g, scale, chunk_size, segments):
+    """`fwd` on each document piece from a zero state: outputs joined, the last piece's state."""
+    if len(segments) == 1:
+        return fwd(q, k, v, g, scale, chunk_size)
+    outs = []
+    for a, b in segments:
+        out, state = fwd(q[:, a:b], k[:, a:b], v[:, a:b], None if g is None else g[:, a:b], scale, chunk_size)
+        outs.append(out)
+    return torch.cat(outs, 1), state
+
+
+def _split_backward(bwd, do, q, k, v, g, scale, chunk_size, segments):
+    """`bwd` on each document piece: the pieces share no term, their gradients are joined."""
+    if len(segments) == 1:
+        return bwd(do, q, k, v, g, scale, chunk_size)
+    parts = [bwd(do[:, a:b], q[:, a:b], k[:, a:b], v[:, a:b], None if g is None else g[:, a:b], scale, chunk_size)
+             for a, b in segments]
+    return tuple(None if part[0] is None else torch.cat(part, 1) for part in zip(*parts))
+
+
 class LinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, layout, scale, method, backend, chunk_size, pieces):
         fwd, _ = _kernels(backend)
         acc = linear_kernels.acc_dtype(q.dtype)
-        decay = _Decay(g, acc, q.device)
+        starts = document_starts(layout)
+        segments = _segments(q.shape[1], starts)
+        decay = _Decay(g, acc, q.device, q.shape, starts)
         g_kernel = None if g is None else g.to(acc)
 
         def intra():
-            return fwd(q, k, v, g_kernel, scale, chunk_size)
+            return _split_forward(fwd, q, k, v, g_kernel, scale, chunk_size, segments)
 
         shape = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
 
         def local_fn(result):  # ring and allscan take the local state from the chunked pass
             return result[1] if result is not None else _local_state(k, v, decay, acc)
 
-        (out, _), s_in, s_out, totals = _cross(layout, method, "forward", False, pieces, shape, acc, decay,
-                                               local_fn, intra)
-        if layout.rank > 0:
+        (out, _), s_in, _, totals = _cross(layout, method, "forward", False, pieces, shape, acc, decay,
+                                           local_fn, intra)
+        if layout.rank > 0 and (not starts or starts[0] > 0):
             out += _query_state(q, s_in, decay, scale, acc)
-        ctx.save_for_backward(q, k, v, g, s_in, s_out)
-        ctx.args = (layout, scale, method, backend, chunk_size, pieces, totals)
+        ctx.save_for_backward(q, k, v, g, s_in)
+        ctx.args = (layout, scale, method, backend, chunk_size, pieces, totals, starts, segments)
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, g, s_in, s_out = ctx.saved_tensors
-        layout, scale, method, backend, chunk_size, pieces, totals = ctx.args
+        q, k, v, g, s_in = ctx.saved_tensors
+        layout, scale, method, backend, chunk_size, pieces, totals, starts, segments = ctx.args
         _, bwd = _kernels(backend)
         acc = linear_kernels.acc_dtype(q.dtype)
-        decay = _Decay(g, acc, q.device)
+        decay = _Decay(g, acc, q.device, q.shape, starts)
         g_kernel = None if g is None else g.to(acc)
         do = do.contiguous()
 
         def intra():
-            return bwd(do, q, k, v, g_kernel, scale, chunk_size)
+            return _split_backward(bwd, do, q, k, v, g_kernel, scale, chunk_size, segments)
 
         def local_fn(_):  # b_r = scale sum_t exp(G_t) q_t^T dO_t: this rank's share of dS_in
             return torch.einsum("bnhk,bnhv->bhkv", decay.query(q.to(acc)), do.to(acc)) * scale
@@ -248,17 +327,21 @@ class LinearAttention(torch.autograd.Function):
         (dq, dk, dv, dg), ds_out, _, _ = _cross(layout, method, "backward", True, pieces, s_in.shape, acc, decay,
                                                 local_fn, intra, gathered_totals=totals)
         first, last = layout.rank == 0, layout.rank == layout.world_size - 1
-        dq_cross = dk_cross = None
-        if not first:
+        # a rank whose first token starts a document takes nothing in (nor gives a gradient back)
+        takes_in = not first and (not starts or starts[0] > 0)
+        dq_cross = dk_cross = carried = None
+        if takes_in:
             dq_cross = decay.query(torch.einsum("bnhv,bhkv->bnhk", do.to(acc), s_in)) * scale
             dq += dq_cross
         if not last:
             dk_cross = decay.key(torch.einsum("bnhv,bhkv->bnhk", v.to(acc), ds_out))
             dk += dk_cross
-            dv += decay.key(torch.einsum("bnhk,bhkv->bnhv", k.to(acc), ds_out))
+            dv += torch.einsum("bnhk,bhkv->bnhv", decay.key(k.to(acc)), ds_out)
+            if takes_in and decay.given:  # <a S_in, dS_out>: every g_s scales the carried state
+                carried = decay.total.double() * (s_in.double() * ds_out.double()).sum(-1)  # [B, H, Dk]
+                carried = carried if decay.channel else carried.sum(-1)
         if g is not None and ctx.needs_input_grad[3]:
-            dg = dg + linear_kernels.decay_grad(q, k, dq_cross, dk_cross, None if last else s_out,
-                                                None if last else ds_out)
+            dg = dg + linear_kernels.decay_grad(q, k, dq_cross, dk_cross, carried, channel=decay.channel)
             dg = dg.to(g.dtype)
         else:
             dg = None
@@ -268,12 +351,15 @@ class LinearAttention(torch.autograd.Function):
 # -- the public function -------------------------------------------------------------------
 
 
-def _resolve_backend(backend, q) -> str:
+def _resolve_backend(backend, q, decay=None) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
     reason = _triton_unavailable(q)
+    if reason is None and isinstance(decay, torch.Tensor) and decay.dim() == 4:
+        reason = (f"backend 'triton' takes decay None, [H] or [B, n, H]; its chunk kernels have no per-channel "
+                  f"gate (GLA), got decay of shape {tuple(decay.shape)}")
     if backend == "triton":
         if reason is not None:
             raise ValueError(f"backend: {reason} (backend='torch' serves every case)")
@@ -313,22 +399,20 @@ def _check(q, k, v, decay, layout, scale, method, options):
         raise ValueError(f"v: expected shape [{q.shape[0]}, {q.shape[1]}, {q.shape[2]}, Dv] (batch, seqlen and heads "
                          f"of q), got {tuple(v.shape)}")
     if layout.scheme != "contiguous":
+        docs = "" if layout.documents is None else f" with {len(layout.documents) - 1} documents (cu_seqlens)"
         raise ValueError(f"layout: linear attention expects scheme 'contiguous' (the state runs through the "
-                         f"sequence in order), got {layout.scheme!r}")
-    if layout.documents is not None:
-        # the state would run on across document starts: refused rather than wrong
-        raise ValueError(f"layout: linear attention does not take documents yet, got a layout with "
-                         f"{len(layout.documents) - 1} (cu_seqlens); use a layout without cu_seqlens")
+                         f"sequence in order; documents too), got scheme {layout.scheme!r}{docs}")
     if q.shape[1] != layout.local_len:
         raise ValueError(f"q: expected local seqlen {layout.local_len} (layout.local_len on rank {layout.rank}), "
                          f"got {q.shape[1]}")
     if decay is not None:
         if not isinstance(decay, torch.Tensor):
             raise TypeError(f"decay: expected None or a torch.Tensor, got {type(decay).__name__}")
-        b, n, h = q.shape[:3]
-        if tuple(decay.shape) not in ((h,), (b, n, h)):
-            raise ValueError(f"decay: expected shape [{h}] (per head) or [{b}, {n}, {h}] (per token: batch, local "
-                             f"seqlen, heads), got {tuple(decay.shape)}")
+        b, n, h, dk = q.shape
+        if tuple(decay.shape) not in ((h,), (b, n, h), (b, n, h, dk)):
+            raise ValueError(f"decay: expected shape [{h}] (per head), [{b}, {n}, {h}] (per token: batch, local "
+                             f"seqlen, heads) or [{b}, {n}, {h}, {dk}] (per token and key channel, GLA), got "
+                             f"{tuple(decay.shape)}")
         if not decay.is_floating_point():
             raise ValueError(f"decay: expected a floating-point tensor, got {decay.dtype}")
         if decay.device != q.device:
@@ -361,7 +445,7 @@ def _signature(q, k, v, decay, layout, scale, method, backend, options, chosen=N
         ("q [batch, heads, Dk], dtype, device", no_seq(q)),
         ("k [batch, heads, Dk], dtype, device", no_seq(k)),
         ("v [batch, heads, Dv], dtype, device", no_seq(v)),
-        ("decay", no_seq(decay) if isinstance(decay, torch.Tensor) and decay.dim() == 3 else describe(decay)),
+        ("decay", no_seq(decay) if isinstance(decay, torch.Tensor) and decay.dim() >= 3 else describe(decay)),
         ("seq_len", getattr(layout, "seq_len", None)),
         ("scheme", getattr(layout, "scheme", None)),
         ("cu_seqlens (documents; a checksum of the boundaries)", documents_key(getattr(layout, "documents", None))),
@@ -385,9 +469,12 @@ def linear_attention(q, k, v, *, layout=None, decay=None, scale=None, method="au
     zero state at global position 0: `S_t = exp(g_t) S_{t-1} + k_t^T v_t`,
     `o_t = scale q_t S_t`; returns this rank's `o` `[B, S/P, H, Dv]` in the input dtype.
 
-    - `decay`: log decay `g <= 0`: None (no decay), `[H]` (per head) or `[B, S/P, H]`
-      (per token, this rank's tokens); -inf resets the state. Values below -60 act as -60
-      (exp(-60) ~ 1e-26: no result changes). Differentiable.
+    - `decay`: log decay `g <= 0`: None (no decay), `[H]` (per head), `[B, S/P, H]`
+      (per token, this rank's tokens) or `[B, S/P, H, Dk]` (per token and key channel, GLA:
+      `S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t`; backend "torch" only, "auto" picks it);
+      -inf resets the state. Values below -60 act as -60 (exp(-60) ~ 1e-26: no result
+      changes). Differentiable.
+    - `layout.cu_seqlens` (documents): the state restarts from zero at every document start.
     - `scale`: default `Dk ** -0.5`.
     - `method`: "ring" (LASP-1), "allgather" (LASP-2), "allscan" (ZeCO All-Scan) or
       "auto" (`seqpar.plan_linear` on this group's cached calibration, else default topology;
@@ -407,7 +494,7 @@ def linear_attention(q, k, v, *, layout=None, decay=None, scale=None, method="au
             raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
         local = layout_for(layout, q, group)
         _check(q, k, v, decay, local, scale, method, options)
-        concrete = _resolve_backend(backend, q)
+        concrete = _resolve_backend(backend, q, decay)
         nbytes = state_bytes(q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.dtype)
         chosen, auto_choice = method, None
         # ring is LASP-1, whole states; only the All-Scan cuts them into pieces

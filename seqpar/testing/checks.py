@@ -444,12 +444,16 @@ def assert_matches_dense(problem, report: Dict[str, float]) -> None:
 
 # -- linear attention ------------------------------------------------------------------------
 
-DECAYS = ("none", "head", "token")
+DECAYS = ("none", "head", "token", "channel")
 
 
 @dataclass(frozen=True)
 class LinearProblem:
-    """One causal linear-attention problem over a local world (contiguous layout)."""
+    """One causal linear-attention problem over a local world (contiguous layout).
+
+    `decay`: "none", "head" (`[H]`), "token" (`[B, N, H]`) or "channel" (`[B, N, H, Dk]`, a
+    gate per key channel, GLA). `documents`: None, or boundaries `[0, l1, ..., seq_len]`
+    (SeqLayout's cu_seqlens): the state restarts from zero at every document start."""
 
     world_size: int
     seq_len: int
@@ -462,15 +466,24 @@ class LinearProblem:
     scale: float = 0.5
     seed: int = 0
     memory_layout: str = "contiguous"  # one of MEMORY_LAYOUTS: how q, k, v and dO are stored
+    documents: Optional[Tuple[int, ...]] = None  # packed documents (cu_seqlens), or None
 
     def __post_init__(self):
         _check_memory_layout(self.memory_layout)
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay: expected one of {DECAYS}, got {self.decay!r}")
 
     def replace(self, **changes) -> "LinearProblem":
         return dataclasses.replace(self, **changes)
 
+    def layout(self):
+        """This rank's contiguous `SeqLayout` of the problem (collective)."""
+        from ..layout import SeqLayout
+
+        return SeqLayout(self.seq_len, cu_seqlens=self.documents)
+
     def global_tensors(self):
-        """q, k, v, d_out and the decay (None, `[H]` or `[B, N, H]`) in float64."""
+        """q, k, v, d_out and the decay (None, `[H]`, `[B, N, H]` or `[B, N, H, Dk]`) in float64."""
         gen = torch.Generator().manual_seed(self.seed)
         b, n, h = self.batch, self.seq_len, self.heads
         q = torch.randn(b, n, h, self.key_dim, generator=gen, dtype=torch.float64)
@@ -478,12 +491,12 @@ class LinearProblem:
         v = torch.randn(b, n, h, self.value_dim, generator=gen, dtype=torch.float64)
         do = torch.randn(b, n, h, self.value_dim, generator=gen, dtype=torch.float64)
         # decays from none to strong: log(u) for u uniform in (0, 1], some near 0 and some large
-        shape = {"none": None, "head": (h,), "token": (b, n, h)}[self.decay]
+        shape = {"none": None, "head": (h,), "token": (b, n, h), "channel": (b, n, h, self.key_dim)}[self.decay]
         g = None if shape is None else torch.rand(shape, generator=gen, dtype=torch.float64).clamp_min(1e-3).log()
         return (*same_batch_rows((q, k, v, do), self.memory_layout), g)
 
     def full_decay(self, g):
-        return g if g is None or g.dim() == 3 else g.view(1, 1, -1).expand(self.batch, self.seq_len, -1)
+        return g if g is None or g.dim() >= 3 else g.view(1, 1, -1).expand(self.batch, self.seq_len, -1)
 
 
 def _linear_grads(q, k, v, g, do, scale, full, fn):
@@ -497,24 +510,49 @@ def _linear_grads(q, k, v, g, do, scale, full, fn):
     return grads
 
 
+def _linear_quadratic(q, k, v, g, scale, documents):
+    """The quadratic form in the input dtype (what a plain PyTorch user would write), for
+    every decay form and documents: `o_i = scale sum_{j <= i, same document}
+    sum_c q_ic k_jc exp(G_ic - G_jc) v_j` (G the cumulative log decay, per channel or not)."""
+    from ..kernels.reference import linear_attention_parallel
+
+    if documents is None and (g is None or g.dim() == 3):
+        return linear_attention_parallel(q, k, v, g, scale=scale)
+    n = q.shape[1]
+    visible = visibility(n, True, documents)
+    if visible is None:
+        visible = torch.ones(n, n, dtype=torch.bool).tril()
+    if g is None:
+        weights = visible.to(q.dtype)[None, None, :, :, None]  # [1, 1, n, n, 1]
+    else:
+        cum = g.to(q.dtype).cumsum(1)
+        cum = (cum if cum.dim() == 4 else cum[..., None]).transpose(1, 2)  # [B, H, n, W]
+        diff = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # [B, H, n, n, W]
+        weights = diff.masked_fill(~visible[:, :, None], float("-inf")).exp()
+    scores = torch.einsum("bihc,bjhc,bhijc->bhij", q, k, weights.expand(*weights.shape[:-1], q.shape[-1])
+                          if weights.shape[-1] == 1 else weights)
+    return torch.einsum("bhij,bjhv->bihv", scores, v) * scale
+
+
 def check_linear_attention(problem: LinearProblem, **options) -> Dict[str, float]:
     """Run on every rank of a world of `problem.world_size`: compare `seqpar.linear_attention`
-    (forward, dq, dk, dv and the decay's gradient) with the float64 recurrence. Returns, on
-    every rank, `err_*` and `dense_*` (the quadratic form's error in the same dtype)."""
+    (forward, dq, dk, dv and the decay's gradient) with the float64 recurrence (restarted at
+    every document start). Returns, on every rank, `err_*` and `dense_*` (the quadratic
+    form's error in the same dtype)."""
     import torch.distributed as dist
 
-    from ..kernels.reference import linear_attention_parallel, linear_attention_recurrent
-    from ..layout import SeqLayout, gather_global
+    from ..kernels.reference import linear_attention_recurrent
+    from ..layout import gather_global
     from ..strategies.linear import linear_attention
 
-    layout = SeqLayout(problem.seq_len)
+    layout = problem.layout()
     dtype = DTYPES[problem.dtype]
     q, k, v, do, g = problem.global_tensors()
     mem = problem.memory_layout
     leaves, views = lay_out([layout.shard(t).to(dtype) for t in (q, k, v)], mem)
     local_g = None
     if g is not None:
-        local_g = (layout.shard(g) if g.dim() == 3 else g).to(dtype).clone().requires_grad_()
+        local_g = (layout.shard(g) if g.dim() >= 3 else g).to(dtype).clone().requires_grad_()
     out = linear_attention(*views, layout=layout, decay=local_g, scale=problem.scale, **options)
     if out.dtype != dtype or out.shape != views[2].shape:
         raise AssertionError(f"output has dtype {out.dtype} shape {tuple(out.shape)}, expected {dtype} "
@@ -533,14 +571,18 @@ def check_linear_attention(problem: LinearProblem, **options) -> Dict[str, float
                 ours[name] = total
             else:
                 ours[name] = gather_global(t, layout, 1)
+    documents = problem.documents
 
     def recurrent(q, k, v, g, scale):
-        return linear_attention_recurrent(q, k, v, g, scale=scale)[0]
+        return linear_attention_recurrent(q, k, v, g, scale=scale, cu_seqlens=documents)[0]
+
+    def quadratic(q, k, v, g, scale):
+        return _linear_quadratic(q, k, v, g, scale, documents)
 
     ref = batch_mean(_linear_grads(q, k, v, g, do, problem.scale, problem.full_decay, recurrent), mem)
     report = {f"err_{name}": _rel_err(ours[name], ref[name]) for name in ref}
     low = [t.to(dtype) for t in (q, k, v)]
     dense = batch_mean(_linear_grads(*low, None if g is None else g.to(dtype), do.to(dtype), problem.scale,
-                                     problem.full_decay, linear_attention_parallel), mem)
+                                     problem.full_decay, quadratic), mem)
     report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
     return report

@@ -81,23 +81,28 @@ def linear_problems(
     world_sizes: Sequence[int] = (1, 2, 3, 4),
     dtypes: Sequence[str] = ("float64",),
     max_tokens_per_rank: int = 12,
+    decays: Sequence[str] = None,
 ):
     """Linear-attention problems: P in `world_sizes`, tiny and uneven lengths (down to N = P),
-    Dk != Dv and not powers of two, every decay form (none, per head, per token), every
-    memory layout of q, k, v and dO."""
+    Dk != Dv and not powers of two, every decay form (none, per head, per token, per key
+    channel; or those in `decays`), every memory layout of q, k, v and dO, and packed
+    documents (`documents()`: lengths down to 1, documents across several ranks) about half
+    the time."""
     from .checks import DECAYS, LinearProblem
 
     world_size = draw(st.sampled_from(list(world_sizes)))
+    seq_len = draw(st.integers(world_size, world_size * max_tokens_per_rank))
     return LinearProblem(
         world_size=world_size,
-        seq_len=draw(st.integers(world_size, world_size * max_tokens_per_rank)),
+        seq_len=seq_len,
         batch=draw(st.integers(1, 2)),
         heads=draw(st.integers(1, 3)),
         key_dim=draw(st.sampled_from([1, 4, 5, 8, 16])),
         value_dim=draw(st.sampled_from([1, 3, 8, 12])),
-        decay=draw(st.sampled_from(list(DECAYS))),
+        decay=draw(st.sampled_from(list(DECAYS if decays is None else decays))),
         dtype=draw(st.sampled_from(list(dtypes))),
         scale=draw(st.sampled_from([0.25, 0.5, 1.0])),
         seed=draw(st.integers(0, 2**31 - 1)),
         memory_layout=draw(memory_layouts()),
+        documents=draw(st.one_of(st.none(), documents(seq_len))),
     )

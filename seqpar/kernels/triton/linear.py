@@ -55,7 +55,8 @@ everything when decays are strong (g = -20: the true gradient is ~exp(-20) times
 `_dqk_bwd_kernel` therefore leaves them out: the intra-chunk part is
 `rowsum(M)_t - colsum(M)_t` with `M_ij = scale * D_ij (q_i . k_j)(do_i . v_j)` over j < i
 only, plus `q_t . dq_t^inter - k_t . dk_t^inter` (pairs across chunks). The host then sums
-over t >= s in fp64 (over a long block the terms cancel to a small total).
+over t >= s in fp64 within s's chunk and adds `<h_{c+1}, dh_c>` (the chunk's end state and
+its gradient: what all later t contribute), so rounding does not accumulate over the block.
 
 Precision: inputs fp16/bf16/fp32 are loaded and upcast to fp32; every product is an fp32
 `tl.dot` with fp32 accumulation, and states are never rounded to the input dtype (an fp16
@@ -507,7 +508,7 @@ def chunk_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     args = cfg.kernel_args(use_g)
 
     # -- recompute the chunk-start states, then the end-of-chunk state gradients
-    states, _ = _forward_states(k, v, G, cfg)
+    states, final = _forward_states(k, v, G, cfg)
     dstates = _empty((B * H, NT, K, V), q.device)
     _state_bwd_kernel[(B * H, cfg.NK, cfg.NV)](q, do, G_arg, dstates, float(scale), n, NT, **args)
 
@@ -523,7 +524,16 @@ def chunk_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     if not use_g:
         return dq, dk, dv, None
 
-    # -- dg_s = sum over t >= s of dL/dG_t, over the whole block, in fp64 as the torch kernel
-    # does: over a long block the terms cancel to a small total (fp32 lost 2.5x more here)
-    dg = dA.sum(-1, dtype=torch.float64).flip(1).cumsum(1).flip(1).to(torch.float32)
+    # -- dg_s = sum over t >= s of dL/dG_t, in fp64, taken within s's chunk only, plus
+    # <h_end, dh_end> of that chunk (its end state and that state's gradient from the later
+    # chunks): the later chunks' terms sum to that inner product exactly. Summing them
+    # instead adds rounding over the whole block: a per-head decay's gradient (the sum of
+    # dg over every token) then lost accuracy in proportion to the length.
+    BT = cfg.BT
+    dG = dA.sum(-1, dtype=torch.float64)  # [B, n, H]
+    dG = torch.nn.functional.pad(dG, (0, 0, 0, NT * BT - n)).view(B, NT, BT, H)
+    dG = dG.flip(2).cumsum(2).flip(2)
+    ends = torch.cat([states[:, 1:], final.reshape(B * H, 1, K, V)], 1)  # [B*H, NT, K, V]
+    carried = (ends.double() * dstates.double()).sum((-1, -2)).view(B, H, NT).transpose(1, 2)  # [B, NT, H]
+    dg = (dG + carried[:, :, None, :]).reshape(B, NT * BT, H)[:, :n].to(torch.float32)
     return dq, dk, dv, dg
