@@ -529,3 +529,14 @@ def test_cli_plan_takes_a_window_and_documents(tmp_path, capsys):
                  "--cu-seqlens", str(path), "--window", "100", "0"]) == 0
     out = capsys.readouterr().out
     assert "window_size=(100, 0), 3 packed documents" in out
+
+
+def test_plan_linear_counts_a_per_channel_gate():
+    """A gate per key channel makes the all-gather carry a [Dk] total decay per (batch, head)."""
+    plain = seqpar.plan_linear(4096, world_size=4, heads=2, key_dim=16, value_dim=8, dtype="float32", decay=True)
+    gla = seqpar.plan_linear(4096, world_size=4, heads=2, key_dim=16, value_dim=8, dtype="float32", decay="channel")
+    ag = {c.method: c for c in plain.candidates}["allgather"]
+    ag_gla = {c.method: c for c in gla.candidates}["allgather"]
+    assert ag_gla.bytes_forward - ag.bytes_forward == 3 * 2 * 15 * 4
+    with pytest.raises(ValueError, match="decay: expected False, True or 'channel'"):
+        seqpar.plan_linear(4096, world_size=4, heads=2, decay="head")

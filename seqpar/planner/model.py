@@ -377,7 +377,7 @@ def best_scan_pieces(topo: Topology, world: int, nbytes: int) -> int:
 
 
 def plan_linear(seq_len: int, *, world_size: int, heads: int, key_dim: int = 128, value_dim: Optional[int] = None,
-                batch: int = 1, dtype="bfloat16", decay: bool = True, training: bool = True,
+                batch: int = 1, dtype="bfloat16", decay=True, training: bool = True,
                 chunk_size: int = 64, topology: Optional[Topology] = None) -> LinearPlan:
     """Choose `method` ("ring", "allgather", "allscan") and `scan_pieces` for linear attention.
 
@@ -387,8 +387,12 @@ def plan_linear(seq_len: int, *, world_size: int, heads: int, key_dim: int = 128
     ring waits for `(P-1)` whole-state hops, allscan for the pipelined scan (first piece
     through every hop, then one piece per step of the slowest hop), allgather for one
     all-gather of (P-1) states minus the intra-chunk work it hides behind, plus folding
-    the gathered states. Returns a `LinearPlan` (`.method`, `.scan_pieces`, a table).
+    the gathered states. `decay`: False (none), True (per head or per token: one total
+    decay per (batch, head) in the all-gather) or "channel" (a gate per key channel: a
+    `[Dk]` total). Returns a `LinearPlan` (`.method`, `.scan_pieces`, a table).
     """
+    if decay not in (False, True, "channel"):
+        raise ValueError(f"decay: expected False, True or 'channel', got {brief(decay)}")
     for name, value in (("seq_len", seq_len), ("world_size", world_size), ("heads", heads),
                         ("key_dim", key_dim), ("batch", batch), ("chunk_size", chunk_size)):
         _positive_int(name, value)
@@ -398,7 +402,7 @@ def plan_linear(seq_len: int, *, world_size: int, heads: int, key_dim: int = 128
         topology = default_topology("cuda" if torch.cuda.is_available() else "cpu", dtype, world_size)
     world = world_size
     s = state_bytes(batch, heads, key_dim, value_dim, dtype)
-    g = batch * heads * (8 if dtype == torch.float64 else 4) if decay else 0
+    g = batch * heads * (key_dim if decay == "channel" else 1) * (8 if dtype == torch.float64 else 4) if decay else 0
     n = -(-seq_len // world)
     flops = (2 * chunk_size * (key_dim + value_dim) + 4 * key_dim * value_dim) * batch * heads * n
     intra = {"forward": flops / topology.compute_rate, "backward": 2.5 * flops / topology.backward_rate}
@@ -449,7 +453,7 @@ def choose(layout, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: 
     return chosen.strategy, chosen.options
 
 
-def choose_linear(layout, batch: int, heads: int, key_dim: int, value_dim: int, dtype: torch.dtype, decay: bool,
+def choose_linear(layout, batch: int, heads: int, key_dim: int, value_dim: int, dtype: torch.dtype, decay,
                   training: bool, chunk_size: int, device: torch.device) -> Tuple[str, int]:
     """`(method, scan_pieces)` for `linear_attention(method="auto")` on `layout`'s group."""
     topo = _topology.auto_topology(layout.group, device, dtype)

@@ -504,8 +504,9 @@ def linear_attention(q, k, v, *, layout=None, decay=None, scale=None, method="au
 
             # part of the agreed signature: ranks that would choose differently raise
             training = grad_wanted(q, k, v, decay)
+            gate = False if decay is None else "channel" if decay.dim() == 4 else True
             chosen, planned = choose_linear(local, q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.dtype,
-                                            decay is not None, training, chunk_size, q.device)
+                                            gate, training, chunk_size, q.device)
             pieces = options.get("scan_pieces") or planned
             auto_choice = (chosen, pieces)
         elif method == "auto":
