@@ -501,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                          % PROFILES["quick"][:2])
     profile.add_argument("--long", action="store_true", help="the README's recorded problem (N=%d exact, %d linear; "
                          "about 4x the default's time)" % PROFILES["long"][:2])
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: peak memory per rank of every strategy against dense and the planner's "
+                             "analytic peak (see --memory --help)")
     parser.add_argument("--masks", action="store_true",
                         help="instead: windowed ring against full ring and dense, and packed documents on the "
                              "contiguous, zigzag and balanced layouts (see --masks --help)")
@@ -531,6 +534,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .grid import main as grid_main
 
         return grid_main([a for a in argv if a != "--grid"])
+    if "--memory" in argv:  # peak memory per rank: its own options
+        from .memory import main as memory_main
+
+        return memory_main([a for a in argv if a != "--memory"])
     if "--masks" in argv:  # windows and packed documents: their own options
         from .masks import main as masks_main
 
