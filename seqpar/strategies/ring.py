@@ -131,6 +131,30 @@ def _rows_to_send(held, held_rows: Tuple[int, int], rows: Tuple[int, int], k, v,
     return packed, views
 
 
+def _kv_hop(plan: RingPlan, held, held_rows, src: int, step: int, world: int, k, v, backend: str, nxt: int,
+            prv: int, sends: list, recvs: list):
+    """The K/V traffic of step `step` (holding `src`'s rows `held_rows`): the rows of
+    `src` a later rank sees go to `nxt`, and the rows of the next source this rank or a
+    later one sees come from `prv`. Appends to `sends`/`recvs`; returns the receive buffer
+    `(storage, views)` and its rows, or `(None, None)`."""
+    if step >= world - 1:
+        return None, None
+    out_rows = plan.carries(src, step + 1)
+    if out_rows is not None:
+        sends.append((_rows_to_send(held, held_rows, out_rows, k, v, backend)[0], nxt))
+    in_rows = plan.carries((src - 1) % world, step + 1)
+    if in_rows is None:
+        return None, None
+    incoming = _kv_buffer(k, v, in_rows[1] - in_rows[0], backend)
+    recvs.append((incoming[0], prv))
+    return incoming, in_rows
+
+
+def _rows_buffer(k, v, rows: Tuple[int, int], backend: str, acc):
+    """(storage, views) of the dK/dV of a source's key rows `rows`, in `acc`."""
+    return _kv_buffer(k, v, rows[1] - rows[0], backend, dtype=acc)
+
+
 def _shifted(blocks, rows: Tuple[int, int]):
     """`blocks` of a source's keys cut to the rows `(a, b)` held of them and counted from
     `a`. The plan holds every key a block's queries see, so only invisible keys are cut;
@@ -168,15 +192,8 @@ def _ring_forward(q, k, v, layout: SeqLayout, causal, scale: float, backend: str
     nxt, prv = layout.peer((rank + 1) % world), layout.peer((rank - 1) % world)
     for step in range(world):
         src = (rank - step) % world
-        sends, recvs, incoming = [], [], None
-        if step < world - 1:
-            out_rows = plan.carries(src, step + 1)
-            if out_rows is not None:
-                sends.append((_rows_to_send(held, held_rows, out_rows, k, v, backend)[0], nxt))
-            in_rows = plan.carries((src - 1) % world, step + 1)
-            if in_rows is not None:
-                incoming = _kv_buffer(k, v, in_rows[1] - in_rows[0], backend)
-                recvs.append((incoming[0], prv))
+        sends, recvs = [], []
+        incoming, in_rows = _kv_hop(plan, held, held_rows, src, step, world, k, v, backend, nxt, prv, sends, recvs)
         exchange = p2p.post(sends, recvs, layout.group, op=ring_op) if sends or recvs else None
         blocks = visible_blocks(layout, rank, src, causal)
         if blocks:
@@ -217,27 +234,18 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale: floa
         src = (rank - step) % world
         before = (src + 1) % world  # the source of the previous step
         sends, recvs = [], []
-        incoming = incoming_dkv = returning = None
-        if step < world - 1:
-            out_rows = plan.carries(src, step + 1)
-            if out_rows is not None:
-                sends.append((_rows_to_send(held, held_rows, out_rows, k, v, backend)[0], nxt))
-            in_rows = plan.carries((src - 1) % world, step + 1)
-            if in_rows is not None:
-                incoming = _kv_buffer(k, v, in_rows[1] - in_rows[0], backend)
-                recvs.append((incoming[0], prv))
+        incoming_dkv = returning = None
+        incoming, in_rows = _kv_hop(plan, held, held_rows, src, step, world, k, v, backend, nxt, prv, sends, recvs)
         if travelling is not None:
             if step <= plan.hops[before]:  # on to the rank that holds `before`'s K/V now
                 sends.append((travelling[0], nxt))
             else:  # no later rank sees them: home
                 sends.append((travelling[0], layout.peer(before)))
         if 2 <= step < world and step <= plan.hops[src]:
-            rows = plan.spans[src][1]
-            incoming_dkv = _kv_buffer(k, v, rows[1] - rows[0], backend, dtype=acc)
+            incoming_dkv = _rows_buffer(k, v, plan.spans[src][1], backend, acc)
             recvs.append((incoming_dkv[0], prv))
         if plan.hops[rank] >= 1 and step == plan.hops[rank] + 1:
-            rows = plan.spans[rank][1]
-            returning = _kv_buffer(k, v, rows[1] - rows[0], backend, dtype=acc)
+            returning = _rows_buffer(k, v, plan.spans[rank][1], backend, acc)
             recvs.append((returning[0], layout.peer((rank + plan.hops[rank]) % world)))
         exchange = p2p.post(sends, recvs, layout.group, op=ring_op) if sends or recvs else None
         travelling = None
@@ -247,7 +255,7 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale: floa
                 dkv = home
             else:
                 first = plan.spans[src][1][0]
-                storage, dkv = _kv_buffer(k, v, plan.spans[src][1][1] - first, backend, dtype=acc)
+                storage, dkv = _rows_buffer(k, v, plan.spans[src][1], backend, acc)
                 storage.zero_()
                 travelling = (storage, dkv)
                 # the gradient rows that line up with the held K/V rows
