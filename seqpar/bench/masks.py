@@ -81,6 +81,17 @@ def _reference(cfg: MaskBenchConfig, window: Tuple[int, int], documents) -> torc
     return dense_attention(q, k, v, causal=mask is None, mask=mask)
 
 
+def _timed_rounds(cfg: MaskBenchConfig, fwd, fwd_bwd) -> Dict[str, List[float]]:
+    """Seconds of `fwd()` and `fwd_bwd()` per round, interleaved, after `cfg.warmup` rounds."""
+    times = {"forward": [], "forward_backward": []}
+    for round_ in range(cfg.warmup + cfg.repeats):
+        for name, fn in (("forward", fwd), ("forward_backward", fwd_bwd)):
+            elapsed = timed_call(fn)
+            if round_ >= cfg.warmup:
+                times[name].append(elapsed)
+    return times
+
+
 def _on_rank(cfg: MaskBenchConfig, scheme: str, window: Tuple[int, int], documents, strategy: str) -> Dict:
     """One case on every rank of the world: times, bytes, this rank's output."""
     import seqpar
@@ -103,12 +114,7 @@ def _on_rank(cfg: MaskBenchConfig, scheme: str, window: Tuple[int, int], documen
         q.grad = k.grad = v.grad = None
         forward().backward(do)
 
-    times = {"forward": [], "forward_backward": []}
-    for round_ in range(cfg.warmup + cfg.repeats):
-        for name, fn in (("forward", fwd), ("forward_backward", fwd_bwd)):
-            elapsed = timed_call(fn)
-            if round_ >= cfg.warmup:
-                times[name].append(elapsed)
+    times = _timed_rounds(cfg, fwd, fwd_bwd)
     with seqpar.comm.track() as fwd_stats:
         out = forward()
     with seqpar.comm.track() as bwd_stats:
@@ -151,16 +157,10 @@ def _dense_on_rank(cfg: MaskBenchConfig, documents=None) -> Dict:
             q.grad = k.grad = v.grad = None
             F.scaled_dot_product_attention(q, k, v, enable_gqa=cfg.heads != cfg.kv_heads, **sdpa).backward(do)
 
-    times = {"forward": [], "forward_backward": []}
     try:
-        for round_ in range(cfg.warmup + cfg.repeats):
-            for name, fn in (("forward", fwd), ("forward_backward", fwd_bwd)):
-                elapsed = timed_call(fn)
-                if round_ >= cfg.warmup:
-                    times[name].append(elapsed)
+        return {"times": _timed_rounds(cfg, fwd, fwd_bwd)}
     finally:
         torch.set_num_threads(threads)
-    return {"times": times}
 
 
 def _median(xs: Sequence[float]) -> float:
