@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .common import default_out_dir, machine_description, progress, progress_end, rel_err, timed_call, write_json
+from .exact import _assemble, _slowest_per_repeat
 
 
 @dataclass
@@ -170,16 +171,7 @@ def _median(xs: Sequence[float]) -> float:
 
 def _slowest(results: List[Dict], key: str) -> float:
     """The median over repeats of the slowest rank's time."""
-    per_repeat = zip(*(r["times"][key] for r in results))
-    return _median([max(ts) for ts in per_repeat])
-
-
-def _assemble(results: List[Dict], seq_len: int) -> torch.Tensor:
-    first = results[0]["out"]
-    out = torch.empty(first.shape[0], seq_len, *first.shape[2:], dtype=first.dtype)
-    for r in results:
-        out[:, r["positions"]] = r["out"]
-    return out
+    return _median(_slowest_per_repeat([r["times"] for r in results], key))
 
 
 def _work_balance(cfg: MaskBenchConfig, scheme: str, documents, world: int) -> Tuple[float, int]:
@@ -263,7 +255,7 @@ def _row(p: int, name: str, results: List[Dict], ref: torch.Tensor, n: int) -> D
     return {"world_size": p, "case": name, "forward_s": _slowest(results, "forward"),
             "forward_backward_s": _slowest(results, "forward_backward"),
             "bytes_forward": max(sent_fwd), "bytes_backward": max(sent_fwd[i] + sent_bwd[i] for i in range(p)),
-            "bytes_equal_analytic": exact, "error": rel_err(_assemble(results, n), ref)}
+            "bytes_equal_analytic": exact, "error": rel_err(_assemble(results, "out", n), ref)}
 
 
 def _mib(n) -> str:
