@@ -21,13 +21,14 @@ are from the same model run whole in one process, twice:
   RMSNorm weights, whose gradients Gemma's RMSNorm sums in float32 (listed apart).
 """
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
 
 import seqpar
 from seqpar.integrations.transformers import register, sequence_parallel
+
+from _launch import launch
 
 SEQ_LEN, VOCAB, WINDOW = 203, 128, 32
 
@@ -110,20 +111,8 @@ def main():
     parser.add_argument("--scheme", default="zigzag", choices=["contiguous", "zigzag", "stripe", "balanced"])
     parser.add_argument("--strategy", default="ring")
     args = parser.parse_args()
-    if "RANK" in os.environ:  # torchrun
-        dist.init_process_group("gloo")
-        print(run_rank(args.scheme, args.strategy), flush=True)
-        dist.destroy_process_group()
-        return
-    from seqpar.testing import LocalWorld
-
-    local_world = LocalWorld(args.world_size)
-    try:
-        for line in local_world.run(run_rank, args.scheme, args.strategy):
-            print(line)
-    finally:
-        local_world.close()
-
+    for line in launch(run_rank, args.scheme, args.strategy, world_size=args.world_size):
+        print(line, flush=True)
 
 if __name__ == "__main__":
     main()

@@ -18,10 +18,11 @@ import argparse
 import os
 
 import torch
-import torch.distributed as dist
 
 import seqpar
 from seqpar.integrations.transformers import register, sequence_parallel
+
+from _launch import launch
 
 VOCAB = 128
 
@@ -102,23 +103,11 @@ def main():
     parser.add_argument("--scheme", default="balanced", choices=["balanced", "zigzag", "contiguous", "stripe"])
     parser.add_argument("--strategy", default="ring")
     args = parser.parse_args()
-    if "RANK" in os.environ:  # torchrun
-        dist.init_process_group("gloo")
-        lines = run_rank(args.steps, args.scheme, args.strategy)
-        print("\n".join(lines if dist.get_rank() == 0 else lines[-1:]))
-        dist.destroy_process_group()
-        return
-    from seqpar.testing import LocalWorld
-
-    local_world = LocalWorld(args.world_size)
-    try:
-        results = local_world.run(run_rank, args.steps, args.scheme, args.strategy, timeout=3600)
+    results = launch(run_rank, args.steps, args.scheme, args.strategy, world_size=args.world_size, timeout=3600)
+    if os.environ.get("RANK", "0") == "0":
         print("\n".join(results[0][:-1]))  # the steps, as rank 0 saw them
-        for lines in results:
-            print(lines[-1])
-    finally:
-        local_world.close()
-
+    for lines in results:
+        print(lines[-1])
 
 if __name__ == "__main__":
     main()

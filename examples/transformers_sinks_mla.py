@@ -20,13 +20,14 @@ logits, the loss and every gradient (the sinks' gradients summed over the group,
 every replicated parameter).
 """
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
 
 import seqpar
 from seqpar.integrations.transformers import register, sequence_parallel
+
+from _launch import launch
 
 SEQ_LEN, VOCAB = 97, 96
 
@@ -107,20 +108,8 @@ def main():
     parser.add_argument("--scheme", default="zigzag", choices=["contiguous", "zigzag", "stripe", "balanced"])
     parser.add_argument("--strategy", default="auto")
     args = parser.parse_args()
-    if "RANK" in os.environ:  # torchrun
-        dist.init_process_group("gloo")
-        print(run_rank(args.model, args.scheme, args.strategy), flush=True)
-        dist.destroy_process_group()
-        return
-    from seqpar.testing import LocalWorld
-
-    local_world = LocalWorld(args.world_size)
-    try:
-        for line in local_world.run(run_rank, args.model, args.scheme, args.strategy):
-            print(line)
-    finally:
-        local_world.close()
-
+    for line in launch(run_rank, args.model, args.scheme, args.strategy, world_size=args.world_size):
+        print(line, flush=True)
 
 if __name__ == "__main__":
     main()
