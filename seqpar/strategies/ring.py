@@ -76,10 +76,15 @@ class RingPlan:
 
 def ring_plan(layout, mask) -> RingPlan:
     """The `RingPlan` of `layout` (a SeqLayout or a ring of Ulysses groups) under `mask`."""
+    mask = dataclasses.replace(as_mask(mask), softcap=0.0)
     geometry = getattr(layout, "geometry", None)
     if geometry is not None:
-        return _cached_plan(geometry, dataclasses.replace(as_mask(mask), softcap=0.0))
-    return _plan(layout, as_mask(mask))
+        return _cached_plan(geometry, mask)
+    # a ring of Ulysses groups is made per call: plan it once for its forward and backward
+    plans = layout.__dict__.setdefault("_ring_plans", {})
+    if mask not in plans:
+        plans[mask] = _plan(layout, mask)
+    return plans[mask]
 
 
 @lru_cache(maxsize=256)
