@@ -9,6 +9,8 @@ for fp64 inputs), in the layout the backend prefers (`empty_in_kernel_layout`).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -48,10 +50,8 @@ def to_kernel_layout(x: torch.Tensor, backend: str) -> torch.Tensor:
 
 
 def empty_in_kernel_layout(shape, backend: str, **kwargs):
-    """(storage, view): contiguous storage for communication, and its `[..., n, H, D]` view."""
+    """(storage, view): flat contiguous storage for communication, and its `[..., n, H, D]`
+    view in the layout `backend` prefers (`view_in_kernel_layout`)."""
     shape = tuple(shape)
-    if heads_major(backend):
-        storage = torch.empty(shape[:-3] + (shape[-2], shape[-3], shape[-1]), **kwargs)
-        return storage, storage.transpose(-3, -2)
-    storage = torch.empty(shape, **kwargs)
-    return storage, storage
+    storage = torch.empty(math.prod(shape), **kwargs)
+    return storage, view_in_kernel_layout(storage, shape, backend)
