@@ -115,10 +115,11 @@ def analytic_peak(cfg: MemoryBenchConfig, strategy: str, world: int) -> Tuple[in
                    cfg.scheme)
     entry = registry.get(strategy)
     # the default options, resolved as a call resolves them (USP: ulysses_size from the world)
-    defaults = {"usp": {"ulysses_size": _default_ulysses(world, cfg)}, "token_ring": {"route": "direct"}}
+    from ..strategies.token_ring import DEFAULT_ROUTE
+
+    defaults = {"usp": {"ulysses_size": _default_ulysses(world, cfg)}, "token_ring": {"route": DEFAULT_ROUTE},
+                "allgather": {"kv_head_chunk": None}}
     options = defaults.get(strategy, {})
-    if strategy == "allgather":
-        options = {"kv_head_chunk": None}
     return entry.peak_memory(prob, options), options
 
 
