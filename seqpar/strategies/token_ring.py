@@ -281,7 +281,7 @@ def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, route, name):
     """Returns this rank's (out [B, n, H, D] acc dtype, lse [B, H, n] acc dtype)."""
     fwd, _ = block_kernels.kernels(backend, q, k)
     acc = block_kernels.acc_dtype(q.dtype)
-    plan = _Plan(layout, causal, route)
+    plan = _plan_of(layout, causal, route)
     out, lse = _attend(fwd, block_kernels.merge_kernel(backend), q, k, v,
                        visible_blocks(layout, layout.rank, layout.rank, causal), scale, acc, torch.float64)
     _travel(layout, plan, _ForwardPass(q, k, v, layout, plan, causal, scale, backend, out, lse), op=f"{name}.forward")
@@ -322,7 +322,7 @@ class _BackwardPass(_Pass):
 def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, route, name):
     """Returns dq, dk, dv in the acc dtype; dK/dV never leave this rank."""
     acc = block_kernels.acc_dtype(q.dtype)
-    plan = _Plan(layout, causal, route)
+    plan = _plan_of(layout, causal, route)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
@@ -343,11 +343,7 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
     rank, world = layout.rank, layout.world_size
     # a window narrows the rows that travel, as the strategy's own plan does
     mask = causal if tuple(window_size) == (-1, -1) else Mask(bool(causal), tuple(window_size))
-    if isinstance(layout, SeqLayout):
-        # the rows depend on the layout's geometry only: every rank's call shares one plan
-        plan = _geometry_plan(layout.geometry, mask, route)
-    else:
-        plan = _Plan(layout, mask, route)
+    plan = _plan_of(layout, mask, route)
     a = 8 if element_size == 8 else 4
     row = batch * heads * head_dim  # a query row (and a dq row)
     vrow = batch * heads * (head_dim if value_dim is None else value_dim)  # an output (and dO) row
@@ -369,6 +365,14 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
     volume["forward"] = volume["forward_outgoing"] + volume["forward_returning"]
     volume["backward"] = volume["backward_outgoing"] + volume["backward_returning"]
     return volume
+
+
+def _plan_of(layout, causal, route: str) -> "_Plan":
+    """The `_Plan` of a call: a SeqLayout's rows depend on its geometry only, so every call
+    (forward, backward, every rank's byte count) shares one cached plan."""
+    if isinstance(layout, SeqLayout):
+        return _geometry_plan(layout.geometry, causal, route)
+    return _Plan(layout, causal, route)
 
 
 @lru_cache(maxsize=16)
