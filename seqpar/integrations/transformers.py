@@ -76,6 +76,7 @@ from ..call import layout_for
 from ..errors import brief
 from ..layout import SeqLayout
 from ..nn.functional import sequence_parallel_sdpa
+from ..nn.training import _bounds, _show
 
 NAME = "seqpar"
 # kwargs a layer may pass that change what attention computes and seqpar cannot honour
@@ -124,11 +125,6 @@ def sequence_parallel(layout: Optional[SeqLayout] = None, *, strategy: str = "au
         _current.reset(token)
 
 
-def _show(values, limit: int = 8) -> str:
-    shown = ", ".join(str(v) for v in values[:limit])
-    return f"[{shown}{', ...' if len(values) > limit else ''}]"
-
-
 def _check_positions(position_ids, layout) -> None:
     """`position_ids` must be the layout's: each token's position inside its document
     (`layout.document_positions()`, the global position without documents)."""
@@ -167,17 +163,6 @@ def _check_positions(position_ids, layout) -> None:
     _verified.update(tensor=weakref.ref(position_ids), version=position_ids._version, positions_of=positions_of)
 
 
-def _as_bounds(value, name: str) -> tuple:
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 1 or value.is_floating_point() or value.dtype == torch.bool:
-            raise ValueError(f"{name}: expected a 1-D integer tensor of global document boundaries, "
-                             f"got {brief(value)}")
-        return tuple(int(x) for x in value.tolist())
-    if isinstance(value, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-        return tuple(value)
-    raise TypeError(f"{name}: expected a 1-D integer tensor or a list of ints, got {type(value).__name__}")
-
-
 def _check_documents(kwargs, layout) -> None:
     """`cu_seq_lens_q`/`_k` and `max_length_q`/`_k`, when the model was given them, must be
     the layout's documents (global boundaries) and the longest document's length."""
@@ -186,13 +171,13 @@ def _check_documents(kwargs, layout) -> None:
         value = kwargs.get(name)
         if value is None:
             continue
-        given = _as_bounds(value, name)
+        given = _bounds(value, name)
         if given != bounds:
             hint = ("" if layout.documents is not None else
                     "; the layout has no documents: build it with SeqLayout(seq_len, cu_seqlens=...)")
             raise ValueError(
-                f"{name}: expected the layout's global document boundaries layout.cu_seqlens = {_show(bounds)} "
-                f"({len(bounds) - 1} documents), got {_show(given)} ({len(given) - 1} documents){hint}")
+                f"{name}: expected the layout's global document boundaries layout.cu_seqlens = {_show(bounds)}, "
+                f"got {_show(given)}{hint}")
     longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
     for name in ("max_length_q", "max_length_k"):
         value = kwargs.get(name)
