@@ -9,7 +9,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -33,6 +33,20 @@ def timed_call(fn, device=None, barrier=None) -> float:
     fn()
     sync(device)
     return time.perf_counter() - start
+
+
+def assemble(results: List[Dict], name: str, seq_dim_size: int) -> torch.Tensor:
+    """The global tensor `[B, N, ...]` from every rank's `results[r][name]` at `results[r]["positions"]`."""
+    first = results[0][name]
+    full = first.new_empty((first.shape[0], seq_dim_size) + tuple(first.shape[2:]))
+    for res in results:
+        full[:, res["positions"]] = res[name]
+    return full
+
+
+def slowest_per_repeat(results: List[Dict], key: str) -> List[float]:
+    """Per repeat, the slowest rank's time (`results[r][key]`: that rank's times)."""
+    return [max(times) for times in zip(*(r[key] for r in results))]
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -23,8 +23,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .common import (HelpFormatter, default_out_dir, is_main, machine_description, progress, progress_end, repo_root,
-                     rel_err, timed_call, write_json)
+from .common import (HelpFormatter, assemble, default_out_dir, is_main, machine_description, progress, progress_end,
+                     rel_err, repo_root, slowest_per_repeat, timed_call, write_json)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -283,18 +283,6 @@ def _peer_contestants(cfg: BenchConfig, tensors, skipped: Dict[str, str]) -> Dic
 # -- the driver -----------------------------------------------------------------------
 
 
-def _assemble(results: List[Dict], name: str, seq_dim_size: int) -> torch.Tensor:
-    first = results[0][name]
-    full = first.new_empty((first.shape[0], seq_dim_size) + tuple(first.shape[2:]))
-    for res in results:
-        full[:, res["positions"]] = res[name]
-    return full
-
-
-def _slowest_per_repeat(results: List[Dict], key: str) -> List[float]:
-    return [max(times) for times in zip(*(r[key] for r in results))]
-
-
 def _format_bytes(n: Optional[float]) -> str:
     if n is None:
         return "-"
@@ -345,9 +333,9 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
     for name in [n for n in res[0] if n not in ("dense", "rank", "threads", "dense_threads", "peer_skipped")]:
         per_rank = [r[name] for r in res]
         row = {"name": name, "threads": res[0]["threads"],
-               "forward_times_s": _slowest_per_repeat(per_rank, "forward")}
+               "forward_times_s": slowest_per_repeat(per_rank, "forward")}
         if per_rank[0]["forward_backward"]:
-            row["forward_backward_times_s"] = _slowest_per_repeat(per_rank, "forward_backward")
+            row["forward_backward_times_s"] = slowest_per_repeat(per_rank, "forward_backward")
         if "bytes_forward" in per_rank[0]:
             for key in ("bytes_forward", "analytic_forward", "bytes_backward", "analytic_backward"):
                 row[key] = max(r[key] for r in per_rank)
@@ -360,7 +348,7 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
                         row[f"bytes_{phase}_{direction}"] = max(sent)
             row["ops_rank0"] = {"forward": per_rank[0]["ops_forward"], "backward": per_rank[0]["ops_backward"]}
         grads = ("out", "dq", "dk", "dv") if "dq" in per_rank[0] else ("out",)
-        row["errors"] = {g: rel_err(_assemble(per_rank, g, cfg.seq_len), dense[g]) for g in grads}
+        row["errors"] = {g: rel_err(assemble(per_rank, g, cfg.seq_len), dense[g]) for g in grads}
         row["max_rel_err"] = max(row["errors"].values())
         rows.append(row)
     for name, reason in res[0]["peer_skipped"].items():

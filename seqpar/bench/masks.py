@@ -26,8 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .common import default_out_dir, machine_description, progress, progress_end, rel_err, timed_call, write_json
-from .exact import _assemble, _slowest_per_repeat
+from .common import (assemble, default_out_dir, machine_description, progress, progress_end, rel_err,
+                     slowest_per_repeat, timed_call, write_json)
 
 
 @dataclass
@@ -171,7 +171,7 @@ def _median(xs: Sequence[float]) -> float:
 
 def _slowest(results: List[Dict], key: str) -> float:
     """The median over repeats of the slowest rank's time."""
-    return _median(_slowest_per_repeat([r["times"] for r in results], key))
+    return _median(slowest_per_repeat([r["times"] for r in results], key))
 
 
 def _work_balance(cfg: MaskBenchConfig, scheme: str, documents, world: int) -> Tuple[float, int]:
@@ -255,7 +255,7 @@ def _row(p: int, name: str, results: List[Dict], ref: torch.Tensor, n: int) -> D
     return {"world_size": p, "case": name, "forward_s": _slowest(results, "forward"),
             "forward_backward_s": _slowest(results, "forward_backward"),
             "bytes_forward": max(sent_fwd), "bytes_backward": max(sent_fwd[i] + sent_bwd[i] for i in range(p)),
-            "bytes_equal_analytic": exact, "error": rel_err(_assemble(results, "out", n), ref)}
+            "bytes_equal_analytic": exact, "error": rel_err(assemble(results, "out", n), ref)}
 
 
 def _mib(n) -> str:
