@@ -10,6 +10,7 @@ from .generation import StarKVCache, star_generate
 from .planner import Plan, Topology, calibrate, plan, plan_linear
 from .layout import SeqLayout
 from .strategies.allgather import allgather_attention
+from .strategies.delta import delta_attention
 from .strategies.linear import linear_attention
 from .strategies.ring import ring_attention
 from .strategies.star import star_attention, star_query_attention
@@ -19,7 +20,7 @@ from .strategies.usp import usp_attention
 from . import nn
 from .nn import SequenceParallelAttention, scaled_dot_product_attention
 
-__all__ = ["SeqLayout", "attention", "ring_attention", "allgather_attention", "linear_attention", "token_ring_attention",
+__all__ = ["SeqLayout", "attention", "ring_attention", "allgather_attention", "linear_attention", "delta_attention", "token_ring_attention",
            "ulysses_attention", "usp_attention", "star_attention", "star_query_attention", "StarKVCache", "star_generate",
            "comm", "__version__", "nn", "SequenceParallelAttention", "scaled_dot_product_attention",
            "plan", "plan_linear", "calibrate", "Plan", "Topology"]

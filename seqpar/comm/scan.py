@@ -14,6 +14,11 @@ further hop adds one piece. Every rank but the last sends `S` bytes in `pieces` 
 
 Receives are posted when the scan is created, so a caller can post them, compute, and
 `run` later (LASP-1's schedule) or `run` at once (All-Scan's).
+
+`a` may also be a function `combine(lo, hi, incoming, b, out)` writing `out = a x_in + b`
+for the elements `[lo, hi)`: an affine map (the delta rule's `[Dk, Dk]` transition) acts on
+whole columns of the state, so the value is laid out column after column and the pieces are
+cut at multiples of `unit` elements (one column).
 """
 from __future__ import annotations
 
@@ -29,13 +34,15 @@ class StateScan:
     """One scan of a flat value (1-D tensors) over the ranks of a group."""
 
     def __init__(self, numel: int, *, dtype, device, group, rank: int, world: int, peer: Callable[[int], int],
-                 reverse: bool, pieces: int, op: str):
+                 reverse: bool, pieces: int, op: str, unit: int = 1):
         step = -1 if reverse else 1
         self._src: Optional[int] = rank - step if 0 <= rank - step < world else None
         self._dst: Optional[int] = rank + step if 0 <= rank + step < world else None
         self._peer, self._group, self._op = peer, group, op
-        pieces = max(1, min(pieces, numel))
-        self._bounds = _bounds(numel, pieces)
+        if unit < 1 or numel % unit:
+            raise ValueError(f"unit: expected a positive divisor of numel {numel}, got {unit}")
+        pieces = max(1, min(pieces, numel // unit))
+        self._bounds = [(lo * unit, hi * unit) for lo, hi in _bounds(numel // unit, pieces)]
         self.received = torch.zeros(numel, dtype=dtype, device=device)
         self._recvs: List[p2p.Exchange] = []
         if self._src is not None:
@@ -44,9 +51,10 @@ class StateScan:
             ]
         self._sends: List[p2p.Exchange] = []
 
-    def run(self, a: Optional[torch.Tensor], b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def run(self, a, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """`(x_in, x_out)`: the value from the previous rank (zeros on the first) and this
-        rank's `a * x_in + b` (`a=None` means 1), both flat like `b`; `x_out` is on its way on."""
+        rank's `a * x_in + b` (`a=None` means 1; a function: `a(lo, hi, x_in, b, out)`), both
+        flat like `b`; `x_out` is on its way on."""
         out = torch.empty_like(b)
         timing = stats.tracking()
         for i, (lo, hi) in enumerate(self._bounds):
@@ -58,7 +66,9 @@ class StateScan:
                 if timing:
                     stats.record_wait(self._op, time.perf_counter() - start)
                 incoming = self.received[lo:hi]
-                if a is None:
+                if callable(a):
+                    a(lo, hi, incoming, b[lo:hi], out[lo:hi])
+                elif a is None:
                     torch.add(b[lo:hi], incoming, out=out[lo:hi])
                 else:
                     torch.addcmul(b[lo:hi], a[lo:hi], incoming, out=out[lo:hi])

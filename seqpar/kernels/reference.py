@@ -113,3 +113,28 @@ def star_context_mask(local_lens, anchor_len: int) -> torch.Tensor:
     same_block = block[None, :] == block[:, None]
     anchor = (pos < anchor_len)[None, :].expand(n, n)
     return causal & (same_block | anchor)
+
+
+def delta_rule_recurrent(q, k, v, beta, g=None, *, scale=None, initial_state=None, cu_seqlens=None):
+    """The gated delta rule token by token (the test oracle), differentiable by autograd.
+
+    `S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t`, `o_t = scale q_t S_t`.
+    q, k `[B, n, H, Dk]`, v `[B, n, H, Dv]`, beta `[B, n, H]`, g None or `[B, n, H]`,
+    initial_state None or `[B, H, Dk, Dv]`; `cu_seqlens` restarts the state from zero at
+    every document start. Returns (o, final state) in the input dtype."""
+    b, n, h, dk = q.shape
+    scale = dk ** -0.5 if scale is None else scale
+    state = q.new_zeros(b, h, dk, v.shape[-1]) if initial_state is None else initial_state
+    starts = set() if cu_seqlens is None else {int(x) for x in list(cu_seqlens)[1:-1]}
+    outs = []
+    for t in range(n):
+        if t in starts:
+            state = torch.zeros_like(state)
+        kt, bt = k[:, t], beta[:, t, :, None]  # [B, H, Dk], [B, H, 1]
+        if g is not None:
+            state = state * g[:, t].exp()[..., None, None]
+        # (I - beta k^T k) S + beta k^T v = S + beta k^T (v - k S)
+        err = v[:, t] - torch.einsum("bhk,bhkv->bhv", kt, state)
+        state = state + (bt * kt)[..., None] * err[..., None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+    return torch.stack(outs, dim=1), state

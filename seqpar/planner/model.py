@@ -339,7 +339,8 @@ class LinearPlan:
 
     def __str__(self) -> str:
         p = self.problem
-        lines = [f"seqpar linear plan: N={p['seq_len']}, P={p['world_size']}, B={p['batch']}, H={p['heads']}, "
+        rule = "delta-rule" if p.get("rule") == "delta" else "linear"
+        lines = [f"seqpar {rule} plan: N={p['seq_len']}, P={p['world_size']}, B={p['batch']}, H={p['heads']}, "
                  f"Dk={p['key_dim']}, Dv={p['value_dim']}, {p['dtype']}, decay={p['decay']}, "
                  f"{'training' if p['training'] else 'inference'}",
                  f"topology: {self.topology.describe()}", "",
@@ -378,8 +379,9 @@ def best_scan_pieces(topo: Topology, world: int, nbytes: int) -> int:
 
 def plan_linear(seq_len: int, *, world_size: int, heads: int, key_dim: int = 128, value_dim: Optional[int] = None,
                 batch: int = 1, dtype="bfloat16", decay=True, training: bool = True,
-                chunk_size: int = 64, topology: Optional[Topology] = None) -> LinearPlan:
-    """Choose `method` ("ring", "allgather", "allscan") and `scan_pieces` for linear attention.
+                chunk_size: int = 64, topology: Optional[Topology] = None, rule: str = "linear") -> LinearPlan:
+    """Choose `method` ("ring", "allgather", "allscan") and `scan_pieces` for linear attention
+    (`rule="linear"`) or the gated delta rule (`rule="delta"`, `seqpar.delta_attention`).
 
     Per rank, the intra-chunk work is `(2 C (Dk + Dv) + 4 Dk Dv) B H n` flops forward (C the
     chunk size, n = N/P tokens) and 2.5x that backward, at the topology's compute rate.
@@ -390,9 +392,19 @@ def plan_linear(seq_len: int, *, world_size: int, heads: int, key_dim: int = 128
     the gathered states. `decay`: False (none), True (per head or per token: one total
     decay per (batch, head) in the all-gather) or "channel" (a gate per key channel: a
     `[Dk]` total). Returns a `LinearPlan` (`.method`, `.scan_pieces`, a table).
+
+    The delta rule's summary is affine: the all-gather moves a `[Dk, Dk]` transition per
+    (batch, head) beside each state, must wait for the local pass that computes both (its
+    forward hides nothing), and folds with matrix products (`2 Dk` flops per state element
+    per earlier rank); its local pass carries `Dv + Dk` columns (the state and the
+    transition) with a triangular solve per chunk, and its backward recomputes the forward
+    (about 3.5x the forward's flops in all).
     """
-    if decay not in (False, True, "channel"):
-        raise ValueError(f"decay: expected False, True or 'channel', got {brief(decay)}")
+    if rule not in ("linear", "delta"):
+        raise ValueError(f"rule: expected 'linear' or 'delta', got {brief(rule)}")
+    if decay not in (False, True, "channel") or (rule == "delta" and decay == "channel"):
+        allowed = "False or True" if rule == "delta" else "False, True or 'channel'"
+        raise ValueError(f"decay: expected {allowed}, got {brief(decay)}")
     for name, value in (("seq_len", seq_len), ("world_size", world_size), ("heads", heads),
                         ("key_dim", key_dim), ("batch", batch), ("chunk_size", chunk_size)):
         _positive_int(name, value)
@@ -404,13 +416,23 @@ def plan_linear(seq_len: int, *, world_size: int, heads: int, key_dim: int = 128
     s = state_bytes(batch, heads, key_dim, value_dim, dtype)
     g = batch * heads * (key_dim if decay == "channel" else 1) * (8 if dtype == torch.float64 else 4) if decay else 0
     n = -(-seq_len // world)
-    flops = (2 * chunk_size * (key_dim + value_dim) + 4 * key_dim * value_dim) * batch * heads * n
-    intra = {"forward": flops / topology.compute_rate, "backward": 2.5 * flops / topology.backward_rate}
+    delta = rule == "delta"
+    if delta:
+        width = value_dim + key_dim  # the state and the transition, carried together
+        per_token = 2 * chunk_size * (2 * key_dim + 2 * width) + chunk_size * width + 6 * key_dim * width
+        flops = per_token * batch * heads * n
+        backward = 3.5
+        g = state_bytes(batch, heads, key_dim, key_dim, dtype)  # the transition beside each state
+    else:
+        flops = (2 * chunk_size * (key_dim + value_dim) + 4 * key_dim * value_dim) * batch * heads * n
+        backward = 2.5
+    intra = {"forward": flops / topology.compute_rate, "backward": backward * flops / topology.backward_rate}
     links = _chain_links(topology, world)
     level = topology.level(range(world))
     pieces = best_scan_pieces(topology, world, s)
     # folding the gathered states costs one multiply-add per state element per earlier rank
-    fold = 2 * (world - 1) * (s // 4) / topology.compute_rate
+    # (the delta rule: a [Dk, Dk] matrix product)
+    fold = 2 * (world - 1) * (s // 4) * (key_dim if delta else 1) / topology.compute_rate
     phases = ("forward", "backward") if training else ("forward",)
     out = []
     for method, k in (("allgather", 1), ("allscan", pieces), ("ring", 1)):
@@ -419,7 +441,8 @@ def plan_linear(seq_len: int, *, world_size: int, heads: int, key_dim: int = 128
             if method == "allgather":
                 payload = (world - 1) * (s + (g if phase == "forward" else 0))
                 gather = topology.transfer(level, "allgather", world, payload)
-                exposed += max(0.0, gather - intra[phase]) + fold
+                hidden = 0.0 if delta and phase == "forward" else intra[phase]
+                exposed += max(0.0, gather - hidden) + fold
             else:
                 exposed += _scan_time(links, s, k)
         compute = sum(intra[p] for p in phases)
@@ -434,7 +457,7 @@ def plan_linear(seq_len: int, *, world_size: int, heads: int, key_dim: int = 128
     order = {"allgather": 0, "allscan": 1, "ring": 2}
     out.sort(key=lambda c: (c.time_s, order[c.method]))
     problem = {"seq_len": seq_len, "world_size": world, "heads": heads, "key_dim": key_dim, "value_dim": value_dim,
-               "batch": batch, "dtype": _dtype_name(dtype), "decay": decay, "training": training}
+               "batch": batch, "dtype": _dtype_name(dtype), "decay": decay, "training": training, "rule": rule}
     return LinearPlan(problem, topology, tuple(out))
 
 
@@ -454,10 +477,11 @@ def choose(layout, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: 
 
 
 def choose_linear(layout, batch: int, heads: int, key_dim: int, value_dim: int, dtype: torch.dtype, decay,
-                  training: bool, chunk_size: int, device: torch.device) -> Tuple[str, int]:
-    """`(method, scan_pieces)` for `linear_attention(method="auto")` on `layout`'s group."""
+                  training: bool, chunk_size: int, device: torch.device, rule: str = "linear") -> Tuple[str, int]:
+    """`(method, scan_pieces)` for `linear_attention` / `delta_attention(method="auto")` on
+    `layout`'s group."""
     topo = _topology.auto_topology(layout.group, device, dtype)
     chosen = plan_linear(layout.seq_len, world_size=layout.world_size, heads=heads, key_dim=key_dim,
                          value_dim=value_dim, batch=batch, dtype=dtype, decay=decay, training=training,
-                         chunk_size=chunk_size, topology=topo)
+                         chunk_size=chunk_size, topology=topo, rule=rule)
     return chosen.method, chosen.scan_pieces

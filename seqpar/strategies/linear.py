@@ -391,7 +391,7 @@ def _triton_unavailable(q) -> Optional[str]:
     return None
 
 
-def _check(q, k, v, decay, layout, scale, method, options):
+def _check(q, k, v, decay, layout, scale, method, options, what="linear attention"):
     check_qkv_types(q, k, v)
     if k.shape != q.shape:
         raise ValueError(f"k: expected the shape of q {tuple(q.shape)} [batch, seqlen, heads, Dk], got {tuple(k.shape)}")
@@ -400,7 +400,7 @@ def _check(q, k, v, decay, layout, scale, method, options):
                          f"of q), got {tuple(v.shape)}")
     if layout.scheme != "contiguous":
         docs = "" if layout.documents is None else f" with {len(layout.documents) - 1} documents (cu_seqlens)"
-        raise ValueError(f"layout: linear attention expects scheme 'contiguous' (the state runs through the "
+        raise ValueError(f"layout: {what} expects scheme 'contiguous' (the state runs through the "
                          f"sequence in order; documents too), got scheme {layout.scheme!r}{docs}")
     if q.shape[1] != layout.local_len:
         raise ValueError(f"q: expected local seqlen {layout.local_len} (layout.local_len on rank {layout.rank}), "
@@ -430,7 +430,7 @@ def _check(q, k, v, decay, layout, scale, method, options):
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"options: linear_attention takes {list(OPTIONS)}, got {unknown}")
+        raise ValueError(f"options: {what.replace(' ', '_')} takes {list(OPTIONS)}, got {unknown}")
     if options.get("scan_pieces") is not None and method not in ("allscan", "auto"):
         raise ValueError(f"scan_pieces: only method='allscan' (or 'auto') cuts the state into pieces, "
                          f"got method={method!r}")

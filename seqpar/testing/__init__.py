@@ -12,15 +12,17 @@ from .checks import (
     FORWARD_FACTOR,
     GRAD_FACTOR,
     AttentionProblem,
+    DeltaProblem,
     LinearProblem,
     assert_matches_dense,
     check_attention,
+    check_delta_attention,
     check_linear_attention,
     tolerance_violations,
 )
 from .world import LocalWorld, RankError, WorldDied, WorldTimeout, close_all, world
 
 __all__ = [
-    "AttentionProblem", "LinearProblem", "check_linear_attention", "LocalWorld", "RankError", "WorldDied", "WorldTimeout", "assert_matches_dense", "check_attention",
+    "AttentionProblem", "LinearProblem", "check_linear_attention", "DeltaProblem", "check_delta_attention", "LocalWorld", "RankError", "WorldDied", "WorldTimeout", "assert_matches_dense", "check_attention",
     "close_all", "tolerance_violations", "world", "FLOAT64_RTOL", "FORWARD_FACTOR", "GRAD_FACTOR",
 ]

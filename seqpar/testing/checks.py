@@ -586,3 +586,123 @@ def check_linear_attention(problem: LinearProblem, **options) -> Dict[str, float
                                      problem.full_decay, quadratic), mem)
     report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
     return report
+
+
+# -- the gated delta rule ------------------------------------------------------------------
+
+DELTA_DECAYS = ("none", "head", "token")
+
+
+@dataclass(frozen=True)
+class DeltaProblem:
+    """One gated-delta-rule problem over a local world (contiguous layout): k rows
+    L2-normalised (as the models feed it), beta in (0, 1), `decay` "none", "head" (`[H]`)
+    or "token" (`[B, N, H]`), optional `documents` (cu_seqlens)."""
+
+    world_size: int
+    seq_len: int
+    batch: int = 1
+    heads: int = 2
+    key_dim: int = 8
+    value_dim: int = 8
+    decay: str = "token"  # one of DELTA_DECAYS
+    dtype: str = "float64"
+    scale: float = 0.5
+    seed: int = 0
+    memory_layout: str = "contiguous"
+    documents: Optional[Tuple[int, ...]] = None
+
+    def __post_init__(self):
+        _check_memory_layout(self.memory_layout)
+        if self.decay not in DELTA_DECAYS:
+            raise ValueError(f"decay: expected one of {DELTA_DECAYS}, got {self.decay!r}")
+
+    def replace(self, **changes) -> "DeltaProblem":
+        return dataclasses.replace(self, **changes)
+
+    def layout(self):
+        from ..layout import SeqLayout
+
+        return SeqLayout(self.seq_len, cu_seqlens=self.documents)
+
+    def global_tensors(self):
+        """q, k, v, d_out, beta `[B, N, H]` and the decay (None, `[H]` or `[B, N, H]`), float64."""
+        gen = torch.Generator().manual_seed(self.seed)
+        b, n, h = self.batch, self.seq_len, self.heads
+        q = torch.randn(b, n, h, self.key_dim, generator=gen, dtype=torch.float64)
+        k = F.normalize(torch.randn(b, n, h, self.key_dim, generator=gen, dtype=torch.float64), dim=-1)
+        v = torch.randn(b, n, h, self.value_dim, generator=gen, dtype=torch.float64)
+        do = torch.randn(b, n, h, self.value_dim, generator=gen, dtype=torch.float64)
+        beta = torch.rand(b, n, h, generator=gen, dtype=torch.float64)
+        shape = {"none": None, "head": (h,), "token": (b, n, h)}[self.decay]
+        g = None if shape is None else torch.rand(shape, generator=gen, dtype=torch.float64).clamp_min(1e-3).log()
+        q, k, v, do, beta = same_batch_rows((q, k, v, do, beta), self.memory_layout)
+        return q, k, v, do, beta, g
+
+    def full_decay(self, g):
+        return g if g is None or g.dim() >= 3 else g.view(1, 1, -1).expand(self.batch, self.seq_len, -1)
+
+
+def _delta_grads(q, k, v, beta, g, do, problem, dtype):
+    """Output and gradients of the token-by-token recurrence run in `dtype`."""
+    from ..kernels.reference import delta_rule_recurrent
+
+    q, k, v, beta = (t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v, beta))
+    g = None if g is None else g.detach().to(dtype).clone().requires_grad_()
+    out, _ = delta_rule_recurrent(q, k, v, beta, problem.full_decay(g), scale=problem.scale,
+                                  cu_seqlens=problem.documents)
+    out.backward(do.to(dtype))
+    grads = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "dbeta": beta.grad}
+    if g is not None:
+        grads["dg"] = g.grad
+    return grads
+
+
+def check_delta_attention(problem: DeltaProblem, **options) -> Dict[str, float]:
+    """Run on every rank of a world of `problem.world_size`: compare `seqpar.delta_attention`
+    (forward, dq, dk, dv, dbeta and the decay's gradient) with the float64 recurrence.
+    Returns `err_*` and `dense_*`: the error of the same recurrence run token by token in the
+    problem's dtype (what a plain PyTorch user would write), and `inputs_*`, the float64
+    recurrence on inputs rounded to the dtype."""
+    import torch.distributed as dist
+
+    from ..layout import gather_global
+    from ..strategies.delta import delta_attention
+
+    layout = problem.layout()
+    dtype = DTYPES[problem.dtype]
+    q, k, v, do, beta, g = problem.global_tensors()
+    mem = problem.memory_layout
+    leaves, views = lay_out([layout.shard(t).to(dtype) for t in (q, k, v)], mem)
+    local_beta = layout.shard(beta).to(dtype).clone().requires_grad_()
+    local_g = None
+    if g is not None:
+        local_g = (layout.shard(g) if g.dim() >= 3 else g).to(dtype).clone().requires_grad_()
+    out = delta_attention(*views, local_beta, layout=layout, decay=local_g, scale=problem.scale, **options)
+    if out.dtype != dtype or out.shape != views[2].shape:
+        raise AssertionError(f"output has dtype {out.dtype} shape {tuple(out.shape)}, expected {dtype} "
+                             f"{tuple(views[2].shape)}")
+    out.backward(lay_out_grad(layout.shard(do).to(dtype), mem))
+    dq, dk, dv = leaf_grads(leaves, mem, problem.batch)
+    ours = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv, "dbeta": local_beta.grad}
+    if g is not None:
+        ours["dg"] = local_g.grad
+    _check_results(ours, dtype)
+    if layout.world_size > 1:
+        for name, t in list(ours.items()):
+            if name == "dg" and t.dim() == 1:  # a per-head decay: every rank holds a share
+                total = t.double()
+                dist.all_reduce(total, group=layout.group)
+                ours[name] = total
+            else:
+                ours[name] = gather_global(t, layout, 1)
+    ref = batch_mean(_delta_grads(q, k, v, beta, g, do, problem, torch.float64), mem)
+    report = {f"err_{name}": _rel_err(ours[name], ref[name]) for name in ref}
+    dense = batch_mean(_delta_grads(q, k, v, beta, g, do, problem, dtype), mem)
+    report.update({f"dense_{name}": _rel_err(dense[name], ref[name]) for name in ref})
+    if dtype != torch.float64:
+        rounded = [t.to(dtype).double() for t in (q, k, v, beta)]
+        exact = _delta_grads(*rounded, None if g is None else g.to(dtype).double(), do.to(dtype).double(), problem,
+                             torch.float64)
+        report.update({f"inputs_{name}": _rel_err(t, ref[name]) for name, t in batch_mean(exact, mem).items()})
+    return report
