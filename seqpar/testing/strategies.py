@@ -106,3 +106,34 @@ def linear_problems(
         memory_layout=draw(memory_layouts()),
         documents=draw(st.one_of(st.none(), documents(seq_len))),
     )
+
+
+@st.composite
+def delta_problems(
+    draw,
+    world_sizes: Sequence[int] = (1, 2, 3, 4),
+    dtypes: Sequence[str] = ("float64",),
+    max_tokens_per_rank: int = 12,
+    decays: Sequence[str] = None,
+):
+    """Gated-delta-rule problems: as `linear_problems` (tiny uneven lengths, Dk != Dv, every
+    memory layout, packed documents about half the time) with decay none, per head or per
+    token (or those in `decays`)."""
+    from .checks import DELTA_DECAYS, DeltaProblem
+
+    world_size = draw(st.sampled_from(list(world_sizes)))
+    seq_len = draw(st.integers(world_size, world_size * max_tokens_per_rank))
+    return DeltaProblem(
+        world_size=world_size,
+        seq_len=seq_len,
+        batch=draw(st.integers(1, 2)),
+        heads=draw(st.integers(1, 3)),
+        key_dim=draw(st.sampled_from([1, 4, 5, 8, 16])),
+        value_dim=draw(st.sampled_from([1, 3, 8, 12])),
+        decay=draw(st.sampled_from(list(DELTA_DECAYS if decays is None else decays))),
+        dtype=draw(st.sampled_from(list(dtypes))),
+        scale=draw(st.sampled_from([0.25, 0.5, 1.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+        memory_layout=draw(memory_layouts()),
+        documents=draw(st.one_of(st.none(), documents(seq_len))),
+    )
