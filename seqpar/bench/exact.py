@@ -502,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the linear-attention rows (methods by P, on local worlds): on (after the exact "
                              "strategies), off, or only")
     parser.add_argument("--linear-world-sizes", type=int, nargs="+", default=[2, 4], help="P of the linear rows")
+    parser.add_argument("--linear-kinds", nargs="+", default=["scalar"], choices=("scalar", "gla", "delta"),
+                        help="the linear models benchmarked, one table each: scalar (linear_attention, a decay per "
+                             "token), gla (a gate per key channel), delta (delta_attention, the gated delta rule)")
     parser.add_argument("--linear-seq-len", type=int, default=None,
                         help="N of the linear rows (default: %d; --long %d, --quick %d)"
                         % (PROFILES["default"][1], PROFILES["long"][1], PROFILES["quick"][1]))
@@ -545,18 +548,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.linear != "off" and not launched:  # the linear rows spawn their own local worlds
         from . import linear as linear_bench
 
-        lin = linear_bench.LinearBenchConfig(
-            world_sizes=tuple(args.linear_world_sizes),
-            seq_len=profile[1] if args.linear_seq_len is None else args.linear_seq_len,
-            dtype=cfg.dtype if cfg.dtype != "float64" else "float32", repeats=cfg.repeats, warmup=cfg.warmup,
-            chain_repeats=profile[2],
-        )
-        report = linear_bench.run(lin)
-        report["machine"], report["torch"] = machine_description(), torch.__version__
-        progress_end()
-        print()
-        print(linear_bench.format_tables(report), flush=True)
-        write_json(report, linear_json, kind="linear")
+        for kind in args.linear_kinds:
+            lin = linear_bench.LinearBenchConfig(
+                world_sizes=tuple(args.linear_world_sizes),
+                seq_len=profile[1] if args.linear_seq_len is None else args.linear_seq_len,
+                dtype=cfg.dtype if cfg.dtype != "float64" else "float32", repeats=cfg.repeats, warmup=cfg.warmup,
+                chain_repeats=profile[2], kind=kind,
+            )
+            report = linear_bench.run(lin)
+            report["machine"], report["torch"] = machine_description(), torch.__version__
+            progress_end()
+            print()
+            print(linear_bench.format_tables(report), flush=True)
+            # linear.json for the scalar decay, linear-gla.json and linear-delta.json beside it
+            path = linear_json if kind == "scalar" or not linear_json else \
+                str(Path(linear_json).with_name(f"{Path(linear_json).stem}-{kind}.json"))
+            write_json(report, path, kind="linear" if kind == "scalar" else f"linear-{kind}")
     if is_main():
         print(f"seqpar bench: done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return 0

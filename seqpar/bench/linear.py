@@ -12,6 +12,12 @@ the single process's output and gradients.
 A second table isolates the chain: the cross-rank scan alone (no attention work, a barrier
 before each round), the last rank's wait for states of two sizes, ring (one piece) against
 the All-Scan (`default_scan_pieces` pieces), and the all-gather of LASP-2.
+
+`kind` picks the model: "scalar" (`linear_attention`, the config's `decay`), "gla" (a gate
+per key channel, `decay` `[B, N, H, Dk]`) or "delta" (`delta_attention`, the gated delta
+rule with the config's `decay`; the single process runs the delta chunk kernel under
+autograd, and the chain combines with a `[Dk, Dk]` matrix per (batch, head): `A x + b` on
+pieces of whole columns; its all-gather moves the state and the transition).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from .common import progress, rel_err, timed_call
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 METHODS = ("ring", "allgather", "allscan")
+KINDS = ("scalar", "gla", "delta")
 
 
 @dataclass
@@ -48,6 +55,15 @@ class LinearBenchConfig:
     chain_state_bytes: Tuple[int, ...] = (64 * 1024, 4 * 1024 * 1024)
     chain_repeats: int = 30
     seed: int = 0
+    kind: str = "scalar"  # one of KINDS
+
+    @property
+    def effective_decay(self) -> str:
+        return "channel" if self.kind == "gla" else self.decay
+
+    @property
+    def op_prefix(self) -> str:
+        return "delta" if self.kind == "delta" else "linear"
 
 
 def _inputs(cfg: LinearBenchConfig):
@@ -55,14 +71,18 @@ def _inputs(cfg: LinearBenchConfig):
     dtype = DTYPES[cfg.dtype]
     b, n, h = cfg.batch, cfg.seq_len, cfg.heads
     q = torch.randn(b, n, h, cfg.key_dim, generator=gen).to(dtype)
-    k = (torch.randn(b, n, h, cfg.key_dim, generator=gen) * cfg.key_dim ** -0.5).to(dtype)
+    k = torch.randn(b, n, h, cfg.key_dim, generator=gen)
+    # the delta rule's k is L2-normalised, as the models feed it
+    k = (torch.nn.functional.normalize(k, dim=-1) if cfg.kind == "delta" else k * cfg.key_dim ** -0.5).to(dtype)
     v = torch.randn(b, n, h, cfg.value_dim, generator=gen).to(dtype)
     do = torch.randn(b, n, h, cfg.value_dim, generator=gen).to(dtype)
     # decays in the range gated linear attentions learn: exp(g) in [0.9, 1)
     g = {"none": None,
          "head": torch.rand(h, generator=gen) * -0.1,
-         "token": torch.rand(b, n, h, generator=gen) * -0.1}[cfg.decay]
-    return q, k, v, do, g
+         "token": torch.rand(b, n, h, generator=gen) * -0.1,
+         "channel": torch.rand(b, n, h, cfg.key_dim, generator=gen) * -0.1}[cfg.effective_decay]
+    beta = torch.rand(b, n, h, generator=gen).to(dtype) if cfg.kind == "delta" else None
+    return q, k, v, do, g, beta
 
 
 class _SingleProcess(torch.autograd.Function):
@@ -85,35 +105,53 @@ class _SingleProcess(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, None, None
 
 
+def _single_delta(q, k, v, beta, g, scale, chunk):
+    """The delta rule's yardstick: its chunk kernel over the whole sequence, under autograd."""
+    from ..kernels import delta
+
+    return delta.chunk_forward(q, k, v, beta, g, scale, chunk)[0].to(q.dtype)
+
+
 def bench_linear_on_rank(cfg: LinearBenchConfig) -> Dict:
     import torch.distributed as dist
 
     import seqpar
+    from ..strategies import delta as delta_strategy
     from ..strategies import linear as linear_strategy
 
     rank, world = dist.get_rank(), dist.get_world_size()
     rank_threads = torch.get_num_threads()
     single_threads = min(rank_threads * world, os.cpu_count() or 1)
-    q, k, v, do, g = _inputs(cfg)
+    q, k, v, do, g, beta = _inputs(cfg)
     scale = cfg.key_dim ** -0.5
     layout = seqpar.SeqLayout(cfg.seq_len)
     full_g = None if g is None else (g.view(1, 1, -1).expand(cfg.batch, cfg.seq_len, -1) if g.dim() == 1 else g)
     local = [layout.shard(t).contiguous() for t in (q, k, v, do)]
     local_g = None if g is None else (g if g.dim() == 1 else layout.shard(g).contiguous())
+    local_beta = None if beta is None else layout.shard(beta).contiguous()
     for t in local[:3]:
         t.requires_grad_()
     whole = [t.clone().requires_grad_(i < 3) for i, t in enumerate((q, k, v, do))]
+    delta = cfg.kind == "delta"
+    prefix = cfg.op_prefix
 
     def single(backward: bool):
-        out = _SingleProcess.apply(whole[0], whole[1], whole[2], full_g, scale, cfg.chunk_size)
+        if delta:
+            out = _single_delta(whole[0], whole[1], whole[2], beta, full_g, scale, cfg.chunk_size)
+        else:
+            out = _SingleProcess.apply(whole[0], whole[1], whole[2], full_g, scale, cfg.chunk_size)
         if backward:
             out.backward(whole[3])
         return out
 
     def method_fn(method):
         def run(backward: bool):
-            out = seqpar.linear_attention(local[0], local[1], local[2], layout=layout, decay=local_g, scale=scale,
-                                          method=method, backend="torch", chunk_size=cfg.chunk_size)
+            if delta:
+                out = seqpar.delta_attention(local[0], local[1], local[2], local_beta, layout=layout, decay=local_g,
+                                             scale=scale, method=method, backend="torch", chunk_size=cfg.chunk_size)
+            else:
+                out = seqpar.linear_attention(local[0], local[1], local[2], layout=layout, decay=local_g, scale=scale,
+                                              method=method, backend="torch", chunk_size=cfg.chunk_size)
             if backward:
                 out.backward(local[3])
             return out
@@ -148,7 +186,7 @@ def bench_linear_on_rank(cfg: LinearBenchConfig) -> Dict:
                 if round_ >= cfg.warmup:
                     times[(name, bwd)].append(elapsed if active else 0.0)
                     if name in waits and not bwd:
-                        waits[name].append(stats.wait_seconds(f"linear.{name}.forward"))
+                        waits[name].append(stats.wait_seconds(f"{prefix}.{name}.forward"))
                 if rank == 0:
                     label = "warm-up" if round_ < cfg.warmup else f"round {round_ - cfg.warmup + 1}/{cfg.repeats}"
                     progress(f"  P={world} timing [{step}/{steps}, {label}] {name} {'fwd+bwd' if bwd else 'fwd'}: "
@@ -170,9 +208,14 @@ def bench_linear_on_rank(cfg: LinearBenchConfig) -> Dict:
                 out = fn(False)
             with seqpar.comm.track() as bwd_stats:
                 out.backward(local[3])
-            expected = linear_strategy.analytic_bytes(layout, cfg.batch, cfg.heads, cfg.key_dim, cfg.value_dim,
-                                                      method=name, decay=g is not None, dtype=DTYPES[cfg.dtype])
-            entry.update(bytes_forward=fwd_stats.bytes_sent("linear"), bytes_backward=bwd_stats.bytes_sent("linear"),
+            if delta:
+                expected = delta_strategy.analytic_bytes(layout, cfg.batch, cfg.heads, cfg.key_dim, cfg.value_dim,
+                                                         method=name, dtype=DTYPES[cfg.dtype])
+            else:
+                gate = False if g is None else "channel" if g.dim() == 4 else True
+                expected = linear_strategy.analytic_bytes(layout, cfg.batch, cfg.heads, cfg.key_dim, cfg.value_dim,
+                                                          method=name, decay=gate, dtype=DTYPES[cfg.dtype])
+            entry.update(bytes_forward=fwd_stats.bytes_sent(prefix), bytes_backward=bwd_stats.bytes_sent(prefix),
                          analytic_forward=expected["forward"], analytic_backward=expected["backward"],
                          wait_forward=waits[name], grads=[t.grad.detach() for t in local[:3]])
         else:
@@ -190,6 +233,7 @@ def _chain_on_rank(cfg: LinearBenchConfig, layout) -> Dict:
 
     from ..comm import collectives, stats
     from ..comm.scan import StateScan
+    from ..strategies.delta import _combine
     from ..strategies.linear import default_scan_pieces
 
     rank, world = layout.rank, layout.world_size
@@ -198,7 +242,14 @@ def _chain_on_rank(cfg: LinearBenchConfig, layout) -> Dict:
     for nbytes in cfg.chain_state_bytes:
         numel = nbytes // 4
         local = torch.randn(numel)
-        decay = torch.rand(numel)
+        decay, unit, payload = torch.rand(numel), 1, local
+        if cfg.kind == "delta":  # states [Dk, Dv] = [64, 64] per head, each with a [Dk, Dk] transition
+            heads = max(1, numel // (64 * 64))
+            numel, unit = heads * 64 * 64, heads * 64
+            local = torch.randn(numel)
+            maps = torch.randn(1, heads, 64, 64) / 8
+            decay = _combine(maps, False)
+            payload = torch.cat([local, maps.reshape(-1)])
         variants = {"ring": 1, "allscan": default_scan_pieces(world, nbytes)}
         for name, pieces in list(variants.items()) + [("allgather", None)]:
             step += 1
@@ -210,15 +261,15 @@ def _chain_on_rank(cfg: LinearBenchConfig, layout) -> Dict:
                 dist.barrier()
                 with stats.track() as st:
                     if pieces is None:
-                        handle, _ = collectives.all_gather_uneven_async(local, [numel] * world, layout.group,
-                                                                        "chain.allgather")
+                        handle, _ = collectives.all_gather_uneven_async(payload, [payload.numel()] * world,
+                                                                        layout.group, "chain.allgather")
                         start = time.perf_counter()
                         handle.wait()
                         st.record_wait("chain.allgather", time.perf_counter() - start)
                     else:
                         scan = StateScan(numel, dtype=torch.float32, device=local.device, group=layout.group,
                                          rank=rank, world=world, peer=layout.peer, reverse=False, pieces=pieces,
-                                         op=f"chain.{name}")
+                                         op=f"chain.{name}", unit=unit)
                         scan.run(decay, local)
                         scan.finish()
                 waits.append(st.wait_seconds("chain"))
@@ -245,15 +296,21 @@ def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+_TITLES = {"scalar": "linear attention", "gla": "linear attention, a gate per key channel (GLA)",
+           "delta": "the gated delta rule"}
+
+
 def run(cfg: LinearBenchConfig) -> Dict:
     from ..testing import LocalWorld
 
+    if cfg.kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {cfg.kind!r}")
     cores = os.cpu_count() or 1
     rows, chains = [], []
     for world_size in cfg.world_sizes:
-        _progress(f"seqpar bench (linear attention): P={world_size}, N={cfg.seq_len}, B={cfg.batch}, H={cfg.heads}, "
-                  f"Dk={cfg.key_dim}, Dv={cfg.value_dim}, decay={cfg.decay}, {cfg.dtype}; methods "
-                  f"{', '.join(cfg.methods)} against the single-process chunked kernel")
+        _progress(f"seqpar bench ({_TITLES[cfg.kind]}): P={world_size}, N={cfg.seq_len}, B={cfg.batch}, "
+                  f"H={cfg.heads}, Dk={cfg.key_dim}, Dv={cfg.value_dim}, decay={cfg.effective_decay}, {cfg.dtype}; "
+                  f"methods {', '.join(cfg.methods)} against the single-process chunked kernel")
         progress(f"  starting a local world of {world_size} ranks", final=True)
         runner = LocalWorld(world_size, threads_per_rank=max(1, cores // world_size))
         try:
@@ -292,8 +349,9 @@ def run(cfg: LinearBenchConfig) -> Dict:
 def format_tables(report: Dict) -> str:
     cfg = report["config"]
     lines = [
-        f"linear attention: N={cfg['seq_len']}, B={cfg['batch']}, H={cfg['heads']}, Dk={cfg['key_dim']}, "
-        f"Dv={cfg['value_dim']}, decay={cfg['decay']}, {cfg['dtype']}, chunk {cfg['chunk_size']}; median of "
+        f"{_TITLES[cfg.get('kind', 'scalar')]}: N={cfg['seq_len']}, B={cfg['batch']}, H={cfg['heads']}, "
+        f"Dk={cfg['key_dim']}, Dv={cfg['value_dim']}, "
+        f"decay={'channel' if cfg.get('kind') == 'gla' else cfg['decay']}, {cfg['dtype']}, chunk {cfg['chunk_size']}; median of "
         f"{cfg['repeats']} interleaved rounds, slowest rank per round; {report['date']}",
         "",
         "| method | P | fwd (s) | fwd / single | fwd+bwd (s) | fwd+bwd / single | bytes/rank fwd (analytic) | "
@@ -310,8 +368,10 @@ def format_tables(report: Dict) -> str:
             f"{row['forward_backward_s']:.3f} | {row['forward_backward_vs_single']:.2f}x | "
             f"{row['bytes_forward']} ({row['analytic_forward']}) | {row['bytes_backward']} ({row['analytic_backward']}) | "
             f"{1e3 * row['last_rank_wait_s']:.2f} | {row['max_rel_err']:.1e} |")
+    combine = ("a [64, 64] matrix per head (A x + b), pieces of whole columns; allgather: state + transition"
+               if cfg.get("kind") == "delta" else "elementwise (a x + b)")
     lines += ["", "the chain alone (last rank's wait, ms, median of "
-              f"{cfg['chain_repeats']}; barrier before each):", "",
+              f"{cfg['chain_repeats']}; barrier before each; combine: {combine}):", "",
               "| state | P | ring | allscan (pieces) | allgather |", "|---|---|---|---|---|"]
     by_key = {}
     for entry in report["chain"]:
