@@ -102,11 +102,13 @@ def chunk_forward(q, k, v, beta, g: Optional[torch.Tensor], scale: float, chunk_
     else:
         state = initial.to(acc)
     outs = []
-    for i in range(qc.shape[2]):
-        d = u[:, :, i] - w[:, :, i] @ state  # [B, H, C, width]
-        outs.append(q_in[:, :, i] @ state + scores[:, :, i] @ d)
-        carried = state if gamma_end is None else gamma_end[:, :, i] * state
-        state = carried + k_out[:, :, i].transpose(-1, -2) @ d
+    # unbind, not indexing: the backward of an index builds a full-size zero tensor per chunk
+    ends = [None] * qc.shape[2] if gamma_end is None else gamma_end.unbind(2)
+    for u_i, w_i, q_i, s_i, k_i, end in zip(u.unbind(2), w.unbind(2), q_in.unbind(2), scores.unbind(2),
+                                             k_out.unbind(2), ends):
+        d = u_i - w_i @ state  # [B, H, C, width]
+        outs.append(q_i @ state + s_i @ d)
+        state = (state if end is None else end * state) + k_i.transpose(-1, -2) @ d
     out = _unchunked(torch.stack(outs, 2) * scale, n)  # [B, n, H, width]
     if not transition:
         return out, state
