@@ -155,7 +155,15 @@ def test_a_rank_starting_a_document_ignores_the_state_before():
 
 
 def _call_with(kind):
-    layout = seqpar.SeqLayout(12, scheme="zigzag" if kind == "zigzag" else "contiguous")
+    import torch.distributed as dist
+
+    documents = None
+    if kind == "documents_differ":  # each rank was handed other boundaries
+        documents = [0, 5, 12] if dist.get_rank() == 0 else [0, 6, 12]
+    try:
+        layout = seqpar.SeqLayout(12, scheme="zigzag" if kind == "zigzag" else "contiguous", cu_seqlens=documents)
+    except ValueError as exc:
+        return str(exc)
     n = layout.local_len
     q = k = torch.randn(1, n, 2, 4)
     v = torch.randn(1, n, 2, 3)
@@ -189,6 +197,7 @@ def _call_with(kind):
     ("channel", ["decay", "per key channel", "(1, 6, 2, 4)"]),
     ("mixed_kind", ["decay", "rank 0", "rank 1"]),
     ("triton", ["backend", "'triton'", "backend='torch'"]),
+    ("documents_differ", ["cu_seqlens", "rank 0", "rank 1"]),
 ])
 def test_bad_input_raises_on_every_rank(kind, words):
     messages = world(2).run(_call_with, kind, timeout=60)
@@ -196,3 +205,20 @@ def test_bad_input_raises_on_every_rank(kind, words):
         assert message is not None, f"rank {rank} did not raise"
         for word in words:
             assert word in message, f"rank {rank}: {word!r} not in {message!r}"
+
+
+def _reset_decay():
+    layout = seqpar.SeqLayout(8)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, layout.local_len, 1, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    beta = torch.rand(1, layout.local_len, 1, generator=gen, dtype=torch.float64)
+    g = torch.zeros(1, layout.local_len, 1, dtype=torch.float64)
+    g[0, 1, 0] = float("-inf")  # a full reset on every rank's second token
+    g.requires_grad_()
+    out = seqpar.delta_attention(q, k, v, beta, layout=layout, decay=g, method="allscan")
+    out.sum().backward()
+    return bool(torch.isfinite(out).all() and torch.isfinite(g.grad).all())
+
+
+def test_minus_infinity_decay_resets_instead_of_nan():
+    assert all(world(2).run(_reset_decay))
