@@ -39,8 +39,20 @@ carrying `[S | X]` `[Dk, Dv + Dk]` from `[0 | I]` with values `[V | 0]`: the lef
 are the block from zero, the right ones `A_{<=t}` (and `Q_eff = scale q_t A_{<=t}`). The
 columns of `S` never mix: any slice of them can be carried on its own.
 
-The backward is autograd through this forward, recomputed (`seqpar.strategies.delta`):
-no per-token state is saved, and every operation above is differentiable.
+Backward. The parallel parts (the solve, the scores, the factors) go through autograd; the
+chunk-after-chunk part is one function (`recurrence`) with its own backward: per chunk c,
+entered with `S_c`, `d_c = U_c - W_c S_c`, `O_c = Qg_c S_c + A_c d_c` and
+`S_{c+1} = gamma_c S_c + Ke_c^T d_c` (Qg = Q diag(Gamma), A the masked scores, Ke = K
+exp(G_C - G), gamma = Gamma_C) give, from the last chunk back with `dS` the gradient of
+`S_{c+1}`:
+
+    dd_c   = A_c^T dO_c + Ke_c dS              dU_c = dd_c,     dW_c = -dd_c S_c^T
+    dQg_c  = dO_c S_c^T      dA_c = dO_c d_c^T      dKe_c = d_c dS^T
+    dgamma_c = <S_c, dS>     dS <- Qg_c^T dO_c + gamma_c dS - W_c^T dd_c
+
+with the chunks' entry states `S_c` kept from the forward (`[NC, Dk, Dv]` per head, as fla
+keeps them). The strategy (`seqpar.strategies.delta`) recomputes a rank's forward in its
+backward, so nothing of this is held between the passes.
 """
 from __future__ import annotations
 
@@ -54,7 +66,7 @@ DEFAULT_CHUNK = 64
 
 
 def chunk_forward(q, k, v, beta, g: Optional[torch.Tensor], scale: float, chunk_size: int = DEFAULT_CHUNK,
-                  initial: Optional[torch.Tensor] = None, transition: bool = False):
+                  initial: Optional[torch.Tensor] = None, transition: bool = False, backend: str = "torch"):
     """The gated delta rule over a block, from `initial` (`[B, H, Dk, Dv]`, default zero).
 
     q, k `[B, n, H, Dk]`; v `[B, n, H, Dv]`; beta `[B, n, H]`; g None or `[B, n, H]` (log
@@ -62,6 +74,7 @@ def chunk_forward(q, k, v, beta, g: Optional[torch.Tensor], scale: float, chunk_
     inputs); with `transition=True` (and no `initial`) also `(Q_eff [B, n, H, Dk],
     A [B, H, Dk, Dk])`, scale included in Q_eff: `o + Q_eff S_in` and `A S_in + S_out` are the
     block's results from a state `S_in`. Differentiable by autograd in every input.
+    `backend`: "torch" or "triton" for the chunk-after-chunk part (`recurrence`).
     """
     acc = acc_dtype(q.dtype)
     b, n, h, dk = q.shape
@@ -101,15 +114,65 @@ def chunk_forward(q, k, v, beta, g: Optional[torch.Tensor], scale: float, chunk_
         state = torch.zeros(b, h, dk, dv, dtype=acc, device=q.device)
     else:
         state = initial.to(acc)
-    outs = []
-    # unbind, not indexing: the backward of an index builds a full-size zero tensor per chunk
-    ends = [None] * qc.shape[2] if gamma_end is None else gamma_end.unbind(2)
-    for u_i, w_i, q_i, s_i, k_i, end in zip(u.unbind(2), w.unbind(2), q_in.unbind(2), scores.unbind(2),
-                                             k_out.unbind(2), ends):
-        d = u_i - w_i @ state  # [B, H, C, width]
-        outs.append(q_i @ state + s_i @ d)
-        state = (state if end is None else end * state) + k_i.transpose(-1, -2) @ d
-    out = _unchunked(torch.stack(outs, 2) * scale, n)  # [B, n, H, width]
+    ends = None if gamma_end is None else gamma_end[..., 0, 0]  # [B, H, NC]
+    outs, state = recurrence(u, w, q_in, scores, k_out, ends, state, backend)
+    out = _unchunked(outs * scale, n)  # [B, n, H, width]
     if not transition:
         return out, state
     return out[..., :dv], state[..., :dv], out[..., dv:], state[..., dv:]
+
+
+def recurrence(u, w, q_in, scores, k_out, gamma, state, backend: str = "torch"):
+    """The chunk-after-chunk part: `(O [B, H, NC, C, W], S_final [B, H, Dk, W])` from the
+    chunked `U`, `W`, `Qg`, `A`, `Ke` (`[B, H, NC, C, .]`), the chunks' decays `gamma`
+    (`[B, H, NC]` or None: 1) and the entering state `[B, H, Dk, W]`; differentiable in all."""
+    if backend == "triton":
+        from .triton import delta as triton_delta
+
+        return triton_delta.recurrence(u, w, q_in, scores, k_out, gamma, state)
+    return _Recurrence.apply(u, w, q_in, scores, k_out, gamma, state)
+
+
+class _Recurrence(torch.autograd.Function):
+    """`recurrence` in torch: a loop over the chunks, forward and backward (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, u, w, q_in, scores, k_out, gamma, state):
+        nc = u.shape[2]
+        outs = torch.empty(*u.shape[:4], state.shape[-1], dtype=state.dtype, device=state.device)
+        states = torch.empty(*state.shape[:2], nc, *state.shape[2:], dtype=state.dtype, device=state.device)
+        for c in range(nc):
+            states[:, :, c] = state
+            d = u[:, :, c] - w[:, :, c] @ state  # [B, H, C, W]
+            torch.matmul(q_in[:, :, c], state, out=outs[:, :, c])
+            outs[:, :, c] += scores[:, :, c] @ d
+            carried = state if gamma is None else gamma[:, :, c, None, None] * state
+            state = carried + k_out[:, :, c].transpose(-1, -2) @ d
+        ctx.save_for_backward(u, w, q_in, scores, k_out, gamma, states)
+        return outs, state
+
+    @staticmethod
+    def backward(ctx, d_outs, d_state):
+        u, w, q_in, scores, k_out, gamma, states = ctx.saved_tensors
+        nc = u.shape[2]
+        grads = [torch.empty_like(t) for t in (u, w, q_in, scores, k_out)]
+        du, dw, dq_in, dscores, dk_out = grads
+        dgamma = None if gamma is None else torch.empty_like(gamma)
+        ds = torch.zeros_like(states[:, :, 0]) if d_state is None else d_state.clone()
+        if d_outs is None:
+            d_outs = torch.zeros(*u.shape[:4], states.shape[-1], dtype=states.dtype, device=states.device)
+        for c in range(nc - 1, -1, -1):
+            s_c, do = states[:, :, c], d_outs[:, :, c]
+            d = u[:, :, c] - w[:, :, c] @ s_c
+            dd = scores[:, :, c].transpose(-1, -2) @ do + k_out[:, :, c] @ ds
+            du[:, :, c] = dd
+            torch.matmul(dd, s_c.transpose(-1, -2), out=dw[:, :, c])
+            dw[:, :, c].neg_()
+            torch.matmul(do, s_c.transpose(-1, -2), out=dq_in[:, :, c])
+            torch.matmul(do, d.transpose(-1, -2), out=dscores[:, :, c])
+            torch.matmul(d, ds.transpose(-1, -2), out=dk_out[:, :, c])
+            if gamma is not None:
+                dgamma[:, :, c] = (s_c * ds).sum((-1, -2))
+            carried = ds if gamma is None else gamma[:, :, c, None, None] * ds
+            ds = q_in[:, :, c].transpose(-1, -2) @ do + carried - w[:, :, c].transpose(-1, -2) @ dd
+        return du, dw, dq_in, dscores, dk_out, dgamma, ds
