@@ -55,7 +55,7 @@ from ..layout import SeqLayout, group_rank_and_size
 from . import linear as _linear
 from .linear import DECAY_FLOOR, METHODS, OPTIONS, _segments, _timed_wait, default_scan_pieces, document_starts
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, dk: int, dv: int, *, method: str,
@@ -116,16 +116,16 @@ def _fold(states: Sequence[torch.Tensor], maps: Sequence[Optional[torch.Tensor]]
 # -- one rank's pieces ---------------------------------------------------------------------
 
 
-def _local_forward(q, k, v, beta, g, scale, chunk, segments, takes_in: bool):
+def _local_forward(q, k, v, beta, g, scale, chunk, segments, takes_in: bool, backend: str):
     """The rank's block from zero: `(o_loc, S_loc, Q_eff, A)`; Q_eff and A None when no
     incoming state reaches the block (the first rank, or a document starts on its first token)."""
     outs, q_eff, a, state = [], None, None, None
     for i, (lo, hi) in enumerate(segments):
         args = (q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], beta[:, lo:hi], None if g is None else g[:, lo:hi])
         if i == 0 and takes_in:
-            out, state, q_eff, a = delta_kernels.chunk_forward(*args, scale, chunk, transition=True)
+            out, state, q_eff, a = delta_kernels.chunk_forward(*args, scale, chunk, transition=True, backend=backend)
         else:
-            out, state = delta_kernels.chunk_forward(*args, scale, chunk)
+            out, state = delta_kernels.chunk_forward(*args, scale, chunk, backend=backend)
         outs.append(out)
     if q_eff is not None and len(segments) > 1:  # tokens after the first start see nothing of S_in
         q_eff = torch.cat([q_eff, q_eff.new_zeros(q.shape[0], q.shape[1] - q_eff.shape[1], *q_eff.shape[2:])], 1)
@@ -133,20 +133,20 @@ def _local_forward(q, k, v, beta, g, scale, chunk, segments, takes_in: bool):
     return torch.cat(outs, 1) if len(outs) > 1 else outs[0], state, q_eff, a
 
 
-def _recompute(q, k, v, beta, g, scale, chunk, segments, s_in):
+def _recompute(q, k, v, beta, g, scale, chunk, segments, s_in, backend: str):
     """The rank's forward from `s_in` (None: zero) into its first piece: `(o, S_out)`."""
     outs, state = [], None
     for i, (lo, hi) in enumerate(segments):
         out, state = delta_kernels.chunk_forward(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], beta[:, lo:hi],
                                                  None if g is None else g[:, lo:hi], scale, chunk,
-                                                 initial=s_in if i == 0 else None)
+                                                 initial=s_in if i == 0 else None, backend=backend)
         outs.append(out)
     return (torch.cat(outs, 1) if len(outs) > 1 else outs[0]), state
 
 
 class DeltaAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, layout, scale, method, chunk_size, pieces):
+    def forward(ctx, q, k, v, beta, g, layout, scale, method, chunk_size, pieces, backend):
         acc = acc_dtype(q.dtype)
         world, rank = layout.world_size, layout.rank
         starts = document_starts(layout)
@@ -159,7 +159,7 @@ class DeltaAttention(torch.autograd.Function):
         if world > 1 and method != "allgather":  # receives posted: S_in travels during the local pass
             scan = StateScan(math.prod(shape), dtype=acc, device=q.device, group=layout.group, rank=rank,
                              world=world, peer=layout.peer, reverse=False, pieces=pieces, op=op, unit=b * h * dk)
-        out, s_loc, q_eff, a = _local_forward(q, k, v, beta, g, scale, chunk_size, segments, takes_in)
+        out, s_loc, q_eff, a = _local_forward(q, k, v, beta, g, scale, chunk_size, segments, takes_in, backend)
         maps = None
         if world == 1:
             s_in = None
@@ -183,13 +183,13 @@ class DeltaAttention(torch.autograd.Function):
         else:
             q_eff = s_in = None
         ctx.save_for_backward(q, k, v, beta, g, s_in, q_eff, a)
-        ctx.args = (layout, scale, method, chunk_size, pieces, segments, maps)
+        ctx.args = (layout, scale, method, chunk_size, pieces, segments, maps, backend)
         return out.to(v.dtype)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, beta, g, s_in, q_eff, a = ctx.saved_tensors
-        layout, scale, method, chunk_size, pieces, segments, maps = ctx.args
+        layout, scale, method, chunk_size, pieces, segments, maps, backend = ctx.args
         acc = acc_dtype(q.dtype)
         world, rank = layout.world_size, layout.rank
         b, _, h, dk = q.shape
@@ -205,7 +205,7 @@ class DeltaAttention(torch.autograd.Function):
 
         def intra():
             with torch.enable_grad():
-                return _recompute(*leaves, scale, chunk_size, segments, s_in)
+                return _recompute(*leaves, scale, chunk_size, segments, s_in, backend)
 
         ds_out = None
         if world == 1:
@@ -232,7 +232,7 @@ class DeltaAttention(torch.autograd.Function):
         result: List[Optional[torch.Tensor]] = [None] * 5
         for i, grad in zip(wanted, found):
             result[i] = (torch.zeros_like(inputs[i]) if grad is None else grad).to(inputs[i].dtype)
-        return (*result, None, None, None, None, None)
+        return (*result, None, None, None, None, None, None)
 
 
 # -- the public function -------------------------------------------------------------------
@@ -267,8 +267,30 @@ def _check(q, k, v, beta, decay, layout, scale, method, backend, options):
             raise ValueError(f"decay: expected log-space values <= 0 (a decay factor exp(g) <= 1), got a maximum "
                              f"of {largest}")
     if not isinstance(backend, str) or backend not in BACKENDS:
-        hint = " (the delta rule has no Triton kernel yet: backend='torch')" if backend == "triton" else ""
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}{hint}")
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def _triton_unavailable(q) -> Optional[str]:
+    if q.dtype == torch.float64:
+        return "backend 'triton' runs the fp32 chunk form (float16, bfloat16, float32 inputs), got float64"
+    try:
+        from ..kernels.triton import delta as triton_delta
+    except Exception as exc:  # ImportError, or a triton build that does not load here
+        return f"backend 'triton' needs triton, which does not import ({type(exc).__name__}: {exc})"
+    reason = triton_delta.unavailable(q.device, torch.float32)
+    return None if reason is None else f"backend 'triton': {reason}"
+
+
+def _resolve_backend(backend: str, q) -> str:
+    """"torch", or "triton" (asked for and available; "auto": on CUDA when available)."""
+    if backend == "torch":
+        return "torch"
+    reason = _triton_unavailable(q)
+    if backend == "triton":
+        if reason is not None:
+            raise ValueError(f"backend: {reason} (backend='torch' serves every case)")
+        return "triton"
+    return "triton" if reason is None and q.device.type == "cuda" else "torch"
 
 
 def delta_attention(q, k, v, beta, *, layout=None, decay=None, scale=None, method="auto", backend="auto", **options):
@@ -286,8 +308,10 @@ def delta_attention(q, k, v, beta, *, layout=None, decay=None, scale=None, metho
       values below -60 act as -60. Differentiable, as are q, k, v and beta.
     - `scale`: default `Dk ** -0.5`. `method`: "ring" (LASP-1), "allgather" (LASP-2),
       "allscan" (the All-Scan, the state pipelined in pieces of whole columns) or "auto"
-      (`seqpar.plan_linear(..., rule="delta")` on this group's topology). `backend`: "torch"
-      ("auto" picks it; fp32 states, fp64 for fp64 inputs).
+      (`seqpar.plan_linear(..., rule="delta")` on this group's topology). `backend`: "torch",
+      "triton" (the loop over chunks as one Triton kernel each way; the solve and the scores
+      stay in torch) or "auto" (triton on CUDA when it loads, else torch). fp32 states
+      (fp64 for fp64 inputs, torch only).
     - options: `chunk_size` (default 64), `scan_pieces` (allscan).
 
     Bytes and critical paths: the module docstring of `seqpar.strategies.delta`.
@@ -301,6 +325,7 @@ def delta_attention(q, k, v, beta, *, layout=None, decay=None, scale=None, metho
             raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
         local = layout_for(layout, q, group)
         _check(q, k, v, beta, decay, local, scale, method, backend, options)
+        concrete = _resolve_backend(backend, q)
         nbytes = state_bytes(q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.dtype)
         chosen, auto_choice = method, None
         pieces = options.get("scan_pieces") or default_scan_pieces(world, nbytes) if method == "allscan" else 1
@@ -314,15 +339,15 @@ def delta_attention(q, k, v, beta, *, layout=None, decay=None, scale=None, metho
             auto_choice = (chosen, pieces)
         elif method == "auto":
             chosen = "ring"  # one rank: nothing crosses ranks
-        return local, chosen, pieces, auto_choice
+        return local, chosen, pieces, auto_choice, concrete
 
     def signature(r):
         local = layout if r is None else r[0]
-        fields = _linear._signature(q, k, v, decay, local, scale, method, backend, options, r and r[3], "torch")
+        fields = _linear._signature(q, k, v, decay, local, scale, method, backend, options, r and r[3], r and r[4])
         return fields + (("beta [batch, heads], dtype, device", no_seq(beta)),
                          ("gradients required (q, k, v, beta or decay)", grad_wanted(q, k, v, beta, decay)))
 
-    layout, chosen, pieces, _ = collective_call(group, "seqpar.delta_attention", check, signature)
+    layout, chosen, pieces, _, concrete = collective_call(group, "seqpar.delta_attention", check, signature)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     g = None
@@ -330,4 +355,4 @@ def delta_attention(q, k, v, beta, *, layout=None, decay=None, scale=None, metho
         g = decay.to(acc).clamp(min=-DECAY_FLOOR)  # as in linear_attention: keeps -inf out of the sums
         if g.dim() == 1:
             g = g.view(1, 1, -1).expand(q.shape[0], q.shape[1], -1)
-    return DeltaAttention.apply(q, k, v, beta, g, layout, scale, chosen, chunk_size, pieces)
+    return DeltaAttention.apply(q, k, v, beta, g, layout, scale, chosen, chunk_size, pieces, concrete)

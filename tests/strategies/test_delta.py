@@ -179,8 +179,8 @@ def _call_with(kind):
         decay = -torch.rand(1, n, 2, 4)
     elif kind == "mixed_kind":  # per head on rank 0, per token elsewhere
         decay = torch.zeros(2) if layout.rank == 0 else torch.zeros(1, n, 2)
-    elif kind == "triton":
-        pass
+    elif kind == "triton":  # the triton recurrence runs the fp32 chunk form only
+        q, k, v, beta = (t.double() for t in (q, k, v, beta))
     try:
         seqpar.delta_attention(q, k, v, beta, layout=layout, decay=decay, method="allscan",
                                backend="triton" if kind == "triton" else "auto")
@@ -196,7 +196,7 @@ def _call_with(kind):
     ("positive", ["decay", "<= 0", "0.5"]),
     ("channel", ["decay", "per key channel", "(1, 6, 2, 4)"]),
     ("mixed_kind", ["decay", "rank 0", "rank 1"]),
-    ("triton", ["backend", "'triton'", "backend='torch'"]),
+    ("triton", ["backend", "'triton'", "float64", "backend='torch'"]),
     ("documents_differ", ["cu_seqlens", "rank 0", "rank 1"]),
 ])
 def test_bad_input_raises_on_every_rank(kind, words):
@@ -222,3 +222,16 @@ def _reset_decay():
 
 def test_minus_infinity_decay_resets_instead_of_nan():
     assert all(world(2).run(_reset_decay))
+
+
+_TRITON_REASON = delta_strategy._triton_unavailable(torch.empty(1, dtype=torch.float32))
+
+
+@pytest.mark.skipif(_TRITON_REASON is not None, reason=f"triton backend unavailable: {_TRITON_REASON}")
+@pytest.mark.parametrize("method", METHODS)
+def test_triton_backend_on_every_method(method):
+    # under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU);
+    # documents, several chunks per rank, a transition of Dv + Dk = 21 columns
+    problem = DeltaProblem(world_size=2, seq_len=37, batch=1, heads=2, key_dim=12, value_dim=9, decay="token",
+                           dtype="float32", seed=5, documents=(0, 5, 6, 23, 37))
+    _check(problem, method=method, backend="triton", chunk_size=8)
