@@ -44,7 +44,9 @@ class _Gather:
         a, b = heads
         self.d = k.shape[3]
         # [n, B, c, D + Dv]: rows are tokens, each token's K then V (their head dims may differ)
-        local = torch.cat([k[:, :, a:b], v[:, :, a:b]], dim=3).transpose(0, 1).contiguous()
+        local = k.new_empty(k.shape[1], k.shape[0], b - a, self.d + v.shape[3])
+        local[..., :self.d].copy_(k[:, :, a:b].transpose(0, 1))  # one copy each, straight into the message
+        local[..., self.d:].copy_(v[:, :, a:b].transpose(0, 1))
         self.lens = layout.local_lens
         self.handle, self.buffers = collectives.all_gather_uneven_async(local, self.lens, layout.group, op)
 
