@@ -114,3 +114,35 @@ def test_block_loop_compiles_as_one_graph_with_gradients():
                           .masked_fill(~mask, float("-inf")), -1)
     want_out = torch.einsum("bhij,bjhd->bihd", dense, v.repeat_interleave(2, 2))
     torch.testing.assert_close(results[1][0], want_out, rtol=1e-5, atol=1e-5)
+
+
+def _linear_compiled_vs_eager():
+    torch._dynamo.reset()
+    layout = SeqLayout(20)
+    gen = torch.Generator().manual_seed(layout.rank)
+    q, k, v, do = (torch.randn(1, layout.local_len, 2, 8, generator=gen) for _ in range(4))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    beta = torch.rand(1, layout.local_len, 2, generator=gen)
+    g = -torch.rand(1, layout.local_len, 2, generator=gen)
+
+    def linear(q, k, v, beta, g):
+        return seqpar.linear_attention(q, k, v, layout=layout, decay=g, method="allscan")
+
+    def delta(q, k, v, beta, g):
+        return seqpar.delta_attention(q, k, v, beta, layout=layout, decay=g, method="allscan")
+
+    diffs = []
+    for fn in (linear, delta):
+        results = []
+        for f in (fn, torch.compile(fn, backend="aot_eager")):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v, beta, g)]
+            out = f(*leaves)
+            out.backward(do)
+            results.append([out.detach()] + [t.grad for t in leaves if t.grad is not None])
+        diffs.append(max(float((a - b).abs().max()) for a, b in zip(*results)))
+    return diffs
+
+
+def test_linear_and_delta_attention_run_eagerly_under_compile():
+    for rank, diffs in enumerate(world(2).run(_linear_compiled_vs_eager)):
+        assert diffs == [0.0, 0.0], (rank, diffs)

@@ -293,6 +293,8 @@ def _resolve_backend(backend: str, q) -> str:
     return "triton" if reason is None and q.device.type == "cuda" else "torch"
 
 
+# a graph break under torch.compile, run eagerly, as every softmax strategy (registry.run)
+@torch.compiler.disable
 def delta_attention(q, k, v, beta, *, layout=None, decay=None, scale=None, method="auto", backend="auto", **options):
     """The gated delta rule (DeltaNet, Gated DeltaNet) over a sequence split contiguously.
 

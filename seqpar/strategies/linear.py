@@ -461,6 +461,8 @@ def _signature(q, k, v, decay, layout, scale, method, backend, options, chosen=N
     )
 
 
+# a graph break under torch.compile, run eagerly, as every softmax strategy (registry.run)
+@torch.compiler.disable
 def linear_attention(q, k, v, *, layout=None, decay=None, scale=None, method="auto", backend="auto", **options):
     """Causal linear attention over a sequence split contiguously across the ranks.
 
