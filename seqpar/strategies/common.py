@@ -1,9 +1,13 @@
 """What several strategies share: the block loops and the autograd function around them."""
 from __future__ import annotations
 
+import dataclasses
+from typing import List
+
 import torch
 
 from ..kernels.merge import merge_
+from ..layout import Block
 
 
 def fold_sinks(out, lse, sinks):
@@ -76,8 +80,41 @@ def attend_blocks(fwd, q, k, v, blocks, scale, out, lse, fresh: bool = False, me
     return fresh
 
 
+# Rows and keys per backward kernel call on CPUs. A call returns fresh dq, dk, dv for its
+# rows and keys before they are added into the accumulators: a 4096 x 4096 block (N=16384
+# over P=4, zigzag) held about 40 MiB of such transients at once; tiles of 2048 bound them
+# to about a quarter, at no measurable cost on the CPU kernel. GPU calls stay whole.
+BACKWARD_TILE = 2048
+
+
+def backward_tiles(blk: Block, tile: int) -> List[Block]:
+    """`blk` cut into sub-blocks of at most `tile` rows and keys with the same mask (sub-blocks
+    that see no key dropped; bounds that no pair of a sub-block reaches dropped too)."""
+    if blk.q_len <= tile and blk.k_len <= tile:
+        return [blk]
+    tiles = []
+    for r0 in range(0, blk.q_len, tile):
+        rows = min(tile, blk.q_len - r0)
+        for c0 in range(0, blk.k_len, tile):
+            keys = min(tile, blk.k_len - c0)
+            shift = r0 - c0  # j - i within the sub-block = (j - i within the block) - shift
+            offset = None if blk.offset is None else blk.offset + shift
+            lo = None if blk.lo is None else blk.lo + shift
+            # j - i spans [-(rows - 1), keys - 1] in the sub-block
+            if (offset is not None and offset < -(rows - 1)) or (lo is not None and lo > keys - 1):
+                continue
+            offset = None if offset is not None and offset >= keys - 1 else offset
+            lo = None if lo is not None and lo <= -(rows - 1) else lo
+            tiles.append(dataclasses.replace(blk, q_start=blk.q_start + r0, q_len=rows, k_start=blk.k_start + c0,
+                                             k_len=keys, offset=offset, lo=lo))
+    return tiles
+
+
 def attend_blocks_backward(bwd, blocks, do, q, k, v, out, lse, scale, dq, dk, dv) -> None:
-    """Backward of `attend_blocks`: add each block's gradients into dq (rows) and dk, dv (keys)."""
+    """Backward of `attend_blocks`: add each block's gradients into dq (rows) and dk, dv (keys)
+    (on CPUs in tiles of `BACKWARD_TILE` rows and keys)."""
+    if q.device.type == "cpu":
+        blocks = [tile for blk in blocks for tile in backward_tiles(blk, BACKWARD_TILE)]
     for blk in blocks:
         qs = slice(blk.q_start, blk.q_start + blk.q_len)
         ks = slice(blk.k_start, blk.k_start + blk.k_len)
