@@ -131,17 +131,18 @@ class HeadScatter:
                           for (t, kind), (h, d) in zip(tensors, shapes)], dim=3)
         send = send.reshape(self.size * rows_me, b, send.shape[3])
         recv = all_to_all_rows(send, [rows_me] * self.size, self.rows, self.group, op, self.members)
+        del send  # what arrived is all that is needed now
         if len(tensors) == 1 or len(set(d for _, d in shapes)) == 1:
             # one head dim: one buffer, one copy per member, the tensors' heads side by side
             d = shapes[0][1]
             hc = sum(h for h, _ in shapes)
             _, full = block_kernels.empty_in_kernel_layout((b, self.n_group, hc, d), self.backend,
-                                                           dtype=send.dtype, device=send.device)
+                                                           dtype=recv.dtype, device=recv.device)
             seq_first = full.permute(1, 0, 2, 3)
             for piece, index, runs in zip(split_rows(recv, self.rows), self.index, self.runs):
                 piece = piece.reshape(piece.shape[0], b, hc, d)
                 if runs is None:
-                    seq_first.index_copy_(0, index.to(send.device), piece)
+                    seq_first.index_copy_(0, index.to(recv.device), piece)
                     continue
                 for src, dst, length in runs:
                     seq_first[dst:dst + length].copy_(piece[src:src + length])
@@ -153,9 +154,9 @@ class HeadScatter:
         out = []
         for h, d in shapes:
             out.append(block_kernels.empty_in_kernel_layout((b, self.n_group, h, d), self.backend,
-                                                            dtype=send.dtype, device=send.device)[1])
+                                                            dtype=recv.dtype, device=recv.device)[1])
         for piece, index in zip(split_rows(recv, self.rows), self.index):
-            index = index.to(send.device)
+            index = index.to(recv.device)
             start = 0
             for full, (h, d) in zip(out, shapes):
                 part = piece[:, :, start:start + h * d].reshape(piece.shape[0], b, h, d)
@@ -163,21 +164,25 @@ class HeadScatter:
                 start += h * d
         return out
 
-    def to_sequence(self, tensors: Sequence[Tuple[torch.Tensor, str, int]], op: str) -> List[torch.Tensor]:
+    def to_sequence(self, tensors: List[Tuple[torch.Tensor, str, int]], op: str) -> List[torch.Tensor]:
         """Head shards -> sequence shards: `(full [B, n_group, h, D], kind, total heads)`;
-        replicated KV heads sum what their members computed (in fp32)."""
+        replicated KV heads sum what their members computed (in fp32). The list is emptied
+        as the tensors are copied into the message: a caller that holds no other reference
+        frees each one then (the backward's dQ, dK, dV: the group's tokens, fp32)."""
         b = tensors[0][0].shape[0]
         device = tensors[0][0].device
+        dtype = tensors[0][0].dtype
+        meta = [(t.shape[2], t.shape[3], t.dtype, kind, total) for t, kind, total in tensors]
         order = torch.cat(self.index).to(device)
         # each token's heads x head dim flattened, the tensors side by side (head dims may differ)
         rows = order.numel()
-        send = torch.empty(rows, b, sum(t.shape[2] * t.shape[3] for t, _, _ in tensors), dtype=tensors[0][0].dtype,
-                           device=device)
+        send = torch.empty(rows, b, sum(h * d for h, d, *_ in meta), dtype=dtype, device=device)
         runs = None if any(r is None for r in self.runs) else [
             (first + src, dst, length) for first, member_runs in zip(_offsets(self.rows), self.runs)
             for src, dst, length in member_runs]
         start = 0
-        for t, _, _ in tensors:
+        while tensors:
+            t = tensors.pop(0)[0]
             width = t.shape[2] * t.shape[3]
             seq_first = t.permute(1, 0, 2, 3)
             target = send[:, :, start:start + width].view(rows, b, t.shape[2], t.shape[3])
@@ -187,20 +192,22 @@ class HeadScatter:
                 for row, stored, length in runs:  # send rows from `row` on hold storage rows from `stored` on
                     target[row:row + length].copy_(seq_first[stored:stored + length])
             start += width
+            del t, seq_first  # a view keeps its base alive
         recv = all_to_all_rows(send, self.rows, [self.rows[self.me]] * self.size, self.group, op, self.members)
         recv = recv.reshape(self.size, self.rows[self.me], b, send.shape[2])
+        del send
         out, start = [], 0
-        for t, kind, total in tensors:
-            h, d = t.shape[2], t.shape[3]
+        for h, d, t_dtype, kind, total in meta:
             piece = recv[:, :, :, start:start + h * d].reshape(self.size, self.rows[self.me], b, h, d)
             piece = piece.permute(2, 1, 0, 3, 4)  # [B, n, U, h, D]
             start += h * d
             if kind == "q" or self.kv_split:
                 out.append(piece.reshape(b, self.rows[self.me], total, d))
             else:
-                acc = torch.zeros(b, self.rows[self.me], total, d, dtype=torch.float32 if t.dtype != torch.float64 else t.dtype, device=t.device)
-                acc.index_add_(2, self.kv_head_of.to(t.device), piece[:, :, :, 0].to(acc.dtype))
-                out.append(acc.to(t.dtype))
+                acc = torch.zeros(b, self.rows[self.me], total, d,
+                                  dtype=torch.float32 if t_dtype != torch.float64 else t_dtype, device=device)
+                acc.index_add_(2, self.kv_head_of.to(device), piece[:, :, :, 0].to(acc.dtype))
+                out.append(acc.to(t_dtype))
         return out
 
 
@@ -216,7 +223,8 @@ class HeadParallelAttention(torch.autograd.Function):
                                                   ring_op=f"{name}.forward.kv"), local_sinks)
         # with sinks the backward's rowsum(dO * O) cancels against dO . v: keep O unrounded
         saved = out if sinks is not None else out.to(q.dtype)
-        (result,) = scatter.to_sequence([(out.to(q.dtype), "q", q.shape[2])], op=f"{name}.forward.out")
+        (result,) = scatter.to_sequence([(saved if sinks is None else out.to(q.dtype), "q", q.shape[2])],
+                                        op=f"{name}.forward.out")
         ctx.save_for_backward(qf, kf, vf, saved, lse, sinks)
         ctx.args = (scatter, ring_layout, causal, scale, backend, name, q.shape[2], k.shape[2])
         return result
@@ -229,10 +237,9 @@ class HeadParallelAttention(torch.autograd.Function):
         dq, dk, dv = ring._ring_backward(dof, qf, kf, vf, out, lse, ring_layout, causal, scale, backend,
                                          ring_op=f"{name}.backward.kv")
         dtype = qf.dtype
-        grads = scatter.to_sequence(
-            [(dq.to(dtype), "q", heads), (dk.to(dtype), "kv", kv_heads), (dv.to(dtype), "kv", kv_heads)],
-            op=f"{name}.backward.grads",
-        )
+        pending = [(dq.to(dtype), "q", heads), (dk.to(dtype), "kv", kv_heads), (dv.to(dtype), "kv", kv_heads)]
+        del dq, dk, dv  # to_sequence frees each as it is packed
+        grads = scatter.to_sequence(pending, op=f"{name}.backward.grads")
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
             # this member computed every row of its heads: their whole gradient, zero elsewhere
