@@ -353,14 +353,24 @@ def cost(prob, topo, options):
 
 
 def peak_memory(prob, options) -> int:
-    """Inputs, plus two K/V buffers in flight and the fp32 accumulators; the backward adds
-    dK/dV in flight."""
+    """Inputs, plus every buffer the loops hold at their fullest step.
+
+    Forward: this rank's K/V packed to travel, the held and the incoming K/V, the fp32 output
+    accumulator and the fp64 lse. Backward: dO in the kernel's layout and the fp32 dQ, the
+    held and incoming K/V, this rank's fp32 dK/dV, the dK/dV computed this step and the
+    previous step's on their way (and, from P = 3 on, the partial dK/dV arriving from the
+    previous rank), and one backward tile's fresh dQ/dK/dV (`common.BACKWARD_TILE` rows
+    and keys on CPUs)."""
+    from .common import BACKWARD_TILE
+
     b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
     e, a = prob.element_size, prob.acc_size
     rows, lse, kv = b * n * h * d, b * h * n, 2 * b * n * hkv * d
     saved = 2 * rows * e + lse * a  # q in the kernel's layout, out, lse
     fwd = 3 * kv * e + rows * a + lse * 8
-    bwd = 2 * kv * e + 3 * kv * a + rows * (a + e)
+    tile = b * min(n, BACKWARD_TILE) * (h + 2 * hkv) * d * a
+    dkv = (4 if prob.world_size >= 3 else 3) * kv * a
+    bwd = 2 * kv * e + dkv + rows * (a + e) + tile
     return prob.peak(saved, fwd, bwd)
 
 
