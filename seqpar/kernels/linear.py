@@ -99,13 +99,15 @@ class _Chunks:
             self.decay_k = (cum[..., -1:, :] - cum).exp_()
             self.gamma = cum[..., -1, :].exp()[..., None]  # [B, H, NC, Dk, 1]: scales the rows of a state
         else:
-            # -- within-chunk cumulative log decay, and the pairwise factors exp(G_i - G_j), j <= i
-            cum = _chunked(g, chunk, acc).cumsum(-1)  # [B, H, NC, C]
+            # -- within-chunk cumulative log decay, and the pairwise factors exp(G_i - G_j), j <= i,
+            # in fp64: |G| reaches C * 60 under strong decays, and an fp32 difference of two such
+            # sums would carry ulp(|G|) into every factor after it; the factors are then `acc`
+            cum = _chunked(g, chunk, torch.float64).cumsum(-1)  # [B, H, NC, C]
             diff = (cum[..., :, None] - cum[..., None, :]).masked_fill_(~causal, float("-inf"))
-            self.mask = diff.exp_()  # [B, H, NC, C, C]
-            self.decay_q = cum.exp()[..., None]  # [B, H, NC, C, 1]
-            self.decay_k = (cum[..., -1:] - cum).exp_()[..., None]
-            self.gamma = cum[..., -1].exp()[..., None, None]  # [B, H, NC, 1, 1]
+            self.mask = diff.exp_().to(acc)  # [B, H, NC, C, C]
+            self.decay_q = cum.exp().to(acc)[..., None]  # [B, H, NC, C, 1]
+            self.decay_k = (cum[..., -1:] - cum).exp_().to(acc)[..., None]
+            self.gamma = cum[..., -1].exp().to(acc)[..., None, None]  # [B, H, NC, 1, 1]
 
     def scores(self) -> torch.Tensor:
         """`(q_i . k_j) exp(G_i - G_j) [j <= i]` per chunk `[B, H, NC, C, C]` (per channel:

@@ -17,10 +17,11 @@ Backward. With `dS_out(r) = dS_in(r+1)` (zero on the last rank):
 
     dS_in(r) = A_r^T dS_out(r) + b_r,       b_r = sum_t Q_eff_t^T dO_t,
 
-the same recurrence in reverse with the transposed maps. Each rank then recomputes its
-forward from its saved `S_in` under autograd and takes the gradients of
-`<o, dO> + <S_out, dS_out>` in q, k, v, beta and the decay: no per-token state is kept
-between forward and backward, and the recomputation overlaps the reverse scan.
+the same recurrence in reverse with the transposed maps. Each rank recomputes its forward
+from its saved `S_in` under autograd and takes the gradients of `<o, dO> + <S_out, dS_out>`
+in q, k, v, beta and the decay: no per-token state is kept between forward and backward.
+The recomputation runs while the all-gather's message travels; on the chain methods it
+runs while this rank's dS_out is on its way, before it combines and relays.
 
 Documents (`layout.cu_seqlens`): the state restarts at every document start. The pieces
 between starts run from zero; only the tokens before the rank's first start see `S_in`
@@ -84,7 +85,9 @@ def _from_columns(flat: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _combine(a: Optional[torch.Tensor], transpose: bool):
-    """`out = A x + b` (`A^T x + b`) on a piece of whole columns; `a=None` is `A = 0`."""
+    """`out = A x + b` (`A^T x + b`) on a piece of whole columns, as `StateScan.run`'s combine
+    function. Here `a=None` is `A = 0` (nothing of the incoming state passes the rank), unlike
+    `StateScan.run(None, b)`, where None is the identity."""
     if a is None:
         def zero(lo, hi, incoming, b, out):
             out.copy_(b)
@@ -177,7 +180,9 @@ class DeltaAttention(torch.autograd.Function):
             states = [buf[:split].view(shape) for buf in buffers]
             maps = [buf[split:].view(b, h, dk, dk) for buf in buffers]
             s_in = _fold(states, maps, range(rank), False)
-            maps = maps[rank + 1:]  # the backward folds the later ranks' maps, transposed
+            # the backward folds the later ranks' maps, transposed: copies, not views of the
+            # gathered buffers (which hold every rank's state too)
+            maps = [m.clone() for m in maps[rank + 1:]]
         if takes_in:
             out = out + torch.einsum("bnhk,bhkv->bnhv", q_eff, s_in)
         else:
@@ -270,22 +275,23 @@ def _check(q, k, v, beta, decay, layout, scale, method, backend, options):
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
-def _triton_unavailable(q) -> Optional[str]:
+def _triton_unavailable(q, chunk: int = 0) -> Optional[str]:
     if q.dtype == torch.float64:
         return "backend 'triton' runs the fp32 chunk form (float16, bfloat16, float32 inputs), got float64"
     try:
         from ..kernels.triton import delta as triton_delta
     except Exception as exc:  # ImportError, or a triton build that does not load here
         return f"backend 'triton' needs triton, which does not import ({type(exc).__name__}: {exc})"
-    reason = triton_delta.unavailable(q.device, torch.float32)
+    chunk = min(chunk, q.shape[1]) if q.dim() == 4 else chunk
+    reason = triton_delta.unavailable(q.device, torch.float32, q.shape[-1] if q.dim() == 4 else 0, chunk)
     return None if reason is None else f"backend 'triton': {reason}"
 
 
-def _resolve_backend(backend: str, q) -> str:
+def _resolve_backend(backend: str, q, chunk: int) -> str:
     """"torch", or "triton" (asked for and available; "auto": on CUDA when available)."""
     if backend == "torch":
         return "torch"
-    reason = _triton_unavailable(q)
+    reason = _triton_unavailable(q, chunk)
     if backend == "triton":
         if reason is not None:
             raise ValueError(f"backend: {reason} (backend='torch' serves every case)")
@@ -307,7 +313,9 @@ def delta_attention(q, k, v, beta, *, layout=None, decay=None, scale=None, metho
       document start; default: equal lengths on the default group). Returns `o`
       `[B, S/P, H, Dv]` in the dtype of v.
     - `decay`: log decay `g <= 0`: None, `[H]` (per head) or `[B, S/P, H]` (per token);
-      values below -60 act as -60. Differentiable, as are q, k, v and beta.
+      values below -60 act as -60. Differentiable, as are q, k, v and beta; a per-head
+      decay's gradient on each rank is that rank's share (sum it over the group, as for
+      any parameter replicated across the ranks).
     - `scale`: default `Dk ** -0.5`. `method`: "ring" (LASP-1), "allgather" (LASP-2),
       "allscan" (the All-Scan, the state pipelined in pieces of whole columns) or "auto"
       (`seqpar.plan_linear(..., rule="delta")` on this group's topology). `backend`: "torch",
@@ -327,7 +335,7 @@ def delta_attention(q, k, v, beta, *, layout=None, decay=None, scale=None, metho
             raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
         local = layout_for(layout, q, group)
         _check(q, k, v, beta, decay, local, scale, method, backend, options)
-        concrete = _resolve_backend(backend, q)
+        concrete = _resolve_backend(backend, q, chunk_size)
         nbytes = state_bytes(q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.dtype)
         chosen, auto_choice = method, None
         pieces = options.get("scan_pieces") or default_scan_pieces(world, nbytes) if method == "allscan" else 1

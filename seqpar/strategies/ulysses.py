@@ -173,9 +173,8 @@ class HeadScatter:
         device = tensors[0][0].device
         dtype = tensors[0][0].dtype
         meta = [(t.shape[2], t.shape[3], t.dtype, kind, total) for t, kind, total in tensors]
-        order = torch.cat(self.index).to(device)
+        rows = sum(self.rows)
         # each token's heads x head dim flattened, the tensors side by side (head dims may differ)
-        rows = order.numel()
         send = torch.empty(rows, b, sum(h * d for h, d, *_ in meta), dtype=dtype, device=device)
         runs = None if any(r is None for r in self.runs) else [
             (first + src, dst, length) for first, member_runs in zip(_offsets(self.rows), self.runs)
@@ -187,7 +186,7 @@ class HeadScatter:
             seq_first = t.permute(1, 0, 2, 3)
             target = send[:, :, start:start + width].view(rows, b, t.shape[2], t.shape[3])
             if runs is None:
-                target.copy_(seq_first.index_select(0, order))
+                target.copy_(seq_first.index_select(0, torch.cat(self.index).to(device)))
             else:
                 for row, stored, length in runs:  # send rows from `row` on hold storage rows from `stored` on
                     target[row:row + length].copy_(seq_first[stored:stored + length])

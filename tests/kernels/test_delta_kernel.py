@@ -152,3 +152,22 @@ def test_gpu_triton_recurrence_at_model_sizes(dtype):
         err = ((got - ref).abs().max() / ref.abs().max()).item()
         # bf16 gradients: the two fp32 results may round to neighbouring bf16 values
         assert err < (1e-4 if dtype == torch.float32 else 1e-2), (name, err)
+
+
+def test_strong_then_weak_decays_keep_float32_accuracy():
+    # each 64-token chunk: 40 tokens at the floor (-60), then 24 almost undecayed: |G| reaches
+    # 2400, and fp32 differences of such sums lost 1.4e-4 of the output; fp64 sums: ~2e-7
+    from seqpar.kernels import linear
+
+    gen = torch.Generator().manual_seed(0)
+    n, b, h, d = 128, 1, 2, 16
+    q, v = (torch.randn(b, n, h, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    k = torch.nn.functional.normalize(torch.randn(b, n, h, d, generator=gen, dtype=torch.float64), dim=-1)
+    beta = torch.rand(b, n, h, generator=gen, dtype=torch.float64)
+    g = torch.full((b, n, h), -1e-3, dtype=torch.float64)
+    g.view(b, 2, 64, h)[:, :, :40] = -60.0
+    for name, fn, args in (("delta", chunk_forward, (q, k, v, beta, g)), ("linear", linear.chunk_forward, (q, k, v, g))):
+        ref = fn(*args, 0.25, 64)[0]
+        got = fn(*(t.float() for t in args), 0.25, 64)[0]
+        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 2e-6, (name, err)

@@ -153,8 +153,17 @@ class _Recurrence(torch.autograd.Function):
         return (du, dw.sum(0), dq.sum(0), da.sum(0), dke.sum(0), None if dgamma is None else dgamma.sum(0), ds0)
 
 
-def unavailable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """Why this kernel cannot run here, or None."""
+# one program holds the whole Dk and a chunk in registers: about ten [C, Dk] / [Dk, 64]
+# fp32 tiles in the backward, which fits at Dk = 128, C = 64 (compiled for sm_90 in the tests)
+MAX_KEY_DIM = 128
+MAX_CHUNK = 64
+
+
+def unavailable(device: torch.device, dtype: torch.dtype, key_dim: int = 0, chunk: int = 0) -> Optional[str]:
+    """Why this kernel cannot run here (or for this head dim and chunk size), or None."""
+    if key_dim > MAX_KEY_DIM or chunk > MAX_CHUNK:
+        return (f"the Triton delta-rule recurrence holds the whole key dim and a chunk in one program: Dk <= "
+                f"{MAX_KEY_DIM} and chunk_size <= {MAX_CHUNK}, got Dk={key_dim}, chunk_size={chunk}")
     if dtype != torch.float32:
         return f"the Triton delta-rule recurrence runs on the chunk form's fp32 tensors, got {dtype}"
     interpreted = type(_forward_kernel).__name__ == "InterpretedFunction"
@@ -169,7 +178,7 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 
 def recurrence(u, w, q_in, scores, k_out, gamma, state):
     """`seqpar.kernels.delta.recurrence` in Triton (fp32 tensors)."""
-    reason = unavailable(u.device, u.dtype)
+    reason = unavailable(u.device, u.dtype, w.shape[-1], u.shape[3])
     if reason is not None:
         raise ValueError(f"backend: {reason}")
     return _Recurrence.apply(u, w, q_in, scores, k_out, gamma, state)
