@@ -42,6 +42,8 @@ import torch.nn.functional as F
 DEFAULT_CHUNK = 64
 # chunk cap for per-channel decays: their pair factors are [C, C, Dk] per chunk
 CHANNEL_CHUNK = 16
+# elements of fp64 pair differences formed at once for per-channel decays (32 MiB)
+_CHANNEL_SLICE = 4 * 2 ** 20
 
 
 
@@ -91,13 +93,20 @@ class _Chunks:
             self.gamma = None  # exp(G_C) per chunk
             self.mask = causal.to(acc)
         elif self.channel:
-            # the same factors per key channel: G [B, H, NC, C, Dk]
-            cum = _chunked(g, chunk, acc).cumsum(-2)
-            diff = (cum[..., :, None, :] - cum[..., None, :, :]).masked_fill_(~causal[..., None], float("-inf"))
-            self.mask = diff.exp_()  # [B, H, NC, C, C, Dk]
-            self.decay_q = cum.exp()  # [B, H, NC, C, Dk]
-            self.decay_k = (cum[..., -1:, :] - cum).exp_()
-            self.gamma = cum[..., -1, :].exp()[..., None]  # [B, H, NC, Dk, 1]: scales the rows of a state
+            # the same factors per key channel: G [B, H, NC, C, Dk], in fp64 as below; the pair
+            # factors [B, H, NC, C, C, Dk] are formed a few chunks at a time, so the fp64
+            # differences stay a bounded transient
+            cum = _chunked(g, chunk, torch.float64).cumsum(-2)
+            nc = cum.shape[2]
+            self.mask = torch.empty(*cum.shape[:4], chunk, cum.shape[-1], dtype=acc, device=q.device)
+            step = max(1, _CHANNEL_SLICE // (chunk * chunk * cum.shape[-1] * cum.shape[0] * cum.shape[1]))
+            for a in range(0, nc, step):
+                part = cum[:, :, a:a + step]
+                diff = (part[..., :, None, :] - part[..., None, :, :]).masked_fill_(~causal[..., None], float("-inf"))
+                self.mask[:, :, a:a + step] = diff.exp_()
+            self.decay_q = cum.exp().to(acc)  # [B, H, NC, C, Dk]
+            self.decay_k = (cum[..., -1:, :] - cum).exp_().to(acc)
+            self.gamma = cum[..., -1, :].exp().to(acc)[..., None]  # [B, H, NC, Dk, 1]: scales the rows of a state
         else:
             # -- within-chunk cumulative log decay, and the pairwise factors exp(G_i - G_j), j <= i,
             # in fp64: |G| reaches C * 60 under strong decays, and an fp32 difference of two such
