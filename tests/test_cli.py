@@ -158,3 +158,14 @@ def test_tiny_main_job_shows_progress_names_skipped_peers_and_writes_stamped_jso
     assert len(list(tmp_path.glob("bench-*.json"))) == 1 and len(list(tmp_path.glob("linear-*.json"))) == 1
     assert (tmp_path / "linear.json").exists()
     assert str(tmp_path) in err
+
+
+def test_main_job_adds_small_problem_rows(tmp_path, capfd):
+    assert benchmark.main(["--seq-len", "64", "--heads", "2", "--kv-heads", "2", "--head-dim", "8", "--repeats", "1",
+                           "--warmup", "0", "--no-peers", "--linear", "off", "--small-sizes", "32",
+                           "--strategies", "ring", "--out-dir", str(tmp_path)]) == 0
+    out, _ = capfd.readouterr()
+    small = json.loads((tmp_path / "small-32.json").read_text())
+    assert small["config"]["seq_len"] == 32 and [r["name"] for r in small["rows"]][1] == "ring"
+    assert len(list(tmp_path.glob("small32-*.json"))) == 1
+    assert "N=32" in out and "N=64" in out

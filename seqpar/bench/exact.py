@@ -303,7 +303,8 @@ def _bench_dir() -> Path:
     return root / "bench" if root is not None else Path.cwd() / "bench"
 
 
-def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = True, json_path: Optional[str] = None) -> Dict:
+def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = True, json_path: Optional[str] = None,
+        kind: str = "bench") -> Dict:
     from ..registry import names as registered_strategies
     from ..testing import LocalWorld
 
@@ -375,7 +376,7 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
         return report
     progress_end()
     print(format_table(report), flush=True)
-    write_json(report, json_path, kind="bench")
+    write_json(report, json_path, kind=kind)
     return report
 
 
@@ -439,6 +440,8 @@ class _TorchrunRunner:
 # The profiles of the main job: (N exact, N linear, chain rounds). The default fits in about
 # 5 minutes on a busy 2-core machine; --long is the README's recorded problem.
 PROFILES = {"quick": (2048, 4096, 5), "default": (8192, 16384, 10), "long": (16384, 65536, 30)}
+# N of the small-problem rows after the main ones (default and --long profiles)
+SMALL_SIZES = (2048, 4096)
 
 _FIELD_HELP = {
     "world_size": "ranks P of the local world (under torchrun: the launched group)",
@@ -498,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid", action="store_true",
                         help="instead: every feasible strategy on a grid of (P, N, H, H_kv), predicted against "
                              "measured, and how often strategy='auto' picks the fastest (see --grid --help)")
+    parser.add_argument("--small-sizes", type=int, nargs="*", default=None,
+                        help="after the main rows, the same contestants at these N (per-call overhead on small "
+                             "problems; default: %s with the default and --long profiles, none with --quick or an "
+                             "explicit --seq-len; no value: none)" % " ".join(map(str, SMALL_SIZES)))
     parser.add_argument("--linear", choices=("on", "off", "only"), default="on",
                         help="the linear-attention rows (methods by P, on local worlds): on (after the exact "
                              "strategies), off, or only")
@@ -545,6 +552,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.perf_counter()
     if args.linear != "only":
         run(cfg, args.strategies, peers=not args.no_peers, json_path=json_path)
+        small = args.small_sizes
+        if small is None:
+            small = [] if args.quick or args.seq_len is not None else list(SMALL_SIZES)
+        for n in small:  # per-call overhead: the fixed costs show on problems of a few thousand tokens
+            path = str(out_dir / f"small-{n}.json") if json_path else ""
+            run(dataclasses.replace(cfg, seq_len=n), args.strategies, peers=not args.no_peers, json_path=path,
+                kind=f"small{n}")
     if args.linear != "off" and not launched:  # the linear rows spawn their own local worlds
         from . import linear as linear_bench
 
