@@ -46,8 +46,11 @@ def test_causal_is_a_boolean_flag():
 def _record(monkeypatch):
     calls = {}
 
-    def fake_run(cfg, strategies=None, peers=True, json_path=None):
-        calls["bench"] = (cfg, peers, json_path)
+    def fake_run(cfg, strategies=None, peers=True, json_path=None, kind="bench"):
+        if kind == "bench":
+            calls["bench"] = (cfg, peers, json_path)
+        else:  # the small-problem rows after the main ones
+            calls.setdefault("small", []).append((cfg.seq_len, kind, json_path))
 
     def fake_linear(cfg):
         calls["linear"] = cfg
@@ -72,6 +75,10 @@ def test_profiles_default_long_quick(monkeypatch, tmp_path, capsys, flags, exact
     assert calls["linear"].seq_len == linear and calls["linear"].world_sizes == (2, 4)
     assert calls["linear"].chain_repeats == chain
     assert (tmp_path / "linear.json").exists() and len(list(tmp_path.glob("linear-*.json"))) == 1
+    # small-problem rows with the default and --long profiles, none with --quick or --seq-len
+    expected = [] if "--quick" in flags or "--seq-len" in flags else [
+        (n, f"small{n}", str(tmp_path / f"small-{n}.json")) for n in (2048, 4096)]
+    assert calls.get("small", []) == expected
     capsys.readouterr()
 
 
