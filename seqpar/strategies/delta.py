@@ -256,21 +256,10 @@ def _check(q, k, v, beta, decay, layout, scale, method, backend, options):
     if beta.device != q.device:
         raise ValueError(f"beta: expected device {q.device} (that of q), got {beta.device}")
     if decay is not None:
-        if not isinstance(decay, torch.Tensor):
-            raise TypeError(f"decay: expected None or a torch.Tensor, got {type(decay).__name__}")
-        if tuple(decay.shape) not in ((h,), (b, n, h)):
-            extra = " (a gate per key channel is linear_attention's, not the delta rule's)" \
-                if tuple(decay.shape) == (b, n, h, dk) else ""
-            raise ValueError(f"decay: expected shape [{h}] (per head) or [{b}, {n}, {h}] (per token: batch, local "
-                             f"seqlen, heads), got {tuple(decay.shape)}{extra}")
-        if not decay.is_floating_point():
-            raise ValueError(f"decay: expected a floating-point tensor, got {decay.dtype}")
-        if decay.device != q.device:
-            raise ValueError(f"decay: expected device {q.device} (that of q), got {decay.device}")
-        largest = decay.detach().max().item() if decay.numel() else 0.0
-        if not largest <= 0:  # also catches NaN; -inf is allowed (a full reset of the state)
-            raise ValueError(f"decay: expected log-space values <= 0 (a decay factor exp(g) <= 1), got a maximum "
-                             f"of {largest}")
+        hint = " (a gate per key channel is linear_attention's, not the delta rule's)" \
+            if isinstance(decay, torch.Tensor) and tuple(decay.shape) == (b, n, h, dk) else ""
+        _linear.check_decay(decay, q, ((h,), (b, n, h)),
+                            f"[{h}] (per head) or [{b}, {n}, {h}] (per token: batch, local seqlen, heads)", hint)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 

@@ -391,6 +391,23 @@ def _triton_unavailable(q) -> Optional[str]:
     return None
 
 
+def check_decay(decay, q, shapes, expected: str, hint: str = "") -> None:
+    """A tensor `decay` of one of `shapes` (worded `expected`; `hint` follows a wrong shape),
+    floating point, on q's device, with log-space values <= 0 (-inf allowed: a full reset)."""
+    if not isinstance(decay, torch.Tensor):
+        raise TypeError(f"decay: expected None or a torch.Tensor, got {type(decay).__name__}")
+    if tuple(decay.shape) not in shapes:
+        raise ValueError(f"decay: expected shape {expected}, got {tuple(decay.shape)}{hint}")
+    if not decay.is_floating_point():
+        raise ValueError(f"decay: expected a floating-point tensor, got {decay.dtype}")
+    if decay.device != q.device:
+        raise ValueError(f"decay: expected device {q.device} (that of q), got {decay.device}")
+    largest = decay.detach().max().item() if decay.numel() else 0.0
+    if not largest <= 0:  # also catches NaN; -inf is allowed (a full reset of the state)
+        raise ValueError(f"decay: expected log-space values <= 0 (a decay factor exp(g) <= 1), got a maximum "
+                         f"of {largest}")
+
+
 def _check(q, k, v, decay, layout, scale, method, options, what="linear attention"):
     check_qkv_types(q, k, v)
     if k.shape != q.shape:
@@ -406,21 +423,10 @@ def _check(q, k, v, decay, layout, scale, method, options, what="linear attentio
         raise ValueError(f"q: expected local seqlen {layout.local_len} (layout.local_len on rank {layout.rank}), "
                          f"got {q.shape[1]}")
     if decay is not None:
-        if not isinstance(decay, torch.Tensor):
-            raise TypeError(f"decay: expected None or a torch.Tensor, got {type(decay).__name__}")
         b, n, h, dk = q.shape
-        if tuple(decay.shape) not in ((h,), (b, n, h), (b, n, h, dk)):
-            raise ValueError(f"decay: expected shape [{h}] (per head), [{b}, {n}, {h}] (per token: batch, local "
-                             f"seqlen, heads) or [{b}, {n}, {h}, {dk}] (per token and key channel, GLA), got "
-                             f"{tuple(decay.shape)}")
-        if not decay.is_floating_point():
-            raise ValueError(f"decay: expected a floating-point tensor, got {decay.dtype}")
-        if decay.device != q.device:
-            raise ValueError(f"decay: expected device {q.device} (that of q), got {decay.device}")
-        largest = decay.detach().max().item() if decay.numel() else 0.0
-        if not largest <= 0:  # also catches NaN; -inf is allowed (a full reset of the state)
-            raise ValueError(f"decay: expected log-space values <= 0 (a decay factor exp(g) <= 1), got a maximum "
-                             f"of {largest}")
+        check_decay(decay, q, ((h,), (b, n, h), (b, n, h, dk)),
+                    f"[{h}] (per head), [{b}, {n}, {h}] (per token: batch, local seqlen, heads) or [{b}, {n}, {h}, "
+                    f"{dk}] (per token and key channel, GLA)")
     if scale is not None:
         if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
             raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")

@@ -32,6 +32,7 @@ dense.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -448,12 +449,13 @@ DECAYS = ("none", "head", "token", "channel")
 
 
 @dataclass(frozen=True)
-class LinearProblem:
-    """One causal linear-attention problem over a local world (contiguous layout).
+class _StateProblem:
+    """What a linear-attention and a delta-rule problem share: a contiguous layout over a
+    local world, head dims, a decay form among the subclass's `DECAYS`, the dtype, the scale,
+    the memory layout of q, k, v and dO, and packed documents (`[0, l1, ..., seq_len]`,
+    SeqLayout's cu_seqlens: the state restarts from zero at every document start)."""
 
-    `decay`: "none", "head" (`[H]`), "token" (`[B, N, H]`) or "channel" (`[B, N, H, Dk]`, a
-    gate per key channel, GLA). `documents`: None, or boundaries `[0, l1, ..., seq_len]`
-    (SeqLayout's cu_seqlens): the state restarts from zero at every document start."""
+    DECAYS = ()
 
     world_size: int
     seq_len: int
@@ -470,10 +472,10 @@ class LinearProblem:
 
     def __post_init__(self):
         _check_memory_layout(self.memory_layout)
-        if self.decay not in DECAYS:
-            raise ValueError(f"decay: expected one of {DECAYS}, got {self.decay!r}")
+        if self.decay not in self.DECAYS:
+            raise ValueError(f"decay: expected one of {self.DECAYS}, got {self.decay!r}")
 
-    def replace(self, **changes) -> "LinearProblem":
+    def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
     def layout(self):
@@ -481,6 +483,27 @@ class LinearProblem:
         from ..layout import SeqLayout
 
         return SeqLayout(self.seq_len, cu_seqlens=self.documents)
+
+    def _decay(self, gen):
+        """The decay of this form, drawn from `gen`: log(u) for u uniform in (0, 1], from none
+        to strong (None, `[H]`, `[B, N, H]` or `[B, N, H, Dk]`)."""
+        b, n, h = self.batch, self.seq_len, self.heads
+        shape = {"none": None, "head": (h,), "token": (b, n, h), "channel": (b, n, h, self.key_dim)}[self.decay]
+        return None if shape is None else torch.rand(shape, generator=gen, dtype=torch.float64).clamp_min(1e-3).log()
+
+    def full_decay(self, g):
+        return g if g is None or g.dim() >= 3 else g.view(1, 1, -1).expand(self.batch, self.seq_len, -1)
+
+
+@dataclass(frozen=True)
+class LinearProblem(_StateProblem):
+    """One causal linear-attention problem over a local world (contiguous layout).
+
+    `decay`: "none", "head" (`[H]`), "token" (`[B, N, H]`) or "channel" (`[B, N, H, Dk]`, a
+    gate per key channel, GLA). `documents`: None, or boundaries `[0, l1, ..., seq_len]`
+    (SeqLayout's cu_seqlens): the state restarts from zero at every document start."""
+
+    DECAYS = DECAYS
 
     def global_tensors(self):
         """q, k, v, d_out and the decay (None, `[H]`, `[B, N, H]` or `[B, N, H, Dk]`) in float64."""
@@ -490,13 +513,7 @@ class LinearProblem:
         k = torch.randn(b, n, h, self.key_dim, generator=gen, dtype=torch.float64)
         v = torch.randn(b, n, h, self.value_dim, generator=gen, dtype=torch.float64)
         do = torch.randn(b, n, h, self.value_dim, generator=gen, dtype=torch.float64)
-        # decays from none to strong: log(u) for u uniform in (0, 1], some near 0 and some large
-        shape = {"none": None, "head": (h,), "token": (b, n, h), "channel": (b, n, h, self.key_dim)}[self.decay]
-        g = None if shape is None else torch.rand(shape, generator=gen, dtype=torch.float64).clamp_min(1e-3).log()
-        return (*same_batch_rows((q, k, v, do), self.memory_layout), g)
-
-    def full_decay(self, g):
-        return g if g is None or g.dim() >= 3 else g.view(1, 1, -1).expand(self.batch, self.seq_len, -1)
+        return (*same_batch_rows((q, k, v, do), self.memory_layout), self._decay(gen))
 
 
 def _linear_grads(q, k, v, g, do, scale, full, fn):
@@ -534,32 +551,33 @@ def _linear_quadratic(q, k, v, g, scale, documents):
     return torch.einsum("bhij,bjhv->bihv", scores, v) * scale
 
 
-def check_linear_attention(problem: LinearProblem, **options) -> Dict[str, float]:
-    """Run on every rank of a world of `problem.world_size`: compare `seqpar.linear_attention`
-    (forward, dq, dk, dv and the decay's gradient) with the float64 recurrence (restarted at
-    every document start). Returns, on every rank, `err_*` and `dense_*` (the quadratic
-    form's error in the same dtype)."""
+def _state_results(problem, attention, q, k, v, do, g, token_args=()) -> Dict[str, torch.Tensor]:
+    """This rank's run of `attention(q, k, v, *token_args, layout=, decay=, scale=)` on its
+    shards of the problem's global tensors (q, k, v in the problem's memory layout; each of
+    `token_args` `(name, [B, N, H] tensor)` a leaf of its own, e.g. beta), backpropagated
+    from dO: the output and every gradient (`d<name>` for `token_args`, `dg` for a tensor
+    decay), checked for dtype and finiteness and gathered to the whole sequence (a per-head
+    decay's gradient, of which each rank holds a share, summed over the ranks)."""
     import torch.distributed as dist
 
-    from ..kernels.reference import linear_attention_recurrent
     from ..layout import gather_global
-    from ..strategies.linear import linear_attention
 
     layout = problem.layout()
     dtype = DTYPES[problem.dtype]
-    q, k, v, do, g = problem.global_tensors()
     mem = problem.memory_layout
     leaves, views = lay_out([layout.shard(t).to(dtype) for t in (q, k, v)], mem)
+    extra = [(name, layout.shard(t).to(dtype).clone().requires_grad_()) for name, t in token_args]
     local_g = None
     if g is not None:
         local_g = (layout.shard(g) if g.dim() >= 3 else g).to(dtype).clone().requires_grad_()
-    out = linear_attention(*views, layout=layout, decay=local_g, scale=problem.scale, **options)
+    out = attention(*views, *(t for _, t in extra), layout=layout, decay=local_g, scale=problem.scale)
     if out.dtype != dtype or out.shape != views[2].shape:
         raise AssertionError(f"output has dtype {out.dtype} shape {tuple(out.shape)}, expected {dtype} "
                              f"{tuple(views[2].shape)}")
     out.backward(lay_out_grad(layout.shard(do).to(dtype), mem))
     dq, dk, dv = leaf_grads(leaves, mem, problem.batch)
     ours = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
+    ours.update({f"d{name}": t.grad for name, t in extra})
     if g is not None:
         ours["dg"] = local_g.grad
     _check_results(ours, dtype)
@@ -571,6 +589,21 @@ def check_linear_attention(problem: LinearProblem, **options) -> Dict[str, float
                 ours[name] = total
             else:
                 ours[name] = gather_global(t, layout, 1)
+    return ours
+
+
+def check_linear_attention(problem: LinearProblem, **options) -> Dict[str, float]:
+    """Run on every rank of a world of `problem.world_size`: compare `seqpar.linear_attention`
+    (forward, dq, dk, dv and the decay's gradient) with the float64 recurrence (restarted at
+    every document start). Returns, on every rank, `err_*` and `dense_*` (the quadratic
+    form's error in the same dtype)."""
+    from ..kernels.reference import linear_attention_recurrent
+    from ..strategies.linear import linear_attention
+
+    dtype = DTYPES[problem.dtype]
+    q, k, v, do, g = problem.global_tensors()
+    mem = problem.memory_layout
+    ours = _state_results(problem, functools.partial(linear_attention, **options), q, k, v, do, g)
     documents = problem.documents
 
     def recurrent(q, k, v, g, scale):
@@ -594,36 +627,12 @@ DELTA_DECAYS = ("none", "head", "token")
 
 
 @dataclass(frozen=True)
-class DeltaProblem:
+class DeltaProblem(_StateProblem):
     """One gated-delta-rule problem over a local world (contiguous layout): k rows
     L2-normalised (as the models feed it), beta in (0, 1), `decay` "none", "head" (`[H]`)
     or "token" (`[B, N, H]`), optional `documents` (cu_seqlens)."""
 
-    world_size: int
-    seq_len: int
-    batch: int = 1
-    heads: int = 2
-    key_dim: int = 8
-    value_dim: int = 8
-    decay: str = "token"  # one of DELTA_DECAYS
-    dtype: str = "float64"
-    scale: float = 0.5
-    seed: int = 0
-    memory_layout: str = "contiguous"
-    documents: Optional[Tuple[int, ...]] = None
-
-    def __post_init__(self):
-        _check_memory_layout(self.memory_layout)
-        if self.decay not in DELTA_DECAYS:
-            raise ValueError(f"decay: expected one of {DELTA_DECAYS}, got {self.decay!r}")
-
-    def replace(self, **changes) -> "DeltaProblem":
-        return dataclasses.replace(self, **changes)
-
-    def layout(self):
-        from ..layout import SeqLayout
-
-        return SeqLayout(self.seq_len, cu_seqlens=self.documents)
+    DECAYS = DELTA_DECAYS
 
     def global_tensors(self):
         """q, k, v, d_out, beta `[B, N, H]` and the decay (None, `[H]` or `[B, N, H]`), float64."""
@@ -634,13 +643,9 @@ class DeltaProblem:
         v = torch.randn(b, n, h, self.value_dim, generator=gen, dtype=torch.float64)
         do = torch.randn(b, n, h, self.value_dim, generator=gen, dtype=torch.float64)
         beta = torch.rand(b, n, h, generator=gen, dtype=torch.float64)
-        shape = {"none": None, "head": (h,), "token": (b, n, h)}[self.decay]
-        g = None if shape is None else torch.rand(shape, generator=gen, dtype=torch.float64).clamp_min(1e-3).log()
+        g = self._decay(gen)
         q, k, v, do, beta = same_batch_rows((q, k, v, do, beta), self.memory_layout)
         return q, k, v, do, beta, g
-
-    def full_decay(self, g):
-        return g if g is None or g.dim() >= 3 else g.view(1, 1, -1).expand(self.batch, self.seq_len, -1)
 
 
 def _delta_grads(q, k, v, beta, g, do, problem, dtype):
@@ -664,38 +669,13 @@ def check_delta_attention(problem: DeltaProblem, **options) -> Dict[str, float]:
     Returns `err_*` and `dense_*`: the error of the same recurrence run token by token in the
     problem's dtype (what a plain PyTorch user would write), and `inputs_*`, the float64
     recurrence on inputs rounded to the dtype."""
-    import torch.distributed as dist
-
-    from ..layout import gather_global
     from ..strategies.delta import delta_attention
 
-    layout = problem.layout()
     dtype = DTYPES[problem.dtype]
     q, k, v, do, beta, g = problem.global_tensors()
     mem = problem.memory_layout
-    leaves, views = lay_out([layout.shard(t).to(dtype) for t in (q, k, v)], mem)
-    local_beta = layout.shard(beta).to(dtype).clone().requires_grad_()
-    local_g = None
-    if g is not None:
-        local_g = (layout.shard(g) if g.dim() >= 3 else g).to(dtype).clone().requires_grad_()
-    out = delta_attention(*views, local_beta, layout=layout, decay=local_g, scale=problem.scale, **options)
-    if out.dtype != dtype or out.shape != views[2].shape:
-        raise AssertionError(f"output has dtype {out.dtype} shape {tuple(out.shape)}, expected {dtype} "
-                             f"{tuple(views[2].shape)}")
-    out.backward(lay_out_grad(layout.shard(do).to(dtype), mem))
-    dq, dk, dv = leaf_grads(leaves, mem, problem.batch)
-    ours = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv, "dbeta": local_beta.grad}
-    if g is not None:
-        ours["dg"] = local_g.grad
-    _check_results(ours, dtype)
-    if layout.world_size > 1:
-        for name, t in list(ours.items()):
-            if name == "dg" and t.dim() == 1:  # a per-head decay: every rank holds a share
-                total = t.double()
-                dist.all_reduce(total, group=layout.group)
-                ours[name] = total
-            else:
-                ours[name] = gather_global(t, layout, 1)
+    ours = _state_results(problem, functools.partial(delta_attention, **options), q, k, v, do, g,
+                          token_args=[("beta", beta)])
     ref = batch_mean(_delta_grads(q, k, v, beta, g, do, problem, torch.float64), mem)
     report = {f"err_{name}": _rel_err(ours[name], ref[name]) for name in ref}
     dense = batch_mean(_delta_grads(q, k, v, beta, g, do, problem, dtype), mem)

@@ -75,6 +75,28 @@ def documents(draw, seq_len: int):
     return (0,) + tuple(sorted(cuts)) + (seq_len,)
 
 
+def _state_problem(draw, cls, decays, world_sizes, dtypes, max_tokens_per_rank):
+    """One `cls` problem (`LinearProblem` or `DeltaProblem`): tiny and uneven lengths (down to
+    N = P), Dk != Dv and not powers of two, a decay form among `decays`, every memory layout,
+    packed documents about half the time."""
+    world_size = draw(st.sampled_from(list(world_sizes)))
+    seq_len = draw(st.integers(world_size, world_size * max_tokens_per_rank))
+    return cls(
+        world_size=world_size,
+        seq_len=seq_len,
+        batch=draw(st.integers(1, 2)),
+        heads=draw(st.integers(1, 3)),
+        key_dim=draw(st.sampled_from([1, 4, 5, 8, 16])),
+        value_dim=draw(st.sampled_from([1, 3, 8, 12])),
+        decay=draw(st.sampled_from(list(decays))),
+        dtype=draw(st.sampled_from(list(dtypes))),
+        scale=draw(st.sampled_from([0.25, 0.5, 1.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+        memory_layout=draw(memory_layouts()),
+        documents=draw(st.one_of(st.none(), documents(seq_len))),
+    )
+
+
 @st.composite
 def linear_problems(
     draw,
@@ -90,22 +112,8 @@ def linear_problems(
     the time."""
     from .checks import DECAYS, LinearProblem
 
-    world_size = draw(st.sampled_from(list(world_sizes)))
-    seq_len = draw(st.integers(world_size, world_size * max_tokens_per_rank))
-    return LinearProblem(
-        world_size=world_size,
-        seq_len=seq_len,
-        batch=draw(st.integers(1, 2)),
-        heads=draw(st.integers(1, 3)),
-        key_dim=draw(st.sampled_from([1, 4, 5, 8, 16])),
-        value_dim=draw(st.sampled_from([1, 3, 8, 12])),
-        decay=draw(st.sampled_from(list(DECAYS if decays is None else decays))),
-        dtype=draw(st.sampled_from(list(dtypes))),
-        scale=draw(st.sampled_from([0.25, 0.5, 1.0])),
-        seed=draw(st.integers(0, 2**31 - 1)),
-        memory_layout=draw(memory_layouts()),
-        documents=draw(st.one_of(st.none(), documents(seq_len))),
-    )
+    return _state_problem(draw, LinearProblem, DECAYS if decays is None else decays, world_sizes, dtypes,
+                          max_tokens_per_rank)
 
 
 @st.composite
@@ -121,19 +129,5 @@ def delta_problems(
     token (or those in `decays`)."""
     from .checks import DELTA_DECAYS, DeltaProblem
 
-    world_size = draw(st.sampled_from(list(world_sizes)))
-    seq_len = draw(st.integers(world_size, world_size * max_tokens_per_rank))
-    return DeltaProblem(
-        world_size=world_size,
-        seq_len=seq_len,
-        batch=draw(st.integers(1, 2)),
-        heads=draw(st.integers(1, 3)),
-        key_dim=draw(st.sampled_from([1, 4, 5, 8, 16])),
-        value_dim=draw(st.sampled_from([1, 3, 8, 12])),
-        decay=draw(st.sampled_from(list(DELTA_DECAYS if decays is None else decays))),
-        dtype=draw(st.sampled_from(list(dtypes))),
-        scale=draw(st.sampled_from([0.25, 0.5, 1.0])),
-        seed=draw(st.integers(0, 2**31 - 1)),
-        memory_layout=draw(memory_layouts()),
-        documents=draw(st.one_of(st.none(), documents(seq_len))),
-    )
+    return _state_problem(draw, DeltaProblem, DELTA_DECAYS if decays is None else decays, world_sizes, dtypes,
+                          max_tokens_per_rank)
