@@ -38,7 +38,19 @@ class MemoryBenchConfig:
     head_dim: int = 64
     dtype: str = "float32"
     scheme: str = "zigzag"
-    strategies: Tuple[str, ...] = ("ring", "ulysses", "usp", "allgather", "token_ring")
+    # a row is a strategy with its default options, or "name:option=int" (one option set)
+    strategies: Tuple[str, ...] = ("ring", "ulysses", "usp", "allgather", "allgather:kv_head_chunk=1", "token_ring")
+
+
+def parse_row(spec: str) -> Tuple[str, Dict[str, int]]:
+    """`"allgather:kv_head_chunk=1"` -> `("allgather", {"kv_head_chunk": 1})`; `"ring"` -> `("ring", {})`."""
+    name, _, option = spec.partition(":")
+    if not option:
+        return name, {}
+    key, sep, value = option.partition("=")
+    if not sep or not value.lstrip("-").isdigit():
+        raise ValueError(f"--strategies: expected NAME or NAME:OPTION=INT, got {spec!r}")
+    return name, {key: int(value)}
 
 
 def _status_kib(key: str) -> int:
@@ -74,7 +86,8 @@ def _measure(call) -> int:
 
 
 def _on_rank(cfg: MemoryBenchConfig, strategy: Optional[str]) -> Dict:
-    """`strategy` on this rank's tokens, or (None) dense SDPA on the whole problem on rank 0."""
+    """`strategy` (a row spec, `parse_row`) on this rank's tokens, or (None) dense SDPA on the
+    whole problem on rank 0."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -98,7 +111,8 @@ def _on_rank(cfg: MemoryBenchConfig, strategy: Optional[str]) -> Dict:
                                                      is_causal=True, enable_gqa=cfg.heads != cfg.kv_heads)
                 out.backward(do.transpose(1, 2))
         else:
-            seqpar.attention(q, k, v, layout=layout, causal=True, strategy=strategy).backward(do)
+            name, options = parse_row(strategy)
+            seqpar.attention(q, k, v, layout=layout, causal=True, strategy=name, **options).backward(do)
         dist.barrier()
 
     run()  # warm-up: plans, caches, the first-use checks
@@ -107,19 +121,21 @@ def _on_rank(cfg: MemoryBenchConfig, strategy: Optional[str]) -> Dict:
 
 
 def analytic_peak(cfg: MemoryBenchConfig, strategy: str, world: int) -> Tuple[int, Dict]:
-    """(the planner's peak bytes for `strategy` with the options auto would not change, the options)."""
+    """(the planner's peak bytes for the row `strategy` (`parse_row`), with the options a call
+    resolves by default, the options)."""
     from .. import registry
     from ..planner.schedule import Problem
 
     prob = Problem(cfg.seq_len, world, cfg.heads, cfg.kv_heads, cfg.head_dim, getattr(torch, cfg.dtype), True, True, 1,
                    cfg.scheme)
+    strategy, given = parse_row(strategy)
     entry = registry.get(strategy)
     # the default options, resolved as a call resolves them (USP: ulysses_size from the world)
     from ..strategies.token_ring import DEFAULT_ROUTE
 
     defaults = {"usp": {"ulysses_size": _default_ulysses(world, cfg)}, "token_ring": {"route": DEFAULT_ROUTE},
                 "allgather": {"kv_head_chunk": None}}
-    options = defaults.get(strategy, {})
+    options = {**defaults.get(strategy, {}), **given}
     return entry.peak_memory(prob, options), options
 
 

@@ -185,16 +185,25 @@ def cost(prob, topo, options):
 
 
 def peak_memory(prob, options) -> int:
-    """Inputs, plus every rank's K/V of a chunk gathered (twice while the next chunk's
-    gather flies); the backward adds their fp32 dK/dV before the reduce-scatter."""
+    """Inputs and output, plus every buffer of the fullest moment of the backward: dO, the
+    fp32 dQ, dK and dV, one chunk's K/V of every rank gathered (two chunks while the next
+    one's gather flies) and its message, the chunk's fp32 dK/dV of every rank, and the
+    larger of a backward tile (`common.backward_tile_bytes`) and the reduce-scatter's
+    staging (gloo copies the parts into one buffer; NCCL does not, so this errs high there)."""
+    from .common import backward_tile_bytes
+
     b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
     e, a, world = prob.element_size, prob.acc_size, prob.world_size
     rows, lse = b * n * h * d, b * h * n
-    chunk = options.get("kv_head_chunk") or hkv
-    gathered = 2 * b * world * n * chunk * d * e * (2 if chunk < hkv else 1) + 2 * b * n * chunk * d * e
-    saved = rows * e + lse * a
-    fwd = gathered + rows * a + lse * 8
-    bwd = gathered + 2 * b * world * n * chunk * d * a + rows * a + 2 * b * n * hkv * d * a
+    chunk = min(options.get("kv_head_chunk") or hkv, hkv)
+    local = 2 * b * n * chunk * d * e
+    # one chunk gathered; with several, the next chunk's gather and its message fly beside it
+    gathered = world * local + (world * local + local if chunk < hkv else 0)
+    saved = lse * a  # q is the input, the saved output the returned one
+    fwd = gathered + (rows * a if a != e else 0) + lse * 8
+    dkv = 2 * b * world * n * chunk * d * a
+    transient = max(backward_tile_bytes(b, n, chunk * (h // hkv), chunk, d, a), dkv + dkv // world)
+    bwd = rows * e + rows * a + 2 * b * n * hkv * d * a + gathered + dkv + transient
     return prob.peak(saved, fwd, bwd)
 
 

@@ -41,10 +41,11 @@ def saved_output_function(name: str, forward_fn, backward_fn) -> type:
 
     def forward(ctx, q, k, v, sinks, args):
         out, lse = fold_sinks(*forward_fn(q, k, v, *args), sinks)
+        result = out.to(q.dtype)  # with fp32 inputs the accumulator itself: saved and returned, no copy
         # with sinks the backward's rowsum(dO * O) cancels against dO . v: keep O unrounded
-        ctx.save_for_backward(q, k, v, out if sinks is not None else out.to(q.dtype), lse, sinks)
+        ctx.save_for_backward(q, k, v, out if sinks is not None else result, lse, sinks)
         ctx.args = args
-        return out.to(q.dtype)
+        return result
 
     def backward(ctx, do):
         q, k, v, out, lse, sinks = ctx.saved_tensors
@@ -80,11 +81,21 @@ def attend_blocks(fwd, q, k, v, blocks, scale, out, lse, fresh: bool = False, me
     return fresh
 
 
-# Rows and keys per backward kernel call on CPUs. A call returns fresh dq, dk, dv for its
-# rows and keys before they are added into the accumulators: a 4096 x 4096 block (N=16384
-# over P=4, zigzag) held about 40 MiB of such transients at once; tiles of 2048 bound them
-# to about a quarter, at no measurable cost on the CPU kernel. GPU calls stay whole.
-BACKWARD_TILE = 2048
+# Rows and keys per backward kernel call on CPUs. A call holds its fresh dq, dk, dv and
+# about as much kernel workspace until they are added into the accumulators: a 4096 x 4096
+# block (N=16384 over P=4, zigzag) held about 40 MiB of such transients; tiles of 1024 hold
+# 12 MiB. Ring fwd+bwd at N=16384 (P=2 and 4, 2-core CPU) ran the same with tiles of 1024,
+# 2048 and 4096, within 2%. GPU calls stay whole.
+BACKWARD_TILE = 1024
+
+
+def backward_tile_bytes(batch: int, rows: int, heads: int, kv_heads: int, head_dim: int, acc_size: int,
+                        keys: int = None) -> int:
+    """Bytes one CPU backward tile holds while its kernel runs (measured on PyTorch's CPU
+    flash op: its fresh dq, dk, dv and about as much workspace again) for blocks of `rows`
+    queries and `keys` keys (default `rows`) cut to `BACKWARD_TILE`."""
+    t_q, t_k = min(rows, BACKWARD_TILE), min(rows if keys is None else keys, BACKWARD_TILE)
+    return 2 * batch * (t_q * heads + 2 * t_k * kv_heads) * head_dim * acc_size
 
 
 def backward_tiles(blk: Block, tile: int) -> List[Block]:
@@ -110,9 +121,15 @@ def backward_tiles(blk: Block, tile: int) -> List[Block]:
     return tiles
 
 
-def attend_blocks_backward(bwd, blocks, do, q, k, v, out, lse, scale, dq, dk, dv) -> None:
+def attend_blocks_backward(bwd, blocks, do, q, k, v, out, lse, scale, dq, dk, dv, ready=None) -> None:
     """Backward of `attend_blocks`: add each block's gradients into dq (rows) and dk, dv (keys)
-    (on CPUs in tiles of `BACKWARD_TILE` rows and keys)."""
+    (on CPUs in tiles of `BACKWARD_TILE` rows and keys).
+
+    `ready`: if given, dk and dv are not known yet; `ready()` is called once, after the first
+    block's (tile's) kernel and before anything is added into them, and returns `(dk, dv)`.
+    The ring waits there for the partial dK/dV arriving from its neighbour and adds into it,
+    so the first tile's kernel overlaps the transfer and no step-sized buffer of fresh
+    gradients is held beside the arriving one."""
     if q.device.type == "cpu":
         blocks = [tile for blk in blocks for tile in backward_tiles(blk, BACKWARD_TILE)]
     for blk in blocks:
@@ -121,5 +138,9 @@ def attend_blocks_backward(bwd, blocks, do, q, k, v, out, lse, scale, dq, dk, dv
         dq_b, dk_b, dv_b = bwd(do[:, qs], q[:, qs], k[:, ks], v[:, ks], out[:, qs], lse[:, :, qs], scale, blk.offset,
                                blk.lo, blk.softcap)
         dq[:, qs] += dq_b
+        if ready is not None:
+            dk, dv = ready()
+            ready = None
         dk[:, ks] += dk_b
         dv[:, ks] += dv_b
+        del dq_b, dk_b, dv_b  # the next tile's kernel allocates its own

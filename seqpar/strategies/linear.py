@@ -63,7 +63,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..call import check_qkv_types, collective_call, grad_wanted, group_of, layout_for, no_seq
-from ..comm import collectives, stats
+from ..comm import collectives, deferred, stats
 from ..comm.groups import describe
 from ..comm.scan import StateScan
 from ..errors import brief
@@ -402,10 +402,11 @@ def check_decay(decay, q, shapes, expected: str, hint: str = "") -> None:
         raise ValueError(f"decay: expected a floating-point tensor, got {decay.dtype}")
     if decay.device != q.device:
         raise ValueError(f"decay: expected device {q.device} (that of q), got {decay.device}")
-    largest = decay.detach().max().item() if decay.numel() else 0.0
-    if not largest <= 0:  # also catches NaN; -inf is allowed (a full reset of the state)
-        raise ValueError(f"decay: expected log-space values <= 0 (a decay factor exp(g) <= 1), got a maximum "
-                         f"of {largest}")
+    if decay.numel():
+        # on a GPU without a host sync: a failure raises at the next seqpar call (`comm.deferred`)
+        deferred.check_value(decay.detach().amax(), lambda largest: largest <= 0,  # NaN fails; -inf is a reset
+                             lambda largest: f"decay: expected log-space values <= 0 (a decay factor exp(g) <= 1), "
+                                             f"got a maximum of {largest}")
 
 
 def _check(q, k, v, decay, layout, scale, method, options, what="linear attention"):

@@ -180,14 +180,17 @@ def _shifted(blocks, rows: Tuple[int, int]):
 
 def _ring_forward(q, k, v, layout: SeqLayout, causal, scale: float, backend: str,
                   ring_op: str = "ring.forward.kv"):
-    """q in the kernel layout; returns (out [B, n, H, Dv] acc dtype, lse [B, H, n] acc dtype).
+    """q in any layout (the kernel's is fastest); returns (out [B, n, H, Dv] contiguous, acc
+    dtype; lse [B, H, n] acc dtype).
     `causal`: a bool or a `layout.Mask`; only the K/V rows that a later rank sees travel."""
     rank, world = layout.rank, layout.world_size
     fwd, _ = block_kernels.kernels(backend, q, k)
     merge = block_kernels.merge_kernel(backend)
     acc = block_kernels.acc_dtype(q.dtype)
     b, nq, h, _ = q.shape
-    _, out = block_kernels.empty_in_kernel_layout((b, nq, h, v.shape[3]), backend, dtype=acc, device=q.device)
+    # the caller's [B, n, H, Dv]-contiguous layout: with fp32 inputs the accumulator is the
+    # output itself (returned and saved, no copy); the merges take any strides
+    out = torch.empty((b, nq, h, v.shape[3]), dtype=acc, device=q.device)
     # lse accumulates in fp64: it is only [B, H, n], and each merge would otherwise round
     # it by an ulp of |lse|, an error that saturated softmax rows amplify in the gradients
     lse = torch.empty((b, h, nq), dtype=torch.float64, device=q.device)
@@ -217,63 +220,83 @@ def _ring_forward(q, k, v, layout: SeqLayout, causal, scale: float, backend: str
 
 def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale: float, backend: str,
                    ring_op: str = "ring.backward"):
-    """do, q, out in the kernel layout; returns dq, dk, dv in the acc dtype.
+    """do, q, out in any layout; returns dq, dk, dv, `[B, n, H, D]`-contiguous in the acc
+    dtype (with fp32 inputs they are the gradients themselves, no copy).
 
     The K/V travel as in the forward. This rank's own blocks (step 0) add straight into
     its dK/dV; from step 1 the dK/dV of a source's keys accumulate over rows `spans[s][1]`
-    along the ring, one step behind the K/V (in the same batch of exchanges), and the last
-    rank to see them sends them home, where they are added."""
+    along the ring, one step behind the K/V, and the last rank to see them sends them home,
+    where they are added. The dK/dV go in their own batch of exchanges, posted with the
+    K/V's: a step adds its blocks into the partial dK/dV arriving from the previous rank,
+    waiting for it after its first tile's kernel (`attend_blocks_backward(ready=)`), rather
+    than into a fresh buffer held beside it; the partial sent on is then freed too."""
     rank, world = layout.rank, layout.world_size
     _, bwd = block_kernels.kernels(backend, q, k)
     acc = block_kernels.acc_dtype(q.dtype)
     plan = ring_plan(layout, causal)
     nxt, prv = layout.peer((rank + 1) % world), layout.peer((rank - 1) % world)
-    _, dq = block_kernels.empty_in_kernel_layout(q.shape, backend, dtype=acc, device=q.device)
-    dq.zero_()
-    _, home = _kv_buffer(k, v, k.shape[1], backend, dtype=acc)  # this rank's dK, dV
-    home[0].zero_()
-    home[1].zero_()
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    home = (torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device))
     held, held_rows = (None, (k, v)), plan.spans[rank][0]
     travelling = None  # (storage, views) of the dK/dV computed at the previous step
     for step in range(world + 1):
         src = (rank - step) % world
         before = (src + 1) % world  # the source of the previous step
         sends, recvs = [], []
-        incoming_dkv = returning = None
         incoming, in_rows = _kv_hop(plan, held, held_rows, src, step, world, k, v, backend, nxt, prv, sends, recvs)
+        kv_exchange = p2p.post(sends, recvs, layout.group, op=ring_op) if sends or recvs else None
+        del sends
+        grad_sends, grad_recvs = [], []
+        incoming_dkv = returning = None
         if travelling is not None:
             if step <= plan.hops[before]:  # on to the rank that holds `before`'s K/V now
-                sends.append((travelling[0], nxt))
+                grad_sends.append((travelling[0], nxt))
             else:  # no later rank sees them: home
-                sends.append((travelling[0], layout.peer(before)))
+                grad_sends.append((travelling[0], layout.peer(before)))
         if 2 <= step < world and step <= plan.hops[src]:
             incoming_dkv = _rows_buffer(k, v, plan.spans[src][1], backend, acc)
-            recvs.append((incoming_dkv[0], prv))
+            grad_recvs.append((incoming_dkv[0], prv))
         if plan.hops[rank] >= 1 and step == plan.hops[rank] + 1:
             returning = _rows_buffer(k, v, plan.spans[rank][1], backend, acc)
-            recvs.append((returning[0], layout.peer((rank + plan.hops[rank]) % world)))
-        exchange = p2p.post(sends, recvs, layout.group, op=ring_op) if sends or recvs else None
+            grad_recvs.append((returning[0], layout.peer((rank + plan.hops[rank]) % world)))
+        grad_exchange = (p2p.post(grad_sends, grad_recvs, layout.group, op=ring_op)
+                         if grad_sends or grad_recvs else None)
+        del grad_sends, grad_recvs
         travelling = None
+
+        def arrived():
+            """Wait for this step's dK/dV traffic; the partial sent on is released."""
+            nonlocal grad_exchange
+            if grad_exchange is not None:
+                grad_exchange.wait()
+                grad_exchange = None
+
         if step < world and (step == 0 or step <= plan.hops[src]):
             blocks = visible_blocks(layout, rank, src, causal)
+            ready = None
             if step == 0:
                 dkv = home
             else:
                 first = plan.spans[src][1][0]
-                storage, dkv = _rows_buffer(k, v, plan.spans[src][1], backend, acc)
-                storage.zero_()
-                travelling = (storage, dkv)
-                # the gradient rows that line up with the held K/V rows
-                a, b = held_rows[0] - first, held_rows[1] - first
-                dkv = (dkv[0][:, a:b], dkv[1][:, a:b])
+                a, b = held_rows[0] - first, held_rows[1] - first  # the rows of the held K/V
+                if incoming_dkv is None:
+                    storage, views = _rows_buffer(k, v, plan.spans[src][1], backend, acc)
+                    storage.zero_()
+                    travelling = (storage, views)
+                    dkv = (views[0][:, a:b], views[1][:, a:b])
+                else:
+                    travelling, dkv = incoming_dkv, None
+
+                    def ready():
+                        arrived()
+                        return travelling[1][0][:, a:b], travelling[1][1][:, a:b]
             if blocks:
                 kv = held[1]
                 attend_blocks_backward(bwd, _shifted(blocks, held_rows), do, q, kv[0], kv[1], out, lse, scale,
-                                       dq, dkv[0], dkv[1])
-        if exchange is not None:
-            exchange.wait()
-        if incoming_dkv is not None:
-            travelling[0].add_(incoming_dkv[0])
+                                       dq, *(dkv or (None, None)), ready=ready)
+        arrived()
+        if kv_exchange is not None:
+            kv_exchange.wait()
         if returning is not None:
             a, b = plan.spans[rank][1]
             home[0][:, a:b] += returning[1][0]
@@ -353,24 +376,23 @@ def cost(prob, topo, options):
 
 
 def peak_memory(prob, options) -> int:
-    """Inputs, plus every buffer the loops hold at their fullest step.
+    """Inputs and output, plus every buffer the loops hold at their fullest step.
 
-    Forward: this rank's K/V packed to travel, the held and the incoming K/V, the fp32 output
-    accumulator and the fp64 lse. Backward: dO in the kernel's layout and the fp32 dQ, the
-    held and incoming K/V, this rank's fp32 dK/dV, the dK/dV computed this step and the
-    previous step's on their way (and, from P = 3 on, the partial dK/dV arriving from the
-    previous rank), and one backward tile's fresh dQ/dK/dV (`common.BACKWARD_TILE` rows
-    and keys on CPUs)."""
-    from .common import BACKWARD_TILE
+    Saved: the lse (q is the input and the saved output is the returned one). Forward: q in
+    the kernel's layout, the fp32 output accumulator (the output itself for fp32 inputs),
+    the fp64 lse, this rank's K/V packed to travel and the incoming K/V. Backward: dO, the
+    fp32 dQ, dK and dV, the held and incoming K/V, the partial dK/dV on its way out and the
+    one arriving that this step adds into (P = 2: one), and one backward tile's fresh
+    gradients and kernel workspace (`common.backward_tile_bytes`)."""
+    from .common import backward_tile_bytes
 
     b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
     e, a = prob.element_size, prob.acc_size
     rows, lse, kv = b * n * h * d, b * h * n, 2 * b * n * hkv * d
-    saved = 2 * rows * e + lse * a  # q in the kernel's layout, out, lse
-    fwd = 3 * kv * e + rows * a + lse * 8
-    tile = b * min(n, BACKWARD_TILE) * (h + 2 * hkv) * d * a
-    dkv = (4 if prob.world_size >= 3 else 3) * kv * a
-    bwd = 2 * kv * e + dkv + rows * (a + e) + tile
+    saved = lse * a
+    fwd = rows * e + (rows * a if a != e else 0) + lse * 8 + 2 * kv * e
+    travelling = (2 if prob.world_size >= 3 else 1) * kv * a
+    bwd = rows * e + rows * a + kv * a + 2 * kv * e + travelling + backward_tile_bytes(b, n, h, hkv, d, a)
     return prob.peak(saved, fwd, bwd)
 
 
@@ -380,22 +402,25 @@ def candidates(prob):
 class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, layout, causal, scale, backend):
-        q_k = block_kernels.to_kernel_layout(q, backend)
-        out, lse = fold_sinks(*_ring_forward(q_k, k, v, layout, causal, scale, backend), sinks)
+        # the forward reads q once per step: a copy in the kernel's layout pays for itself
+        # there; the backward takes q as given (the kernels take any strides), so no copy is kept
+        out, lse = fold_sinks(*_ring_forward(block_kernels.to_kernel_layout(q, backend), k, v, layout, causal, scale,
+                                             backend), sinks)
+        result = out.to(q.dtype)  # [B, n, H, Dv]-contiguous; with fp32 inputs the accumulator itself
         # with sinks the backward's rowsum(dO * O) cancels against dO . v: keep O unrounded
-        ctx.save_for_backward(q_k, k, v, out if sinks is not None else out.to(q.dtype), lse, sinks)
+        ctx.save_for_backward(q, k, v, out if sinks is not None else result, lse, sinks)
         ctx.args = (layout, causal, scale, backend)
-        # the caller gets the usual [B, n, H, D]-contiguous layout
-        return out.to(q.dtype).contiguous()
+        return result
 
     @staticmethod
     def backward(ctx, do):
-        q_k, k, v, out, lse, sinks = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         layout, causal, scale, backend = ctx.args
-        do = block_kernels.to_kernel_layout(do, backend)
-        dq, dk, dv = _ring_backward(do, q_k, k, v, out, lse, layout, causal, scale, backend)
+        if do.stride(-1) != 1 or 0 in do.stride():  # e.g. an expanded gradient: one copy
+            do = do.contiguous()
+        dq, dk, dv = _ring_backward(do, q, k, v, out, lse, layout, causal, scale, backend)
         dsinks = sinks_grad(do, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[3] else None
-        return dq.to(q_k.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None, None
 
 
 def ring_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto", **options):

@@ -451,13 +451,19 @@ def cost(prob, topo, options):
 
 def peak_memory(prob, options) -> int:
     """Inputs, plus the visiting queries and the partial outputs in flight both ways; the
-    backward carries dO, out and lse with the queries and dQ back."""
+    backward carries dO, out and lse with the queries and dQ back: at its fullest step a
+    rank holds dO, its fp32 dQ, dK, dV, the visitors' q, dO, out and lse it computes on and
+    the next step's arriving, the partial dQ it computes, the one it returned last step and
+    the one returning to it, and one backward tile (`common.backward_tile_bytes`)."""
+    from .common import backward_tile_bytes
+
     b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
     e, a = prob.element_size, prob.acc_size
     rows, lse = b * n * h * d, b * h * n
-    saved = rows * e + lse * a
+    saved = lse * a  # q is the input, the saved output the returned one
     fwd = 2 * rows * e + 2 * (rows * a + lse * a) + rows * a + lse * 8
-    bwd = 2 * (3 * rows * e + lse * a) + 2 * rows * a + rows * a + 2 * b * n * hkv * d * a
+    bwd = (rows * e + 2 * (3 * rows * e + lse * a) + 3 * rows * a + rows * a + 2 * b * n * hkv * d * a
+           + backward_tile_bytes(b, n, h, hkv, d, a))
     return prob.peak(saved, fwd, bwd)
 
 

@@ -1,6 +1,6 @@
 """The backward's CPU tiles (`strategies.common.BACKWARD_TILE`): blocks cut into sub-blocks
 of at most that many rows and keys give the same gradients, for every mask and strategy.
-The suite's problems are far below the default tile (2048), so a rank here sets it to 3."""
+The suite's problems are far below the default tile (1024), so a rank here sets it to 3."""
 import pytest
 
 from seqpar.layout import Block
@@ -9,11 +9,11 @@ from seqpar.testing import AttentionProblem, assert_matches_dense, check_attenti
 
 
 def _with_tiny_tiles(problem, strategy):
-    common.BACKWARD_TILE = 3
+    default, common.BACKWARD_TILE = common.BACKWARD_TILE, 3
     try:
         return check_attention(problem, None, strategy=strategy)
     finally:
-        common.BACKWARD_TILE = 2048
+        common.BACKWARD_TILE = default
 
 
 @pytest.mark.parametrize("strategy", ["ring", "allgather", "token_ring", "usp"])
