@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 
+from .comm import deferred
 from .comm.groups import agree, describe
 from .layout import SeqLayout, as_process_group, group_rank_and_size
 
@@ -41,7 +42,8 @@ def collective_call(group, what: str, check: Callable[[], R],
     """`check()`'s result, once every rank of `group` passed its check and agrees on
     `signature`; else the same error on every rank (see the module docstring).
     `prior_error`: a caller's own failed check (e.g. a wrapper's), raised on every rank too."""
-    result, error = None, prior_error
+    # a device value check of an earlier call that failed (`comm.deferred`) stops this one, on every rank
+    result, error = None, prior_error or deferred.take_failure()
     if error is None:
         try:
             result = check()
