@@ -189,7 +189,8 @@ def peak_memory(prob, options) -> int:
     fp32 dQ, dK and dV, one chunk's K/V of every rank gathered (two chunks while the next
     one's gather flies) and its message, the chunk's fp32 dK/dV of every rank, and the
     larger of a backward tile (`common.backward_tile_bytes`) and the reduce-scatter's
-    staging (gloo copies the parts into one buffer; NCCL does not, so this errs high there)."""
+    staging, counted as one more copy of the chunk's dK/dV (gloo's, measured: 0.5-1x of
+    it; NCCL reduces in place, so this errs high there)."""
     from .common import backward_tile_bytes
 
     b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
@@ -202,7 +203,7 @@ def peak_memory(prob, options) -> int:
     saved = lse * a  # q is the input, the saved output the returned one
     fwd = gathered + (rows * a if a != e else 0) + lse * 8
     dkv = 2 * b * world * n * chunk * d * a
-    transient = max(backward_tile_bytes(b, n, chunk * (h // hkv), chunk, d, a), dkv + dkv // world)
+    transient = max(backward_tile_bytes(b, n, chunk * (h // hkv), chunk, d, a), dkv)
     bwd = rows * e + rows * a + 2 * b * n * hkv * d * a + gathered + dkv + transient
     return prob.peak(saved, fwd, bwd)
 

@@ -382,8 +382,8 @@ def peak_memory(prob, options) -> int:
     the kernel's layout, the fp32 output accumulator (the output itself for fp32 inputs),
     the fp64 lse, this rank's K/V packed to travel and the incoming K/V. Backward: dO, the
     fp32 dQ, dK and dV, the held and incoming K/V, the partial dK/dV on its way out and the
-    one arriving that this step adds into (P = 2: one), and one backward tile's fresh
-    gradients and kernel workspace (`common.backward_tile_bytes`)."""
+    one arriving that this step adds into (P = 2: the other rank's K/V and one partial), and
+    one backward tile's fresh gradients and kernel workspace (`common.backward_tile_bytes`)."""
     from .common import backward_tile_bytes
 
     b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
@@ -391,8 +391,9 @@ def peak_memory(prob, options) -> int:
     rows, lse, kv = b * n * h * d, b * h * n, 2 * b * n * hkv * d
     saved = lse * a
     fwd = rows * e + (rows * a if a != e else 0) + lse * 8 + 2 * kv * e
-    travelling = (2 if prob.world_size >= 3 else 1) * kv * a
-    bwd = rows * e + rows * a + kv * a + 2 * kv * e + travelling + backward_tile_bytes(b, n, h, hkv, d, a)
+    # P = 2: one foreign step, holding the other rank's K/V with nothing arriving, and one partial
+    travelling = (2 * kv * e + 2 * kv * a) if prob.world_size >= 3 else (kv * e + kv * a)
+    bwd = rows * e + rows * a + kv * a + travelling + backward_tile_bytes(b, n, h, hkv, d, a)
     return prob.peak(saved, fwd, bwd)
 
 

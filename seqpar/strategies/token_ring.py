@@ -454,7 +454,9 @@ def peak_memory(prob, options) -> int:
     backward carries dO, out and lse with the queries and dQ back: at its fullest step a
     rank holds dO, its fp32 dQ, dK, dV, the visitors' q, dO, out and lse it computes on and
     the next step's arriving, the partial dQ it computes, the one it returned last step and
-    the one returning to it, and one backward tile (`common.backward_tile_bytes`)."""
+    the one returning to it, and one backward tile (`common.backward_tile_bytes`); with one
+    step (P = 2) nothing arrives beside the visitors and the partial dQ goes and comes back
+    after the compute."""
     from .common import backward_tile_bytes
 
     b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
@@ -462,8 +464,13 @@ def peak_memory(prob, options) -> int:
     rows, lse = b * n * h * d, b * h * n
     saved = lse * a  # q is the input, the saved output the returned one
     fwd = 2 * rows * e + 2 * (rows * a + lse * a) + rows * a + lse * 8
-    bwd = (rows * e + 2 * (3 * rows * e + lse * a) + 3 * rows * a + rows * a + 2 * b * n * hkv * d * a
-           + backward_tile_bytes(b, n, h, hkv, d, a))
+    visitors = 3 * rows * e + lse * a
+    tile = backward_tile_bytes(b, n, h, hkv, d, a)
+    if prob.world_size >= 3:
+        travelling = 2 * visitors + 3 * rows * a + tile
+    else:  # one step: nothing arrives for a next one; its partial dQ returns after the compute
+        travelling = visitors + max(rows * a + tile, 2 * rows * a)
+    bwd = rows * e + rows * a + 2 * b * n * hkv * d * a + (travelling if prob.world_size > 1 else tile)
     return prob.peak(saved, fwd, bwd)
 
 

@@ -191,7 +191,7 @@ class HeadScatter:
                 for row, stored, length in runs:  # send rows from `row` on hold storage rows from `stored` on
                     target[row:row + length].copy_(seq_first[stored:stored + length])
             start += width
-            del t, seq_first  # a view keeps its base alive
+            del t, seq_first, target  # a view keeps its base alive
         recv = all_to_all_rows(send, self.rows, [self.rows[self.me]] * self.size, self.group, op, self.members)
         recv = recv.reshape(self.size, self.rows[self.me], b, send.shape[2])
         del send
@@ -235,16 +235,17 @@ class HeadParallelAttention(torch.autograd.Function):
         (dof,) = scatter.to_heads([(do, "q")], op=f"{name}.backward.do")
         dq, dk, dv = ring._ring_backward(dof, qf, kf, vf, out, lse, ring_layout, causal, scale, backend,
                                          ring_op=f"{name}.backward.kv")
-        dtype = qf.dtype
-        pending = [(dq.to(dtype), "q", heads), (dk.to(dtype), "kv", kv_heads), (dv.to(dtype), "kv", kv_heads)]
-        del dq, dk, dv  # to_sequence frees each as it is packed
-        grads = scatter.to_sequence(pending, op=f"{name}.backward.grads")
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
             # this member computed every row of its heads: their whole gradient, zero elsewhere
             chunk = slice(scatter.me * scatter.hq, (scatter.me + 1) * scatter.hq)
             dsinks = torch.zeros_like(sinks)
             dsinks[chunk] = sinks_grad(dof, out, lse, sinks[chunk])
+        dtype = qf.dtype
+        del dof  # head-sharded dO is done with before the gradients' all-to-all
+        pending = [(dq.to(dtype), "q", heads), (dk.to(dtype), "kv", kv_heads), (dv.to(dtype), "kv", kv_heads)]
+        del dq, dk, dv  # to_sequence frees each as it is packed
+        grads = scatter.to_sequence(pending, op=f"{name}.backward.grads")
         return (*grads, dsinks, None, None, None, None, None, None)
 
 
@@ -306,18 +307,31 @@ def head_parallel_cost(prob, topo, size: int, total: Dict[str, int]):
 
 
 def head_parallel_memory(prob, size: int) -> int:
-    """Peak bytes of Ulysses in groups of `size` (USP; size = P: Ulysses): the group's
-    tokens of this member's heads, gathered, plus the outer ring's K/V in flight."""
+    """Peak bytes of Ulysses in groups of `size` (USP; size = P: Ulysses).
+
+    Saved: the group's tokens of this member's heads (q, k, v) and its output, and the lse.
+    The backward's fullest moment is either its compute (dO, the head-sharded dO, the fp32
+    dQ/dK/dV of the member's heads, the outer ring's held and arriving K/V and travelling
+    dK/dV, one backward tile) or the gradients' all-to-all (dO, the message out and the
+    message in, which is then unpacked while the message out is already freed)."""
+    from .common import backward_tile_bytes
+
     b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
     e, a = prob.element_size, prob.acc_size
     hq, hk = h // size, kv_heads_per_member(h, hkv, size)
     ng = n * size  # the group's tokens
     full = b * ng * (hq + 2 * hk) * d
-    ring_kv = 2 * b * ng * hk * d if size < prob.world_size else 0
-    saved = full * e + b * ng * hq * d * e + b * hq * ng * a
-    fwd = 2 * full * e + 2 * ring_kv * e + b * ng * hq * d * (a + 2 * e) + b * hq * ng * 8
-    bwd = 2 * b * ng * hq * d * e + full * (a + 2 * e) + 2 * ring_kv * e + 3 * ring_kv * a
-    return prob.peak(saved, fwd, bwd)
+    heads_out = b * ng * hq * d  # this member's query heads over the group's tokens
+    rows = b * n * h * d
+    ring = prob.world_size // size
+    ring_kv = 2 * b * ng * hk * d if ring > 1 else 0
+    saved = full * e + heads_out * e + b * hq * ng * a
+    fwd = 2 * full * e + 3 * ring_kv * e + (heads_out * a if a != e else 0) + b * hq * ng * 8
+    travelling = (2 if ring >= 3 else 1) * ring_kv * a
+    compute = rows * e + heads_out * e + full * a + 2 * ring_kv * e + travelling + backward_tile_bytes(
+        b, ng, hq, hk, d, a)
+    exchange = rows * e + 2 * full * e
+    return prob.peak(saved, fwd, max(compute, exchange))
 
 
 def cost(prob, topo, options):
