@@ -10,8 +10,10 @@ before the wrap need only the second chunk.
 
 Routes (`route=`):
 - "direct" (default; full-mesh links such as NVSwitch, as in the paper): at step t rank r
-  sends its rows to r+t and gets the partial straight back from r+t. The return of step t
-  is posted with the queries of step t+1, so it overlaps the next block's compute.
+  sends its rows to r+t and gets the partial straight back from r+t. The queries of step
+  t+1 fly during step t's compute; the return of step t is posted after it and folded in
+  before step t+1's compute (it flies while step t+1's queries finish arriving), so no
+  rank holds the results of two steps at once.
 - "ring" (ring-only links): queries are relayed hop by hop; the partials for the queries
   of rank s start at the last rank they visit (s-1) and travel back along the reverse
   ring, each rank merging its own partial into them as they pass. They reach s P-1 hops
@@ -181,7 +183,8 @@ def _travel(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str) -> None:
 
 def _travel_direct(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str) -> None:
     """Step t: send own rows to rank+t, receive rank-t's, compute, return the results to
-    rank-t directly. The next step's rows and this step's returns fly during compute."""
+    rank-t directly. The next step's rows fly during the compute; the returns are folded in
+    before the next compute."""
     rank, world, rows = layout.rank, layout.world_size, plan.rows
     own = [x for x, _ in traffic.payload]
     full = [(0, layout.local_len)]
@@ -197,14 +200,19 @@ def _travel_direct(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str) ->
     for t in range(1, world):
         src = (rank - t) % world
         tensors = pending_rows.wait()
+        if pending_return is not None:
+            # the last step's results have flown with these rows; folding them in before the
+            # compute frees the partial sent and the one received (two result buffers)
+            traffic.absorb(pending_return.wait(), rows[rank][t - 1])
+            pending_return = None
         if t + 1 < world:
             pending_rows = post_rows(t + 1)
         produced = traffic.compute(src, t, tensors)
-        if pending_return is not None:
-            traffic.absorb(pending_return.wait(), rows[rank][t - 1])
+        del tensors
         pending_return = p2p.post([(x, src) for x in produced],
                                   [(x, (rank + t) % world) for x in traffic.result_buffers(_count(rows[rank][t]))],
                                   layout.group, op=f"{op}.returning")
+        del produced
     if pending_return is not None:
         traffic.absorb(pending_return.wait(), rows[rank][world - 1])
 
@@ -431,10 +439,11 @@ def cost(prob, topo, options):
         line.wait(out_step, 1)  # the first rows leave after the local block
         if route == "direct":
             for t in range(1, world):
-                # rows of step t+1 and the return of step t-1 fly while step t computes
+                if t > 1:  # the return of step t-1 is folded in before step t computes
+                    line.wait(ret_step, 1)
+                # the rows of step t+1 fly while step t computes
                 nxt = out_step if t + 1 < world else 0.0
-                back = ret_step if t > 1 else 0.0
-                line.overlap(work[t], nxt + back, int(nxt > 0) + int(back > 0))
+                line.overlap(work[t], nxt, int(nxt > 0))
             line.wait(ret_step, 1)
         else:
             for t in range(2, world):
@@ -453,10 +462,9 @@ def peak_memory(prob, options) -> int:
     """Inputs, plus the visiting queries and the partial outputs in flight both ways; the
     backward carries dO, out and lse with the queries and dQ back: at its fullest step a
     rank holds dO, its fp32 dQ, dK, dV, the visitors' q, dO, out and lse it computes on and
-    the next step's arriving, the partial dQ it computes, the one it returned last step and
-    the one returning to it, and one backward tile (`common.backward_tile_bytes`); with one
-    step (P = 2) nothing arrives beside the visitors and the partial dQ goes and comes back
-    after the compute."""
+    the next step's arriving, and either the partial dQ it computes and one backward tile
+    (`common.backward_tile_bytes`) or, after the compute, the partial going back and the one
+    coming in; with one step (P = 2) nothing arrives beside the visitors."""
     from .common import backward_tile_bytes
 
     b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
@@ -466,8 +474,8 @@ def peak_memory(prob, options) -> int:
     fwd = 2 * rows * e + 2 * (rows * a + lse * a) + rows * a + lse * 8
     visitors = 3 * rows * e + lse * a
     tile = backward_tile_bytes(b, n, h, hkv, d, a)
-    if prob.world_size >= 3:
-        travelling = 2 * visitors + 3 * rows * a + tile
+    if prob.world_size >= 3:  # the next step's visitors arrive during the compute
+        travelling = 2 * visitors + max(rows * a + tile, 2 * rows * a)
     else:  # one step: nothing arrives for a next one; its partial dQ returns after the compute
         travelling = visitors + max(rows * a + tile, 2 * rows * a)
     bwd = rows * e + rows * a + 2 * b * n * hkv * d * a + (travelling if prob.world_size > 1 else tile)
