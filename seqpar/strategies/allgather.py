@@ -7,9 +7,10 @@ masks follow global positions for every scheme. The backward gathers K/V again (
 of size N is kept between the passes), accumulates dK/dV for every rank's keys in fp32
 and reduce-scatters them to their owners.
 
-`kv_head_chunk=c` processes the KV heads c at a time (with their G query heads each):
-peak memory for gathered K/V is `2 B N c D` instead of `2 B N H_kv D`, and the gather of
-the next chunk is posted before the current chunk is computed.
+Each pass attends to the rank's own keys first, while the gather flies. `kv_head_chunk=c`
+processes the KV heads c at a time (with their G query heads each): peak memory for
+gathered K/V is `2 B N c D` instead of `2 B N H_kv D`, and the gather of the next chunk is
+posted before the current chunk is computed.
 
 Volume per rank (`n_max` the longest local length, `e` the element size):
     forward:  (P-1) 2 B n_max H_kv D e               (all-gather of K, V)
@@ -59,15 +60,16 @@ class _Gather:
 
 
 def _gathered(k, v, layout: SeqLayout, chunk, op: str):
-    """Yield (first KV head, end, K/V of every rank) per chunk; the next chunk's gather is
-    posted before the current one is handed out."""
+    """Yield (first KV head, end, its posted `_Gather`) per chunk; the next chunk's gather is
+    posted right behind the current one, before the caller waits for it."""
     chunks = _chunks(k.shape[2], chunk)
     pending = _Gather(k, v, chunks[0], layout, op)
     for i, (a, end) in enumerate(chunks):
-        kvs = pending.result()
+        current = pending
         if i + 1 < len(chunks):
             pending = _Gather(k, v, chunks[i + 1], layout, op)
-        yield a, end, kvs
+        yield a, end, current
+        del current
 
 
 def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, chunk):
@@ -79,11 +81,16 @@ def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, chunk):
     group = h // k.shape[2]
     out = torch.zeros(b, nq, h, v.shape[3], dtype=acc, device=q.device)
     lse = torch.full((b, h, nq), float("-inf"), dtype=torch.float64, device=q.device)
-    for a, c_end, kvs in _gathered(k, v, layout, chunk, "allgather.forward.kv"):
+    for a, c_end, gather in _gathered(k, v, layout, chunk, "allgather.forward.kv"):
         heads = slice(a * group, c_end * group)
-        for src, kv in enumerate(kvs):
-            attend_blocks(fwd, q[:, :, heads], kv[0], kv[1], visible_blocks(layout, rank, src, causal), scale,
-                          out[:, :, heads], lse[:, heads], merge=merge)
+        q_c, out_c, lse_c = q[:, :, heads], out[:, :, heads], lse[:, heads]
+        # this rank's own keys first: they need no gather, which flies meanwhile
+        attend_blocks(fwd, q_c, k[:, :, a:c_end], v[:, :, a:c_end], visible_blocks(layout, rank, rank, causal),
+                      scale, out_c, lse_c, merge=merge)
+        for src, kv in enumerate(gather.result()):
+            if src != rank:
+                attend_blocks(fwd, q_c, kv[0], kv[1], visible_blocks(layout, rank, src, causal), scale, out_c, lse_c,
+                              merge=merge)
     return out, lse.to(acc)
 
 
@@ -97,15 +104,22 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
     dk = torch.empty(k.shape, dtype=acc, device=q.device)
     dv = torch.empty(v.shape, dtype=acc, device=q.device)
     longest = max(layout.local_lens)
-    for a, c_end, kvs in _gathered(k, v, layout, chunk, "allgather.backward.kv"):
+    for a, c_end, gather in _gathered(k, v, layout, chunk, "allgather.backward.kv"):
         heads = slice(a * group, c_end * group)
         # dK/dV of every rank's keys for this chunk, padded rows so the reduce-scatter is even
         dkv = torch.zeros(world, longest, k.shape[0], c_end - a, d + v.shape[3], dtype=acc, device=q.device)
-        for src, kv in enumerate(kvs):
+        rows = (do[:, :, heads], q[:, :, heads])
+        tail = (out[:, :, heads], lse[:, heads], scale, dq[:, :, heads])
+
+        def attend(src, k_src, v_src):
             # dkv[src] is [rows, B, c, D + Dv]: its K and V parts as [B, rows, c, D or Dv] views
-            attend_blocks_backward(bwd, visible_blocks(layout, rank, src, causal), do[:, :, heads], q[:, :, heads],
-                                   kv[0], kv[1], out[:, :, heads], lse[:, heads], scale, dq[:, :, heads],
+            attend_blocks_backward(bwd, visible_blocks(layout, rank, src, causal), *rows, k_src, v_src, *tail,
                                    dkv[src, ..., :d].transpose(0, 1), dkv[src, ..., d:].transpose(0, 1))
+
+        attend(rank, k[:, :, a:c_end], v[:, :, a:c_end])  # own keys first, while the gather flies
+        for src, kv in enumerate(gather.result()):
+            if src != rank:
+                attend(src, kv[0], kv[1])
         mine = collectives.reduce_scatter_sum(list(dkv.unbind(0)), layout.group, op="allgather.backward.dkv")
         mine = mine[: layout.local_len]  # [n, B, c, D + Dv]
         dk[:, :, a:c_end] = mine[..., :d].transpose(0, 1)
@@ -146,8 +160,8 @@ class Options:
 
 
 def cost(prob, topo, options):
-    """(timeline, busiest rank's bytes): per KV-head chunk, the gather of the next chunk
-    hides behind this chunk's blocks; the first gather and the dK/dV reduce-scatters are
+    """(timeline, busiest rank's bytes): the first gather hides behind the rank's own keys'
+    blocks, each next chunk's behind the current chunk's; the dK/dV reduce-scatters are
     exposed."""
     import math
 
@@ -166,21 +180,26 @@ def cost(prob, topo, options):
                       + calls * topo.kernel_overhead * chunks).max()) / chunks
     bwd_work = float((visible.sum(1).double() * BACKWARD_FLOPS * per / topo.backward_rate
                       + calls * topo.kernel_overhead * chunks).max()) / chunks
+    own = visible.diagonal().double()
+    own_fwd = float((own * FORWARD_FLOPS * per / topo.compute_rate + (own > 0) * topo.kernel_overhead).max()) / chunks
+    own_bwd = float((own * BACKWARD_FLOPS * per / topo.backward_rate + (own > 0) * topo.kernel_overhead).max()) / chunks
     gather = topo.transfer(level, "allgather", world, nbytes["forward"] / chunks)
     msgs = steps("allgather", world)
     line = Timeline(topo.overlap)
 
-    def gathered_pass(work: float, scatter: float) -> None:
-        line.wait(gather, msgs)  # the first chunk's gather: nothing to hide it behind
+    def gathered_pass(work: float, own_work: float, scatter: float) -> None:
+        line.overlap(own_work, gather, msgs)  # the first chunk's gather flies while the own keys compute
         for i in range(chunks):
-            line.overlap(work, gather if i + 1 < chunks else 0.0, msgs if i + 1 < chunks else 0)
+            last = i + 1 == chunks
+            # the rest of this chunk and the next chunk's own keys, while the next chunk's gather flies
+            line.overlap(work - own_work + (0.0 if last else own_work), 0.0 if last else gather, 0 if last else msgs)
             if scatter:
                 line.wait(scatter, steps("reduce_scatter", world))
 
-    gathered_pass(fwd_work, 0.0)
+    gathered_pass(fwd_work, own_fwd, 0.0)
     if prob.training:
         scatter = topo.transfer(level, "reduce_scatter", world, (nbytes["backward"] - nbytes["forward"]) / chunks)
-        gathered_pass(bwd_work, scatter)
+        gathered_pass(bwd_work, own_bwd, scatter)
     return line, nbytes
 
 
