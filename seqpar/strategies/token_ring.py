@@ -176,12 +176,13 @@ class _Pass(ABC):
                 for x, dim in self.payload]
 
 
-def _travel(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str) -> None:
-    """Move this rank's rows to the others and their results back, by `plan.route`."""
-    (_travel_direct if plan.route == "direct" else _travel_relayed)(layout, plan, traffic, op)
+def _travel(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str, local) -> None:
+    """Move this rank's rows to the others and their results back, by `plan.route`;
+    `local()` (this rank's own block) runs while the first rows fly."""
+    (_travel_direct if plan.route == "direct" else _travel_relayed)(layout, plan, traffic, op, local)
 
 
-def _travel_direct(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str) -> None:
+def _travel_direct(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str, local) -> None:
     """Step t: send own rows to rank+t, receive rank-t's, compute, return the results to
     rank-t directly. The next step's rows fly during the compute; the returns are folded in
     before the next compute."""
@@ -196,6 +197,7 @@ def _travel_direct(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str) ->
                         op=f"{op}.outgoing")
 
     pending_rows = post_rows(1) if world > 1 else None
+    local()
     pending_return = None
     for t in range(1, world):
         src = (rank - t) % world
@@ -217,7 +219,7 @@ def _travel_direct(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str) ->
         traffic.absorb(pending_return.wait(), rows[rank][world - 1])
 
 
-def _travel_relayed(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str) -> None:
+def _travel_relayed(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str, local) -> None:
     """Rows relayed hop by hop along the ring (the next hop flies while these rows
     compute), then each owner's results stream back from its last receiver, folded in by
     every rank they pass."""
@@ -229,11 +231,15 @@ def _travel_relayed(layout: SeqLayout, plan: "_Plan", traffic: _Pass, op: str) -
         exchange = p2p.post([(x, (rank + 1) % world) for x in traffic.pack(held, rows[owner][t - 1], rows[owner][t])],
                             [(x, (rank - 1) % world) for x in traffic.empty_rows(_count(rows[src][t]))],
                             layout.group, op=f"{op}.outgoing")
-        if t > 1:
+        if t == 1:
+            local()
+        else:
             kept[owner] = traffic.compute(owner, t - 1, held)
         held, owner = exchange.wait(), src
     if world > 1:
         kept[owner] = traffic.compute(owner, world - 1, held)
+    else:
+        local()
     for hop in range(1, world):
         leaving, arriving = (rank + hop) % world, (rank + hop + 1) % world
         position = (rank - arriving) % world
@@ -290,9 +296,17 @@ def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, route, name):
     fwd, _ = block_kernels.kernels(backend, q, k)
     acc = block_kernels.acc_dtype(q.dtype)
     plan = _plan_of(layout, causal, route)
-    out, lse = _attend(fwd, block_kernels.merge_kernel(backend), q, k, v,
-                       visible_blocks(layout, layout.rank, layout.rank, causal), scale, acc, torch.float64)
-    _travel(layout, plan, _ForwardPass(q, k, v, layout, plan, causal, scale, backend, out, lse), op=f"{name}.forward")
+    b, n, h, _ = q.shape
+    out = torch.zeros(b, n, h, v.shape[3], dtype=acc, device=q.device)
+    lse = torch.full((b, h, n), float("-inf"), dtype=torch.float64, device=q.device)
+    merge = block_kernels.merge_kernel(backend)
+
+    def local():  # this rank's own block, while its first rows fly
+        attend_blocks(fwd, q, k, v, visible_blocks(layout, layout.rank, layout.rank, causal), scale, out, lse,
+                      merge=merge)
+
+    _travel(layout, plan, _ForwardPass(q, k, v, layout, plan, causal, scale, backend, out, lse), f"{name}.forward",
+            local)
     return out, lse.to(acc)
 
 
@@ -335,8 +349,8 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     traffic = _BackwardPass(q, do, out, lse, k, v, layout, plan, causal, scale, backend, dq, dk, dv)
-    traffic.attend_back(visible_blocks(layout, layout.rank, layout.rank, causal), q, do, out, lse, dq)
-    _travel(layout, plan, traffic, op=f"{name}.backward")
+    _travel(layout, plan, traffic, f"{name}.backward",
+            lambda: traffic.attend_back(visible_blocks(layout, layout.rank, layout.rank, causal), q, do, out, lse, dq))
     return dq, dk, dv
 
 
@@ -433,10 +447,10 @@ def cost(prob, topo, options):
         work = [float(blocks[(rows - t) % world, rows].max()) for t in range(world)]
         out_step = topo.transfer(level, "p2p", world, outgoing / hops)
         ret_step = topo.transfer(level, "p2p", world, returning / hops)
-        line.work(work[0])
         if world == 1:
+            line.work(work[0])
             return
-        line.wait(out_step, 1)  # the first rows leave after the local block
+        line.overlap(work[0], out_step, 1)  # the first rows fly while the local block computes
         if route == "direct":
             for t in range(1, world):
                 if t > 1:  # the return of step t-1 is folded in before step t computes
