@@ -12,11 +12,12 @@ the process; NCCL hangs). Each public entry point validates locally, then calls 
   that each rank raises an error naming the field, every rank's value, or the bad rank.
 
 The agreement is host metadata, so it runs on the host where it can: over the group
-itself when its backend is gloo, and for the default (world) group on NCCL over a gloo
-group of all ranks created once (`host_group`). There the check never touches the device
-stream: no host sync, and the launch queue keeps running ahead (one ~16-byte TCP
-all-reduce per call instead). On an NCCL sub-group it runs on that group and syncs the
-host: creating a gloo twin of a sub-group safely needs every process of the world.
+itself when its backend is gloo, for the default (world) group on NCCL over a gloo group
+of all ranks created once (`host_group`), and for a sub-group made by `new_group` over
+the gloo twin made with it. There the check never touches the device stream: no host
+sync, and the launch queue keeps running ahead (one ~16-byte TCP all-reduce per call
+instead). On an NCCL sub-group made otherwise it runs on that group and syncs the host:
+creating a gloo twin later, safely, would need every process of the world.
 
 The digest check runs on every call ("always", the default): a rank cannot know from its
 own history whether its peers have seen a signature, so a per-rank cache cannot decide
@@ -51,18 +52,43 @@ def host_group(group):
     `group` itself when its backend takes CPU tensors. For the default (world) group on a
     device backend, a gloo group of all ranks, created once on first use with the world's
     timeout: every rank reaches it in the same collective call, so all ranks create it in
-    step, as `new_group` requires. For any other device sub-group None: creating a group
+    step, as `new_group` requires. For a device sub-group made by `seqpar.comm.new_group`,
+    the gloo twin made with it. For any other device sub-group None: creating a group
     needs every process of the world (or, with local synchronisation, names derived from
     each process's own group history, which can differ between the members and hang), so
     the agreement stays on the device group there and syncs the host."""
     if _runs_on_host(group):
         return group
     if group is not None and group is not dist.group.WORLD:
-        return None
+        return _host_groups.get(group)  # a twin made by `new_group`, else None
     if "world" not in _host_groups:
         limit = timeout.group_timeout(None, collectives.device_of(None))
         _host_groups["world"] = dist.new_group(backend="gloo", timeout=limit)
     return _host_groups["world"]
+
+
+def new_group(ranks=None, **kwargs):
+    """`torch.distributed.new_group(ranks, **kwargs)`, plus, when that group runs on a device
+    (NCCL), a gloo twin over the same ranks made in the same step, so that seqpar's
+    agreement on the group runs on the host and never syncs it with the device stream.
+    Like `new_group` itself, every process of the world must call it, in the same order."""
+    group = dist.new_group(ranks, **kwargs)
+    if not _needs_twin(kwargs.get("backend")):
+        return group  # the backend takes CPU tensors (every process decides alike, from the name)
+    limit = timeout.group_timeout(None, collectives.device_of(None))
+    twin = dist.new_group(ranks, backend="gloo", timeout=limit)
+    if _is_member(group):
+        _host_groups[group] = twin
+    return group
+
+
+def _needs_twin(backend) -> bool:
+    """Whether a group of `backend` (a name; None: the world's) takes device tensors only."""
+    return "gloo" not in str(backend or dist.get_backend())
+
+
+def _is_member(group) -> bool:
+    return group is not None and group != dist.GroupMember.NON_GROUP_MEMBER
 
 
 def set_validation(mode: str) -> None:

@@ -44,3 +44,37 @@ def test_gloo_groups_are_their_own_host_group():
     from seqpar.testing import world
 
     assert world(2).run(_host_group_of_world_is_itself) == [True, True]
+
+
+def _sub_group_as_if_nccl(mismatch: bool):
+    """A 2-rank sub-group of a 3-rank world made by seqpar.comm.new_group, pretended to be a
+    device group (its tensors on cuda, which this CPU build cannot create): ring attention
+    on it agrees over the gloo twin made with it, never on the device group."""
+    groups._needs_twin = lambda backend: True
+    group = seqpar.comm.new_group([0, 2])
+    if dist.get_rank() == 1:  # not a member: made the groups in step, calls nothing
+        return "not a member"
+    device = (group,)
+    groups._runs_on_host = lambda g: g not in device
+    collectives.device_of = lambda g: torch.device("cuda") if g in device else torch.device("cpu")
+    layout = seqpar.SeqLayout(8, scheme="zigzag", group=group)
+    q = torch.randn(1, layout.local_len, 2, 4, dtype=torch.float64)
+    causal = mismatch and dist.get_rank() == 2
+    try:
+        out = seqpar.ring_attention(q, q, q, layout=layout, causal=causal)
+    except ValueError as exc:
+        return "raised: " + str(exc)
+    twin = groups.host_group(group)
+    return (tuple(out.shape), twin is not None and twin is not group and dist.get_world_size(twin) == 2)
+
+
+def test_sub_groups_made_by_seqpar_agree_on_their_host_twin():
+    w = LocalWorld(3, threads_per_rank=1)
+    try:
+        got = w.run(_sub_group_as_if_nccl, False, timeout=120)
+        assert got == [((1, 4, 2, 4), True), "not a member", ((1, 4, 2, 4), True)]
+        got = w.run(_sub_group_as_if_nccl, True, timeout=120)
+        for message in (got[0], got[2]):
+            assert message.startswith("raised: ") and "causal must be the same on every rank" in message, message
+    finally:
+        w.close(force=True)
