@@ -10,7 +10,7 @@ and reduce-scatters them to their owners.
 Each pass attends to the rank's own keys first, while the gather flies. `kv_head_chunk=c`
 processes the KV heads c at a time (with their G query heads each): peak memory for
 gathered K/V is `2 B N c D` instead of `2 B N H_kv D`, and the gather of the next chunk is
-posted before the current chunk is computed.
+posted as soon as the current one has landed.
 
 Volume per rank (`n_max` the longest local length, `e` the element size):
     forward:  (P-1) 2 B n_max H_kv D e               (all-gather of K, V)
@@ -50,25 +50,36 @@ class _Gather:
         local[..., self.d:].copy_(v[:, :, a:b].transpose(0, 1))
         self.lens = layout.local_lens
         self.handle, self.buffers = collectives.all_gather_uneven_async(local, self.lens, layout.group, op)
+        self.on_arrival = None  # called once, when the gather has landed
 
     def result(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Per source rank, (K `[B, n_src, c, D]`, V `[B, n_src, c, Dv]`) (views)."""
         if self.handle is not None:
             self.handle.wait()
+            self.handle = None
+        if self.on_arrival is not None:
+            then, self.on_arrival = self.on_arrival, None
+            then()
         return [(buf[:n, ..., :self.d].transpose(0, 1), buf[:n, ..., self.d:].transpose(0, 1))
                 for buf, n in zip(self.buffers, self.lens)]
 
 
 def _gathered(k, v, layout: SeqLayout, chunk, op: str):
     """Yield (first KV head, end, its posted `_Gather`) per chunk; the next chunk's gather is
-    posted right behind the current one, before the caller waits for it."""
+    posted as soon as the current one has landed (one gather in flight at a time), so it
+    flies while the rest of this chunk and the next chunk's own keys compute."""
     chunks = _chunks(k.shape[2], chunk)
-    pending = _Gather(k, v, chunks[0], layout, op)
+    posted = {0: _Gather(k, v, chunks[0], layout, op)}
+
+    def post(i):
+        posted[i] = _Gather(k, v, chunks[i], layout, op)
+
     for i, (a, end) in enumerate(chunks):
-        current = pending
+        current = posted.pop(i)
         if i + 1 < len(chunks):
-            pending = _Gather(k, v, chunks[i + 1], layout, op)
+            current.on_arrival = lambda i=i: post(i + 1)
         yield a, end, current
+        current.result()  # a caller that never asked still posts the next gather
         del current
 
 
@@ -106,20 +117,27 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
     longest = max(layout.local_lens)
     for a, c_end, gather in _gathered(k, v, layout, chunk, "allgather.backward.kv"):
         heads = slice(a * group, c_end * group)
-        # dK/dV of every rank's keys for this chunk, padded rows so the reduce-scatter is even
-        dkv = torch.zeros(world, longest, k.shape[0], c_end - a, d + v.shape[3], dtype=acc, device=q.device)
         rows = (do[:, :, heads], q[:, :, heads])
         tail = (out[:, :, heads], lse[:, heads], scale, dq[:, :, heads])
 
-        def attend(src, k_src, v_src):
-            # dkv[src] is [rows, B, c, D + Dv]: its K and V parts as [B, rows, c, D or Dv] views
+        def attend(src, k_src, v_src, grads):
+            # grads is [rows, B, c, D + Dv]: its K and V parts as [B, rows, c, D or Dv] views
             attend_blocks_backward(bwd, visible_blocks(layout, rank, src, causal), *rows, k_src, v_src, *tail,
-                                   dkv[src, ..., :d].transpose(0, 1), dkv[src, ..., d:].transpose(0, 1))
+                                   grads[..., :d].transpose(0, 1), grads[..., d:].transpose(0, 1))
 
-        attend(rank, k[:, :, a:c_end], v[:, :, a:c_end])  # own keys first, while the gather flies
-        for src, kv in enumerate(gather.result()):
+        # own keys first, while the gather flies, into a buffer of their own: the gradients of
+        # every rank's keys are only allocated once the gather's buffers (and gloo's copy of
+        # them) have landed
+        own = torch.zeros(layout.local_len, k.shape[0], c_end - a, d + v.shape[3], dtype=acc, device=q.device)
+        attend(rank, k[:, :, a:c_end], v[:, :, a:c_end], own)
+        kvs = gather.result()
+        # dK/dV of every rank's keys for this chunk, padded rows so the reduce-scatter is even
+        dkv = torch.zeros(world, longest, k.shape[0], c_end - a, d + v.shape[3], dtype=acc, device=q.device)
+        dkv[rank, :layout.local_len] = own
+        del own
+        for src, kv in enumerate(kvs):
             if src != rank:
-                attend(src, kv[0], kv[1])
+                attend(src, kv[0], kv[1], dkv[src])
         mine = collectives.reduce_scatter_sum(list(dkv.unbind(0)), layout.group, op="allgather.backward.dkv")
         mine = mine[: layout.local_len]  # [n, B, c, D + Dv]
         dk[:, :, a:c_end] = mine[..., :d].transpose(0, 1)
