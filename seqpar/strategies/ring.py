@@ -226,8 +226,8 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale: floa
     The K/V travel as in the forward. This rank's own blocks (step 0) add straight into
     its dK/dV; from step 1 the dK/dV of a source's keys accumulate over rows `spans[s][1]`
     along the ring, one step behind the K/V, and the last rank to see them sends them home,
-    where they are added. The dK/dV go in their own batch of exchanges, posted with the
-    K/V's: a step adds its blocks into the partial dK/dV arriving from the previous rank,
+    where they are added. The dK/dV go in their own batch of exchanges, posted just before
+    the K/V's: a step adds its blocks into the partial dK/dV arriving from the previous rank,
     waiting for it after its first tile's kernel (`attend_blocks_backward(ready=)`), rather
     than into a fresh buffer held beside it; the partial sent on is then freed too."""
     rank, world = layout.rank, layout.world_size
@@ -242,10 +242,6 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale: floa
     for step in range(world + 1):
         src = (rank - step) % world
         before = (src + 1) % world  # the source of the previous step
-        sends, recvs = [], []
-        incoming, in_rows = _kv_hop(plan, held, held_rows, src, step, world, k, v, backend, nxt, prv, sends, recvs)
-        kv_exchange = p2p.post(sends, recvs, layout.group, op=ring_op) if sends or recvs else None
-        del sends
         grad_sends, grad_recvs = [], []
         incoming_dkv = returning = None
         if travelling is not None:
@@ -259,9 +255,16 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale: floa
         if plan.hops[rank] >= 1 and step == plan.hops[rank] + 1:
             returning = _rows_buffer(k, v, plan.spans[rank][1], backend, acc)
             grad_recvs.append((returning[0], layout.peer((rank + plan.hops[rank]) % world)))
+        # the dK/dV first: this step waits for them after one tile, and a backend that runs
+        # its batches in order on one stream (NCCL) must not put the K/V, needed only at the
+        # step's end, before them
         grad_exchange = (p2p.post(grad_sends, grad_recvs, layout.group, op=ring_op)
                          if grad_sends or grad_recvs else None)
         del grad_sends, grad_recvs
+        sends, recvs = [], []
+        incoming, in_rows = _kv_hop(plan, held, held_rows, src, step, world, k, v, backend, nxt, prv, sends, recvs)
+        kv_exchange = p2p.post(sends, recvs, layout.group, op=ring_op) if sends or recvs else None
+        del sends
         travelling = None
 
         def arrived():
