@@ -85,6 +85,8 @@ def _gathered(k, v, layout: SeqLayout, chunk, op: str):
 
 def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, chunk):
     rank = layout.rank
+    # every block reads q: a copy in the kernel's layout pays for itself (kept only here)
+    q = block_kernels.to_kernel_layout(q, backend)
     fwd, _ = block_kernels.kernels(backend, q, k)
     merge = block_kernels.merge_kernel(backend)
     acc = block_kernels.acc_dtype(q.dtype)
@@ -238,7 +240,7 @@ def peak_memory(prob, options) -> int:
     # one chunk gathered; with several, the next chunk's gather and its message fly beside it
     gathered = world * local + (world * local + local if chunk < hkv else 0)
     saved = lse * a  # q is the input, the saved output the returned one
-    fwd = gathered + (rows * a if a != e else 0) + lse * 8
+    fwd = gathered + rows * e + (rows * a if a != e else 0) + lse * 8  # q in the kernel's layout, out, lse
     dkv = 2 * b * world * n * chunk * d * a
     transient = max(backward_tile_bytes(b, n, chunk * (h // hkv), chunk, d, a), dkv)
     bwd = rows * e + rows * a + 2 * b * n * hkv * d * a + gathered + dkv + transient
