@@ -208,13 +208,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--heads", type=int, default=defaults.heads)
     parser.add_argument("--kv-heads", type=int, default=defaults.kv_heads)
     parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=defaults.dtype)
     parser.add_argument("--strategies", nargs="+", default=list(defaults.strategies))
     parser.add_argument("--quick", action="store_true", help="N=2048, P=2 only: a smoke run")
     parser.add_argument("--out-dir", default=str(default_out_dir()))
     parser.add_argument("--json", default=None, help="results file (default: OUT_DIR/memory.json; '' writes nothing)")
     args = parser.parse_args(argv)
     cfg = MemoryBenchConfig(world_sizes=tuple(args.world_sizes), seq_len=args.seq_len, heads=args.heads,
-                            kv_heads=args.kv_heads, head_dim=args.head_dim, strategies=tuple(args.strategies))
+                            kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
+                            strategies=tuple(args.strategies))
     if args.quick:
         cfg.world_sizes, cfg.seq_len = (2,), 2048
     started = time.perf_counter()

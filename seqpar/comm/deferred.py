@@ -59,10 +59,11 @@ def check_value(value: torch.Tensor, ok: Callable[[float], bool], message: Calla
         return
     value = value.detach().reshape(())
     if value.device.type == "cuda":
-        host = torch.empty((), dtype=value.dtype, pin_memory=True)
-        host.copy_(value, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        with torch.cuda.device(value.device):  # the copy and its event on value's device and stream
+            host = torch.empty((), dtype=value.dtype, pin_memory=True)
+            host.copy_(value, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(value.device))
     else:  # another device, or a CPU tensor under test: the copy is done
         host, event = value.to("cpu", copy=True), None
     _pending.append(_Pending(host, event, ok, message))

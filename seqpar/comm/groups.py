@@ -71,12 +71,17 @@ def new_group(ranks=None, **kwargs):
     """`torch.distributed.new_group(ranks, **kwargs)`, plus, when that group runs on a device
     (NCCL), a gloo twin over the same ranks made in the same step, so that seqpar's
     agreement on the group runs on the host and never syncs it with the device stream.
-    Like `new_group` itself, every process of the world must call it, in the same order."""
+    Like `new_group` itself, every process of the world must call it, in the same order
+    (with `use_local_synchronization=True`, every member); `timeout` applies to both."""
     group = dist.new_group(ranks, **kwargs)
     if not _needs_twin(kwargs.get("backend")):
         return group  # the backend takes CPU tensors (every process decides alike, from the name)
-    limit = timeout.group_timeout(None, collectives.device_of(None))
-    twin = dist.new_group(ranks, backend="gloo", timeout=limit)
+    limit = kwargs.get("timeout") or timeout.group_timeout(None, collectives.device_of(None))
+    # made the way the group was: with `use_local_synchronization` only its members call this,
+    # and a twin made by every rank would leave the others' group names behind (a later
+    # group made by all ranks then hangs)
+    twin = dist.new_group(ranks, backend="gloo", timeout=limit,
+                          use_local_synchronization=bool(kwargs.get("use_local_synchronization", False)))
     if _is_member(group):
         _host_groups[group] = twin
     return group

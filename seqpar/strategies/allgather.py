@@ -242,7 +242,7 @@ def peak_memory(prob, options) -> int:
     saved = lse * a  # q is the input, the saved output the returned one
     fwd = gathered + rows * e + (rows * a if a != e else 0) + lse * 8  # q in the kernel's layout, out, lse
     dkv = 2 * b * world * n * chunk * d * a
-    transient = max(backward_tile_bytes(b, n, chunk * (h // hkv), chunk, d, a), dkv)
+    transient = max(backward_tile_bytes(b, n, chunk * (h // hkv), chunk, d, a, element_size=e), dkv)
     bwd = rows * e + rows * a + 2 * b * n * hkv * d * a + gathered + dkv + transient
     return prob.peak(saved, fwd, bwd)
 

@@ -90,12 +90,16 @@ BACKWARD_TILE = 1024
 
 
 def backward_tile_bytes(batch: int, rows: int, heads: int, kv_heads: int, head_dim: int, acc_size: int,
-                        keys: int = None) -> int:
+                        keys: int = None, element_size: int = None) -> int:
     """Bytes one CPU backward tile holds while its kernel runs (measured on PyTorch's CPU
-    flash op: its fresh dq, dk, dv and about as much workspace again) for blocks of `rows`
-    queries and `keys` keys (default `rows`) cut to `BACKWARD_TILE`."""
+    flash op: its fresh dq, dk, dv and about as much workspace again; with fp16/bf16 inputs,
+    `element_size` < `acc_size`, half as much again: the op runs on fp32 copies of the
+    tile's inputs) for blocks of `rows` queries and `keys` keys (default `rows`) cut to
+    `BACKWARD_TILE`."""
     t_q, t_k = min(rows, BACKWARD_TILE), min(rows if keys is None else keys, BACKWARD_TILE)
-    return 2 * batch * (t_q * heads + 2 * t_k * kv_heads) * head_dim * acc_size
+    grads = batch * (t_q * heads + 2 * t_k * kv_heads) * head_dim * acc_size
+    low_precision = element_size is not None and element_size < acc_size
+    return 2 * grads + (grads // 2 if low_precision else 0)
 
 
 def backward_tiles(blk: Block, tile: int) -> List[Block]:

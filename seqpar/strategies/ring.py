@@ -396,7 +396,7 @@ def peak_memory(prob, options) -> int:
     fwd = rows * e + (rows * a if a != e else 0) + lse * 8 + 2 * kv * e
     # P = 2: one foreign step, holding the other rank's K/V with nothing arriving, and one partial
     travelling = (2 * kv * e + 2 * kv * a) if prob.world_size >= 3 else (kv * e + kv * a)
-    bwd = rows * e + rows * a + kv * a + travelling + backward_tile_bytes(b, n, h, hkv, d, a)
+    bwd = rows * e + rows * a + kv * a + travelling + backward_tile_bytes(b, n, h, hkv, d, a, element_size=e)
     return prob.peak(saved, fwd, bwd)
 
 

@@ -487,7 +487,7 @@ def peak_memory(prob, options) -> int:
     saved = lse * a  # q is the input, the saved output the returned one
     fwd = 2 * rows * e + 2 * (rows * a + lse * a) + rows * a + lse * 8
     visitors = 3 * rows * e + lse * a
-    tile = backward_tile_bytes(b, n, h, hkv, d, a)
+    tile = backward_tile_bytes(b, n, h, hkv, d, a, element_size=e)
     if prob.world_size >= 3:  # the next step's visitors arrive during the compute
         travelling = 2 * visitors + max(rows * a + tile, 2 * rows * a)
     else:  # one step: nothing arrives for a next one; its partial dQ returns after the compute

@@ -329,7 +329,7 @@ def head_parallel_memory(prob, size: int) -> int:
     fwd = 2 * full * e + 3 * ring_kv * e + (heads_out * a if a != e else 0) + b * hq * ng * 8
     travelling = (2 if ring >= 3 else 1) * ring_kv * a
     compute = rows * e + heads_out * e + full * a + 2 * ring_kv * e + travelling + backward_tile_bytes(
-        b, ng, hq, hk, d, a)
+        b, ng, hq, hk, d, a, element_size=e)
     exchange = rows * e + 2 * full * e
     return prob.peak(saved, fwd, max(compute, exchange))
 

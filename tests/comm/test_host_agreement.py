@@ -78,3 +78,23 @@ def test_sub_groups_made_by_seqpar_agree_on_their_host_twin():
             assert message.startswith("raised: ") and "causal must be the same on every rank" in message, message
     finally:
         w.close(force=True)
+
+
+def _twin_with_local_synchronization():
+    """Only the members make a locally synchronised group (and its twin); a group every rank
+    makes afterwards must still line up on all of them."""
+    groups._needs_twin = lambda backend: True
+    if dist.get_rank() in (0, 2):
+        seqpar.comm.new_group([0, 2], use_local_synchronization=True)
+    later = dist.new_group([0, 1, 2])
+    t = torch.ones(1)
+    dist.all_reduce(t, group=later)
+    return float(t)
+
+
+def test_a_locally_synchronised_twin_leaves_later_groups_in_step():
+    w = LocalWorld(3, threads_per_rank=1)
+    try:
+        assert w.run(_twin_with_local_synchronization, timeout=60) == [3.0, 3.0, 3.0]
+    finally:
+        w.close(force=True)
