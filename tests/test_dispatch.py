@@ -372,8 +372,8 @@ AUTO_CASES = [
     # (world, seq_len, heads, kv_heads, topology changes); the plan decides which strategy runs
     (4, 40, 4, 4, dict(_SLOW, ranks_per_node=4)),  # ring: its exchanges hide behind the blocks
     (4, 40, 4, 4, dict(_SLOW, inter_bandwidth=10.0, ranks_per_node=1)),  # ulysses: fewest bytes
-    # MQA: the all-gather moves K/V once, but ring's dK/dV take P-1 hops (not P) and hide
-    # behind its blocks: ring wins (the all-gather did when ring's dK/dV took P hops)
+    # MQA on slow links: the same bytes as ring, and the all-gather's return of dK/dV flies
+    # behind the next source's blocks (only its last round is exposed): all-gather
     (4, 40, 4, 1, dict(_SLOW, inter_bandwidth=10.0, ranks_per_node=1)),
     (4, 40, 4, 4, dict(intra_latency=1e-6, inter_latency=1e-5, intra_bandwidth=1e15, inter_bandwidth=1e13,
                        compute_rate=1e9, backward_rate=1e9, ranks_per_node=2)),  # usp: fewest latency steps
@@ -394,12 +394,12 @@ def test_auto_is_exact_and_runs_the_planned_strategy(world_size, seq_len, heads,
 
 
 def test_auto_choices_cover_the_strategies():
-    """The cases above reach ring, Ulysses and USP."""
+    """The cases above reach ring, Ulysses, all-gather and USP."""
     chosen = []
     for world_size, seq_len, heads, kv_heads, topo in AUTO_CASES[:4]:
         chosen.append(seqpar.plan(seq_len, world_size=world_size, heads=heads, kv_heads=kv_heads, head_dim=8,
                                   dtype="float64", scheme="zigzag", topology=_flat(**topo)).strategy)
-    assert chosen == ["ring", "ulysses", "ring", "usp"]
+    assert chosen == ["ring", "ulysses", "allgather", "usp"]
 
 
 def _disagree(problem, linear):

@@ -4,8 +4,11 @@ Every rank all-gathers K and V (with H_kv heads, uneven shards padded to the lon
 the wire), then attends its own queries to every rank's keys: one block call per
 (source rank, visible block) from `layout.visible_blocks`, merged with the one merge, so
 masks follow global positions for every scheme. The backward gathers K/V again (nothing
-of size N is kept between the passes), accumulates dK/dV for every rank's keys in fp32
-and reduce-scatters them to their owners.
+of size N is kept between the passes) and returns the fp32 dK/dV of each other rank's keys
+to their owner in P-1 rounds of paired exchanges (round j: to rank+j, from rank-j), each
+posted as soon as those gradients are computed, so the return flies while the next
+source's blocks compute, and no rank holds every rank's dK/dV at once. A pair whose
+queries see none of the keys (causal contiguous shards, windows, documents) sends nothing.
 
 Each pass attends to the rank's own keys first, while the gather flies. `kv_head_chunk=c`
 processes the KV heads c at a time (with their G query heads each): peak memory for
@@ -15,8 +18,9 @@ posted as soon as the current one has landed.
 Volume per rank (`n_max` the longest local length, `e` the element size):
     forward:  (P-1) 2 B n_max H_kv D e               (all-gather of K, V)
     backward: (P-1) 2 B n_max H_kv D e               (the same gather again)
-            + (P-1) 2 B n_max H_kv D 4               (reduce-scatter of dK, dV in fp32;
-                                                      8 bytes for fp64 inputs)
+            + sum over ranks s this rank's queries see of 2 B n_s H_kv D 4
+                                                     (their dK, dV in fp32; 8 bytes for
+                                                      fp64 inputs; at most (P-1) 2 B n_max H_kv D 4)
 """
 from __future__ import annotations
 
@@ -25,10 +29,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..comm import collectives
+from ..comm import collectives, p2p
 from ..errors import brief
 from ..kernels import block as block_kernels
-from ..layout import SeqLayout, visible_blocks
+from ..layout import Mask, SeqLayout, visible_blocks
 from ..registry import Strategy, register, run
 from .common import attend_blocks, attend_blocks_backward, saved_output_function
 
@@ -127,38 +131,61 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
             attend_blocks_backward(bwd, visible_blocks(layout, rank, src, causal), *rows, k_src, v_src, *tail,
                                    grads[..., :d].transpose(0, 1), grads[..., d:].transpose(0, 1))
 
-        # own keys first, while the gather flies, into a buffer of their own: the gradients of
-        # every rank's keys are only allocated once the gather's buffers (and gloo's copy of
-        # them) have landed
-        own = torch.zeros(layout.local_len, k.shape[0], c_end - a, d + v.shape[3], dtype=acc, device=q.device)
-        attend(rank, k[:, :, a:c_end], v[:, :, a:c_end], own)
+        # own keys first, while the gather flies
+        width = (k.shape[0], c_end - a, d + v.shape[3])
+        mine = torch.zeros(layout.local_len, *width, dtype=acc, device=q.device)
+        attend(rank, k[:, :, a:c_end], v[:, :, a:c_end], mine)
         kvs = gather.result()
-        # dK/dV of every rank's keys for this chunk, padded rows so the reduce-scatter is even
-        dkv = torch.zeros(world, longest, k.shape[0], c_end - a, d + v.shape[3], dtype=acc, device=q.device)
-        dkv[rank, :layout.local_len] = own
-        del own
-        for src, kv in enumerate(kvs):
-            if src != rank:
-                attend(src, kv[0], kv[1], dkv[src])
-        mine = collectives.reduce_scatter_sum(list(dkv.unbind(0)), layout.group, op="allgather.backward.dkv")
-        mine = mine[: layout.local_len]  # [n, B, c, D + Dv]
+        # then rank+1's keys, rank+2's, ...: round j sends the gradients of rank+j's keys to it
+        # and receives rank-j's for this rank's keys (both sides skip a pair whose queries see
+        # none of the keys), while round j+1 computes; at most two rounds are in flight
+        flying = []
+        for j in range(1, world):
+            src, frm = (rank + j) % world, (rank - j) % world
+            sends, recvs = [], []
+            if _sees(layout, rank, src, causal):
+                grads = torch.zeros(layout.local_len_of(src), *width, dtype=acc, device=q.device)
+                attend(src, *kvs[src], grads)
+                sends.append((grads, src))
+                del grads
+            if _sees(layout, frm, rank, causal):
+                recvs.append((torch.empty(layout.local_len, *width, dtype=acc, device=q.device), frm))
+            if sends or recvs:
+                flying.append(p2p.post(sends, recvs, layout.group, op="allgather.backward.dkv"))
+            del sends, recvs
+            if len(flying) > 1:
+                for part in flying.pop(0).wait():
+                    mine += part
+        for exchange in flying:
+            for part in exchange.wait():
+                mine += part
+        del flying, kvs
         dk[:, :, a:c_end] = mine[..., :d].transpose(0, 1)
         dv[:, :, a:c_end] = mine[..., d:].transpose(0, 1)
     return dq, dk, dv
+
+
+def _sees(layout, q_rank: int, k_rank: int, causal) -> bool:
+    """Whether some query of `q_rank` sees some key of `k_rank` (every rank derives the same)."""
+    return bool(visible_blocks(layout, q_rank, k_rank, causal))
 
 
 AllGatherAttention = saved_output_function("AllGatherAttention", _forward, _backward)
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
-                   element_size: int, value_dim: Optional[int] = None, **options) -> Dict[str, int]:
-    """Bytes this rank sends in one forward and one backward, exactly (padding included;
-    `value_dim`: v's head dim, None for head_dim)."""
-    world = layout.world_size
-    dv = head_dim if value_dim is None else value_dim
-    rows = (world - 1) * max(layout.local_lens) * batch * kv_heads * (head_dim + dv)
+                   element_size: int, value_dim: Optional[int] = None, causal: bool = False,
+                   window_size: Tuple[int, int] = (-1, -1), **options) -> Dict[str, int]:
+    """Bytes this rank sends in one forward and one backward, exactly (the gathers' padding
+    included; `value_dim`: v's head dim, None for head_dim; the mask `causal`/`window_size`
+    and the layout's documents decide which ranks' keys get gradients back)."""
+    rank, world = layout.rank, layout.world_size
+    per_token = batch * kv_heads * (head_dim + (head_dim if value_dim is None else value_dim))
+    gathered = (world - 1) * max(layout.local_lens) * per_token * element_size
+    mask = Mask(bool(causal), tuple(window_size))
     grads = 8 if element_size == 8 else 4
-    return {"forward": rows * element_size, "backward": rows * element_size + rows * grads}
+    returned = sum(layout.local_len_of(s) for s in range(world) if s != rank and _sees(layout, rank, s, mask))
+    return {"forward": gathered, "backward": gathered + returned * per_token * grads}
 
 
 @dataclass(frozen=True)
@@ -181,8 +208,8 @@ class Options:
 
 def cost(prob, topo, options):
     """(timeline, busiest rank's bytes): the first gather hides behind the rank's own keys'
-    blocks, each next chunk's behind the current chunk's; the dK/dV reduce-scatters are
-    exposed."""
+    blocks, each next chunk's behind the current chunk's; the dK/dV return in P-1 rounds
+    that fly while the next source computes, the last round exposed."""
     import math
 
     from ..planner.schedule import BACKWARD_FLOPS, FORWARD_FLOPS, Timeline, busiest_bytes, visible_elements
@@ -214,36 +241,42 @@ def cost(prob, topo, options):
             # the rest of this chunk and the next chunk's own keys, while the next chunk's gather flies
             line.overlap(work - own_work + (0.0 if last else own_work), 0.0 if last else gather, 0 if last else msgs)
             if scatter:
-                line.wait(scatter, steps("reduce_scatter", world))
+                line.wait(scatter, 1)
 
     gathered_pass(fwd_work, own_fwd, 0.0)
     if prob.training:
-        scatter = topo.transfer(level, "reduce_scatter", world, (nbytes["backward"] - nbytes["forward"]) / chunks)
-        gathered_pass(bwd_work, own_bwd, scatter)
+        # the last of the P-1 rounds of dK/dV is exposed, the others fly behind blocks
+        last_round = topo.transfer(level, "p2p", world, (nbytes["backward"] - nbytes["forward"]) / chunks
+                                   / max(1, world - 1))
+        gathered_pass(bwd_work, own_bwd, last_round)
     return line, nbytes
 
 
 def peak_memory(prob, options) -> int:
-    """Inputs and output, plus every buffer of the fullest moment of the backward: dO, the
-    fp32 dQ, dK and dV, one chunk's K/V of every rank gathered (two chunks while the next
-    one's gather flies) and its message, the chunk's fp32 dK/dV of every rank, and the
-    larger of a backward tile (`common.backward_tile_bytes`) and the reduce-scatter's
-    staging, counted as one more copy of the chunk's dK/dV (gloo's, measured: 0.5-1x of
-    it; NCCL reduces in place, so this errs high there)."""
+    """Inputs and output, plus every buffer of the fullest moment of the backward: dO and
+    the fp32 dQ, dK, dV, then the larger of two phases, each with one backward tile
+    (`common.backward_tile_bytes`). While the gather lands and the own keys compute: one
+    chunk's K/V of every rank, the collective's staging copy of it (gloo's; NCCL needs
+    none, so this errs high there) and the own keys' fp32 dK/dV. During the rounds that
+    return dK/dV: the gathered chunk, the own keys' dK/dV, the gradients being computed
+    and the previous round's outgoing and incoming ones (P = 2: one round), and with
+    several chunks the next chunk's gather, its staging and its message."""
     from .common import backward_tile_bytes
 
     b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
     e, a, world = prob.element_size, prob.acc_size, prob.world_size
     rows, lse = b * n * h * d, b * h * n
     chunk = min(options.get("kv_head_chunk") or hkv, hkv)
-    local = 2 * b * n * chunk * d * e
-    # one chunk gathered; with several, the next chunk's gather and its message fly beside it
-    gathered = world * local + (world * local + local if chunk < hkv else 0)
+    local = 2 * b * n * chunk * d * e  # one rank's K/V of a chunk
+    one = world * local  # gathered
+    following = 2 * one + local if chunk < hkv else 0  # the next chunk's gather in flight
+    grads = 2 * b * n * chunk * d * a  # one rank's fp32 dK/dV of a chunk
+    tile = backward_tile_bytes(b, n, chunk * (h // hkv), chunk, d, a, element_size=e)
     saved = lse * a  # q is the input, the saved output the returned one
-    fwd = gathered + rows * e + (rows * a if a != e else 0) + lse * 8  # q in the kernel's layout, out, lse
-    dkv = 2 * b * world * n * chunk * d * a
-    transient = max(backward_tile_bytes(b, n, chunk * (h // hkv), chunk, d, a, element_size=e), dkv)
-    bwd = rows * e + rows * a + 2 * b * n * hkv * d * a + gathered + dkv + transient
+    fwd = 2 * one + following + rows * e + (rows * a if a != e else 0) + lse * 8  # q in the kernel's layout, out, lse
+    landing = 2 * one + grads + tile
+    rounds = one + following + grads * (4 if world >= 3 else 2) + tile
+    bwd = rows * e + rows * a + 2 * b * n * hkv * d * a + max(landing, rounds)
     return prob.peak(saved, fwd, bwd)
 
 
