@@ -120,21 +120,20 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.empty(k.shape, dtype=acc, device=q.device)
     dv = torch.empty(v.shape, dtype=acc, device=q.device)
-    longest = max(layout.local_lens)
     for a, c_end, gather in _gathered(k, v, layout, chunk, "allgather.backward.kv"):
         heads = slice(a * group, c_end * group)
         rows = (do[:, :, heads], q[:, :, heads])
         tail = (out[:, :, heads], lse[:, heads], scale, dq[:, :, heads])
 
-        def attend(src, k_src, v_src, grads):
+        def attend(blocks, k_src, v_src, grads):
             # grads is [rows, B, c, D + Dv]: its K and V parts as [B, rows, c, D or Dv] views
-            attend_blocks_backward(bwd, visible_blocks(layout, rank, src, causal), *rows, k_src, v_src, *tail,
-                                   grads[..., :d].transpose(0, 1), grads[..., d:].transpose(0, 1))
+            attend_blocks_backward(bwd, blocks, *rows, k_src, v_src, *tail, grads[..., :d].transpose(0, 1),
+                                   grads[..., d:].transpose(0, 1))
 
         # own keys first, while the gather flies
         width = (k.shape[0], c_end - a, d + v.shape[3])
         mine = torch.zeros(layout.local_len, *width, dtype=acc, device=q.device)
-        attend(rank, k[:, :, a:c_end], v[:, :, a:c_end], mine)
+        attend(visible_blocks(layout, rank, rank, causal), k[:, :, a:c_end], v[:, :, a:c_end], mine)
         kvs = gather.result()
         # then rank+1's keys, rank+2's, ...: round j sends the gradients of rank+j's keys to it
         # and receives rank-j's for this rank's keys (both sides skip a pair whose queries see
@@ -143,9 +142,10 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
         for j in range(1, world):
             src, frm = (rank + j) % world, (rank - j) % world
             sends, recvs = [], []
-            if _sees(layout, rank, src, causal):
+            blocks = visible_blocks(layout, rank, src, causal)
+            if blocks:  # what `_sees(layout, rank, src)` tells rank src, which receives them
                 grads = torch.zeros(layout.local_len_of(src), *width, dtype=acc, device=q.device)
-                attend(src, *kvs[src], grads)
+                attend(blocks, *kvs[src], grads)
                 sends.append((grads, src))
                 del grads
             if _sees(layout, frm, rank, causal):
