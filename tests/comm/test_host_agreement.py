@@ -9,19 +9,25 @@ from seqpar.comm import collectives, groups
 from seqpar.testing import LocalWorld
 
 
-def _as_if_nccl(mismatch: bool):
-    """Pretend the world group is a device group whose tensors live on cuda (this CPU build
-    cannot create one: any device tensor would raise), then call ring attention."""
-    world_group = (None, dist.group.WORLD)
-    groups._runs_on_host = lambda group: group not in world_group
-    collectives.device_of = lambda group: torch.device("cuda") if group in world_group else torch.device("cpu")
-    layout = seqpar.SeqLayout(8, scheme="zigzag")
+def _ring_on_device_groups(device_groups, group, odd_rank):
+    """Pretend `device_groups` are device groups whose tensors live on cuda (this CPU build
+    cannot create one: any device tensor would raise), then call ring attention over
+    `group`, causal only on `odd_rank` (None: everywhere alike). The output, or the error."""
+    groups._runs_on_host = lambda g: g not in device_groups
+    collectives.device_of = lambda g: torch.device("cuda") if g in device_groups else torch.device("cpu")
+    layout = seqpar.SeqLayout(8, scheme="zigzag", group=group)
     q = torch.randn(1, layout.local_len, 2, 4, dtype=torch.float64)
-    causal = mismatch and dist.get_rank() == 1
     try:
-        out = seqpar.ring_attention(q, q, q, layout=layout, causal=causal)
+        return seqpar.ring_attention(q, q, q, layout=layout, causal=dist.get_rank() == odd_rank)
     except ValueError as exc:
         return "raised: " + str(exc)
+
+
+def _as_if_nccl(mismatch: bool):
+    """The world group pretended to be a device group."""
+    out = _ring_on_device_groups((None, dist.group.WORLD), None, 1 if mismatch else None)
+    if isinstance(out, str):
+        return out
     return (tuple(out.shape), len(groups._host_groups), out.device.type)
 
 
@@ -54,16 +60,9 @@ def _sub_group_as_if_nccl(mismatch: bool):
     group = seqpar.comm.new_group([0, 2])
     if dist.get_rank() == 1:  # not a member: made the groups in step, calls nothing
         return "not a member"
-    device = (group,)
-    groups._runs_on_host = lambda g: g not in device
-    collectives.device_of = lambda g: torch.device("cuda") if g in device else torch.device("cpu")
-    layout = seqpar.SeqLayout(8, scheme="zigzag", group=group)
-    q = torch.randn(1, layout.local_len, 2, 4, dtype=torch.float64)
-    causal = mismatch and dist.get_rank() == 2
-    try:
-        out = seqpar.ring_attention(q, q, q, layout=layout, causal=causal)
-    except ValueError as exc:
-        return "raised: " + str(exc)
+    out = _ring_on_device_groups((group,), group, 2 if mismatch else None)
+    if isinstance(out, str):
+        return out
     twin = groups.host_group(group)
     return (tuple(out.shape), twin is not None and twin is not group and dist.get_world_size(twin) == 2)
 
