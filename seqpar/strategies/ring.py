@@ -46,6 +46,16 @@ def _kv_buffer(k: torch.Tensor, v: torch.Tensor, n: int, backend: str, dtype=Non
                      block_kernels.view_in_kernel_layout(storage[k_size:], (b, n, h_kv, dv), backend))
 
 
+def _pack_kv(k, v, backend, world: int):
+    """K and V in one buffer that can travel; a ring of one member uses them as they are."""
+    if world == 1:
+        return None, (k, v)
+    storage, view = _kv_buffer(k, v, k.shape[1], backend)
+    view[0].copy_(k)
+    view[1].copy_(v)
+    return storage, view
+
+
 @dataclass(frozen=True)
 class RingPlan:
     """Which K/V travel how far, from the layout and the mask alone (so every rank computes
