@@ -575,10 +575,10 @@ def step_memory(step: Step, args) -> None:
                 scale = d ** -0.5
                 layouts = [SeqLayout.simulated(n, p, r, scheme="zigzag") for r in range(p)]
                 pos = [lay.positions().to(device) for lay in layouts]
-                packed = [ring._pack_kv(k[:, ps].contiguous(), v[:, ps].contiguous(), backend, p)[0] for ps in pos]
-                rq = block.to_kernel_layout(q[:, pos[0]].contiguous(), backend)
+                packed = [ring._pack_kv(k[:, ps].contiguous(), v[:, ps].contiguous(), p)[0] for ps in pos]
+                rq = q[:, pos[0]].contiguous()
                 rk, rv = k[:, pos[0]].contiguous(), v[:, pos[0]].contiguous()
-                rdo = block.to_kernel_layout(do[:, pos[0]].contiguous(), backend)
+                rdo = do[:, pos[0]].contiguous()
                 block.kernels(backend, rq, rk)  # the first-use check, outside the measurement
                 analytic = _ring_analytic(layouts[0], 0, 1, h, h_kv, d, q.element_size())
 

@@ -52,12 +52,11 @@ runs that backend's plain function; what the op adds is a fixed output contract,
 its fake (meta) implementation states without running anything:
 
 - `out` `[B, nq, H, Dv]` and `dq`/`dk`/`dv` (shapes of q/k/v) in the accumulation dtype
-  (fp32; fp64 for fp64 inputs), in the backend's kernel memory layout
-  (`memory.empty_in_kernel_layout`: heads-major for sdpa, else contiguous);
+  (fp32; fp64 for fp64 inputs), contiguous;
 - `lse` `[B, H, nq]` contiguous, accumulation dtype.
 
-Backends return other dtypes or strides in places (the fused ops' bf16 outputs, a
-heads-major `out`); the ops copy those into the contract, because compiled code indexes
+Backends return other dtypes or strides in places (the fused ops' bf16 outputs, the
+CPU op's `out` for a q of other strides); the ops copy those into the contract, because compiled code indexes
 outputs by the strides the fake promised.
 
 `block_forward` has an autograd formula, exact also for the gradient of `lse` (see
@@ -78,12 +77,12 @@ from .backends import BACKENDS, merge_kernel, resolve_backend, unavailable_reaso
 from .backends.sdpa import backward as sdpa_backward, forward as sdpa_forward
 from .backends.torch_math import backward as torch_backward, forward as torch_forward
 from .backends.cuda import merge as merge_  # noqa: F401  (the op seqpar::merge_)
-from .memory import acc_dtype, empty_in_kernel_layout, heads_major, to_kernel_layout, view_in_kernel_layout
+from .memory import acc_dtype
 from .pieces import band_backward, band_forward, square_pieces
 
 __all__ = [
     "BACKENDS", "kernels", "merge_kernel", "resolve_backend", "unavailable_reason", "verify_once",
-    "acc_dtype", "empty_in_kernel_layout", "heads_major", "to_kernel_layout", "view_in_kernel_layout",
+    "acc_dtype",
     "square_pieces",
     "torch_forward", "torch_backward", "sdpa_forward", "sdpa_backward",
 ]
@@ -162,18 +161,14 @@ def _backward_of(backend: str, do, q, k, v, out, lse, scale, offset, lo, softcap
     return band_backward(module.backward, do, q, k, v, out, lse, scale, offset, lo)
 
 
-def _same_layout(x: Tensor, want: Tensor) -> bool:
-    # strides of size-1 dims never address anything; compiled code ignores them too
-    return all(size == 1 or a == b for size, a, b in zip(want.shape, x.stride(), want.stride()))
-
-
-def _in_contract(x: Tensor, shape, backend: str, acc: torch.dtype) -> Tensor:
-    """`x` if it already has the dtype and layout the fake promises, else a copy that has."""
-    _, want = empty_in_kernel_layout(shape, backend, dtype=acc, device=x.device)
-    if x.dtype == acc and _same_layout(x, want):
+def _in_contract(x: Tensor, acc: torch.dtype) -> Tensor:
+    """`x` if it already has the dtype and layout the fake promises (contiguous; strides of
+    size-1 dims, which address nothing, may differ), else a copy that has."""
+    if x.dtype == acc and x.is_contiguous():
         return x
-    want.copy_(x)
-    return want
+    # one copy, converting on the way (`x.to(memory_format=...)` keeps a 4-D tensor's
+    # strides when its suggested format is already the contiguous one)
+    return torch.empty(x.shape, dtype=acc, device=x.device).copy_(x)
 
 
 # -- block forward --------------------------------------------------------------------
@@ -183,8 +178,7 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: Optiona
                   backend: str, lo: Optional[int] = None, softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
     out, lse = _forward_of(backend, q, k, v, scale, offset, lo, softcap)
     acc = acc_dtype(q.dtype)
-    b, nq, h, _ = q.shape
-    out = _in_contract(out, (b, nq, h, v.shape[-1]), backend, acc)
+    out = _in_contract(out, acc)
     return out, lse.to(acc).contiguous()
 
 
@@ -192,7 +186,7 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: Optiona
 def _block_forward_fake(q, k, v, scale, offset, backend, lo=None, softcap=0.0):
     acc = acc_dtype(q.dtype)
     b, nq, h, _ = q.shape
-    _, out = empty_in_kernel_layout((b, nq, h, v.shape[-1]), backend, dtype=acc, device=q.device)
+    out = q.new_empty((b, nq, h, v.shape[-1]), dtype=acc)
     return out, q.new_empty((b, h, nq), dtype=acc)
 
 
@@ -249,13 +243,13 @@ def block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                    softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _backward_of(backend, do, q, k, v, out, lse, scale, offset, lo, softcap)
     acc = acc_dtype(q.dtype)
-    return tuple(_in_contract(g, ref.shape, backend, acc) for g, ref in ((dq, q), (dk, k), (dv, v)))
+    return tuple(_in_contract(g, acc) for g in (dq, dk, dv))
 
 
 @block_backward.register_fake
 def _block_backward_fake(do, q, k, v, out, lse, scale, offset, backend, lo=None, softcap=0.0):
     acc = acc_dtype(q.dtype)
-    return tuple(empty_in_kernel_layout(ref.shape, backend, dtype=acc, device=q.device)[1] for ref in (q, k, v))
+    return tuple(q.new_empty(ref.shape, dtype=acc) for ref in (q, k, v))
 
 
 # -- what the strategies call ---------------------------------------------------------

@@ -147,7 +147,6 @@ def _kernel_calls(device, dtype, backend: str, n: int, heads: int, head_dim: int
     scale = head_dim ** -0.5
     q, k, v, do = (torch.randn(1, n, heads, head_dim, generator=gen).to(device=device, dtype=dtype)
                    for _ in range(4))
-    q, k, v, do = (block.to_kernel_layout(t, backend) for t in (q, k, v, do))
     fwd, bwd = block.kernels(backend, q, k)
     out, lse = fwd(q, k, v, scale, None)
     out = out.to(dtype)

@@ -32,6 +32,7 @@ import torch
 from ..comm import collectives, p2p
 from ..errors import brief
 from ..kernels import block as block_kernels
+from ..kernels.memory import unit_stride
 from ..layout import Mask, SeqLayout, visible_blocks
 from ..registry import Strategy, register, run
 from .common import attend_blocks, attend_blocks_backward, saved_output_function
@@ -89,8 +90,9 @@ def _gathered(k, v, layout: SeqLayout, chunk, op: str):
 
 def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, chunk):
     rank = layout.rank
-    # every block reads q: a copy in the kernel's layout pays for itself (kept only here)
-    q = block_kernels.to_kernel_layout(q, backend)
+    # every block reads q: a q whose head dim is strided, which each fused block would
+    # copy, is copied once (kept only here)
+    q = unit_stride(q)
     fwd, _ = block_kernels.kernels(backend, q, k)
     merge = block_kernels.merge_kernel(backend)
     acc = block_kernels.acc_dtype(q.dtype)
@@ -273,7 +275,7 @@ def peak_memory(prob, options) -> int:
     grads = 2 * b * n * chunk * d * a  # one rank's fp32 dK/dV of a chunk
     tile = backward_tile_bytes(b, n, chunk * (h // hkv), chunk, d, a, element_size=e)
     saved = lse * a  # q is the input, the saved output the returned one
-    fwd = 2 * one + following + rows * e + (rows * a if a != e else 0) + lse * 8  # q in the kernel's layout, out, lse
+    fwd = 2 * one + following + (rows * a if a != e else 0) + lse * 8  # out (fp32 when the inputs are not), lse
     landing = 2 * one + grads + tile
     rounds = one + following + grads * (4 if world >= 3 else 2) + tile
     bwd = rows * e + rows * a + 2 * b * n * hkv * d * a + max(landing, rounds)

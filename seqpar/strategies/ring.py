@@ -29,28 +29,28 @@ import torch
 
 from ..comm import p2p
 from ..kernels import block as block_kernels
+from ..kernels.memory import unit_stride
 from ..layout import Mask, SeqLayout, as_mask, visible_blocks
 from ..registry import Strategy, register, run
 from .common import attend_blocks, attend_blocks_backward, fold_sinks, sinks_grad
 
 
-def _kv_buffer(k: torch.Tensor, v: torch.Tensor, n: int, backend: str, dtype=None):
+def _kv_buffer(k: torch.Tensor, v: torch.Tensor, n: int, dtype=None):
     """(storage, (k view, v view)) for the K/V (or dK/dV) of n tokens: the views are
-    `[B, n, H_kv, D]` and `[B, n, H_kv, Dv]` in the kernel's preferred layout, one after the
-    other in `storage`, a flat buffer, which is what travels."""
+    `[B, n, H_kv, D]` and `[B, n, H_kv, Dv]`, contiguous, one after the other in
+    `storage`, a flat buffer, which is what travels."""
     b, _, h_kv, d = k.shape
     dv = v.shape[3]
     storage = torch.empty(b * n * h_kv * (d + dv), dtype=dtype or k.dtype, device=k.device)
     k_size = b * n * h_kv * d
-    return storage, (block_kernels.view_in_kernel_layout(storage[:k_size], (b, n, h_kv, d), backend),
-                     block_kernels.view_in_kernel_layout(storage[k_size:], (b, n, h_kv, dv), backend))
+    return storage, (storage[:k_size].view(b, n, h_kv, d), storage[k_size:].view(b, n, h_kv, dv))
 
 
-def _pack_kv(k, v, backend, world: int):
+def _pack_kv(k, v, world: int):
     """K and V in one buffer that can travel; a ring of one member uses them as they are."""
     if world == 1:
         return None, (k, v)
-    storage, view = _kv_buffer(k, v, k.shape[1], backend)
+    storage, view = _kv_buffer(k, v, k.shape[1])
     view[0].copy_(k)
     view[1].copy_(v)
     return storage, view
@@ -123,20 +123,20 @@ def _keys_seen(blk) -> Tuple[int, int]:
     return blk.k_start + first, blk.k_start + max(first, end)
 
 
-def _rows_to_send(held, held_rows: Tuple[int, int], rows: Tuple[int, int], k, v, backend):
+def _rows_to_send(held, held_rows: Tuple[int, int], rows: Tuple[int, int], k, v):
     """(storage, views) of rows `rows` of a source's K/V, held as `held` (storage, views)
     over rows `held_rows`: the held buffer itself when the rows are the same, else a copy."""
     storage, (hk, hv) = held
     if storage is not None and rows == held_rows:
         return storage, (hk, hv)
     a, b = rows[0] - held_rows[0], rows[1] - held_rows[0]
-    packed, views = _kv_buffer(k, v, b - a, backend)
+    packed, views = _kv_buffer(k, v, b - a)
     views[0].copy_(hk[:, a:b])
     views[1].copy_(hv[:, a:b])
     return packed, views
 
 
-def _kv_hop(plan: RingPlan, held, held_rows, src: int, step: int, world: int, k, v, backend: str, nxt: int,
+def _kv_hop(plan: RingPlan, held, held_rows, src: int, step: int, world: int, k, v, nxt: int,
             prv: int, sends: list, recvs: list):
     """The K/V traffic of step `step` (holding `src`'s rows `held_rows`): the rows of
     `src` a later rank sees go to `nxt`, and the rows of the next source this rank or a
@@ -146,18 +146,18 @@ def _kv_hop(plan: RingPlan, held, held_rows, src: int, step: int, world: int, k,
         return None, None
     out_rows = plan.carries(src, step + 1)
     if out_rows is not None:
-        sends.append((_rows_to_send(held, held_rows, out_rows, k, v, backend)[0], nxt))
+        sends.append((_rows_to_send(held, held_rows, out_rows, k, v)[0], nxt))
     in_rows = plan.carries((src - 1) % world, step + 1)
     if in_rows is None:
         return None, None
-    incoming = _kv_buffer(k, v, in_rows[1] - in_rows[0], backend)
+    incoming = _kv_buffer(k, v, in_rows[1] - in_rows[0])
     recvs.append((incoming[0], prv))
     return incoming, in_rows
 
 
-def _rows_buffer(k, v, rows: Tuple[int, int], backend: str, acc):
+def _rows_buffer(k, v, rows: Tuple[int, int], acc):
     """(storage, views) of the dK/dV of a source's key rows `rows`, in `acc`."""
-    return _kv_buffer(k, v, rows[1] - rows[0], backend, dtype=acc)
+    return _kv_buffer(k, v, rows[1] - rows[0], dtype=acc)
 
 
 def _shifted(blocks, rows: Tuple[int, int]):
@@ -201,7 +201,7 @@ def _ring_forward(q, k, v, layout: SeqLayout, causal, scale: float, backend: str
     for step in range(world):
         src = (rank - step) % world
         sends, recvs = [], []
-        incoming, in_rows = _kv_hop(plan, held, held_rows, src, step, world, k, v, backend, nxt, prv, sends, recvs)
+        incoming, in_rows = _kv_hop(plan, held, held_rows, src, step, world, k, v, nxt, prv, sends, recvs)
         exchange = p2p.post(sends, recvs, layout.group, op=ring_op) if sends or recvs else None
         blocks = visible_blocks(layout, rank, src, causal)
         if blocks:
@@ -250,10 +250,10 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale: floa
             else:  # no later rank sees them: home
                 grad_sends.append((travelling[0], layout.peer(before)))
         if 2 <= step < world and step <= plan.hops[src]:
-            incoming_dkv = _rows_buffer(k, v, plan.spans[src][1], backend, acc)
+            incoming_dkv = _rows_buffer(k, v, plan.spans[src][1], acc)
             grad_recvs.append((incoming_dkv[0], prv))
         if plan.hops[rank] >= 1 and step == plan.hops[rank] + 1:
-            returning = _rows_buffer(k, v, plan.spans[rank][1], backend, acc)
+            returning = _rows_buffer(k, v, plan.spans[rank][1], acc)
             grad_recvs.append((returning[0], layout.peer((rank + plan.hops[rank]) % world)))
         # the dK/dV first: this step waits for them after one tile, and a backend that runs
         # its batches in order on one stream (NCCL) must not put the K/V, needed only at the
@@ -262,7 +262,7 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale: floa
                          if grad_sends or grad_recvs else None)
         del grad_sends, grad_recvs
         sends, recvs = [], []
-        incoming, in_rows = _kv_hop(plan, held, held_rows, src, step, world, k, v, backend, nxt, prv, sends, recvs)
+        incoming, in_rows = _kv_hop(plan, held, held_rows, src, step, world, k, v, nxt, prv, sends, recvs)
         kv_exchange = p2p.post(sends, recvs, layout.group, op=ring_op) if sends or recvs else None
         del sends
         travelling = None
@@ -283,7 +283,7 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale: floa
                 first = plan.spans[src][1][0]
                 a, b = held_rows[0] - first, held_rows[1] - first  # the rows of the held K/V
                 if incoming_dkv is None:
-                    storage, views = _rows_buffer(k, v, plan.spans[src][1], backend, acc)
+                    storage, views = _rows_buffer(k, v, plan.spans[src][1], acc)
                     storage.zero_()
                     travelling = (storage, views)
                     dkv = (views[0][:, a:b], views[1][:, a:b])
@@ -381,8 +381,8 @@ def cost(prob, topo, options):
 def peak_memory(prob, options) -> int:
     """Inputs and output, plus every buffer the loops hold at their fullest step.
 
-    Saved: the lse (q is the input and the saved output is the returned one). Forward: q in
-    the kernel's layout, the fp32 output accumulator (the output itself for fp32 inputs),
+    Saved: the lse (q is the input and the saved output is the returned one). Forward: the
+    fp32 output accumulator (the output itself for fp32 inputs),
     the fp64 lse, this rank's K/V packed to travel and the incoming K/V. Backward: dO, the
     fp32 dQ, dK and dV, the held and incoming K/V, the partial dK/dV on its way out and the
     one arriving that this step adds into (P = 2: the other rank's K/V and one partial), and
@@ -393,7 +393,7 @@ def peak_memory(prob, options) -> int:
     e, a = prob.element_size, prob.acc_size
     rows, lse, kv = b * n * h * d, b * h * n, 2 * b * n * hkv * d
     saved = lse * a
-    fwd = rows * e + (rows * a if a != e else 0) + lse * 8 + 2 * kv * e
+    fwd = (rows * a if a != e else 0) + lse * 8 + 2 * kv * e
     # P = 2: one foreign step, holding the other rank's K/V with nothing arriving, and one partial
     travelling = (2 * kv * e + 2 * kv * a) if prob.world_size >= 3 else (kv * e + kv * a)
     bwd = rows * e + rows * a + kv * a + travelling + backward_tile_bytes(b, n, h, hkv, d, a, element_size=e)
@@ -406,10 +406,9 @@ def candidates(prob):
 class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, layout, causal, scale, backend):
-        # the forward reads q once per step: a copy in the kernel's layout pays for itself
-        # there; the backward takes q as given (the kernels take any strides), so no copy is kept
-        out, lse = fold_sinks(*_ring_forward(block_kernels.to_kernel_layout(q, backend), k, v, layout, causal, scale,
-                                             backend), sinks)
+        # the forward reads q once per step: a q whose head dim is strided, which each fused
+        # block would copy, is copied once; the backward takes q as given, so no copy is kept
+        out, lse = fold_sinks(*_ring_forward(unit_stride(q), k, v, layout, causal, scale, backend), sinks)
         result = out.to(q.dtype)  # [B, n, H, Dv]-contiguous; with fp32 inputs the accumulator itself
         # with sinks the backward's rowsum(dO * O) cancels against dO . v: keep O unrounded
         ctx.save_for_backward(q, k, v, out if sinks is not None else result, lse, sinks)

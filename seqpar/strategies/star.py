@@ -111,11 +111,11 @@ class _Anchor:
 
 
 def _context_forward(q, k, v, anchor: Optional[_Anchor], layout: SeqLayout, scale: float, backend: str):
-    """q, k, v in the kernel layout; returns (out [B, n, H, D], lse [B, H, n]) in the acc dtype."""
+    """q, k, v contiguous; returns (out [B, n, H, D], lse [B, H, n]) in the acc dtype."""
     fwd, _ = block_kernels.kernels(backend, q, k)
     acc = block_kernels.acc_dtype(q.dtype)
     b, n, h, d = q.shape
-    _, out = block_kernels.empty_in_kernel_layout((b, n, h, d), backend, dtype=acc, device=q.device)
+    out = torch.empty((b, n, h, d), dtype=acc, device=q.device)
     # fp64 lse across the merge, as in ring: saturated rows amplify its rounding in the gradients
     lse = torch.empty((b, h, n), dtype=torch.float64, device=q.device)
     attend_blocks(fwd, q, k, v, [Block(0, n, 0, n, 0)], scale, out, lse, fresh=True)
@@ -225,7 +225,7 @@ def star_attention(q, k, v, *, layout=None, anchor_len: int, softmax_scale=None,
     layout, scale, concrete_backend = collective_call(group, "seqpar.star_attention", check, signature)
     world = layout.world_size
     anchor = _Anchor(k, v, anchor_len, layout) if world > 1 and anchor_len > 0 else None
-    q_k, k_k, v_k = (block_kernels.to_kernel_layout(t, concrete_backend) for t in (q, k, v))
+    q_k, k_k, v_k = (t.contiguous() for t in (q, k, v))
     out = StarContextAttention.apply(q_k, k_k, v_k, None, (anchor, layout, scale, concrete_backend))
     return out.contiguous()
 

@@ -27,12 +27,11 @@ With equal lengths and U = P: forward `B (N/P) D (2H + 2H_kv') (P-1)/P` with
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..comm.alltoall import all_to_all_rows, split_rows
-from ..kernels import block as block_kernels
 from ..layout import GroupLayout, SeqLayout
 from ..registry import Strategy, register, run
 from . import ring
@@ -94,7 +93,7 @@ class HeadScatter:
     """The two all-to-alls of one Ulysses group: sequence-sharded <-> head-sharded."""
 
     def __init__(self, layout: SeqLayout, members: Sequence[int], me: int, group, ring_layout: GroupLayout,
-                 heads: int, kv_heads: int, backend: str):
+                 heads: int, kv_heads: int):
         self.group, self.me, self.size = group, me, len(members)
         # a Ulysses group smaller than the layout's group exchanges by p2p among its members
         self.members = None if len(members) == layout.world_size else list(members)
@@ -104,7 +103,6 @@ class HeadScatter:
         # which is several times faster than index_copy_/index_select on strided tensors
         self.runs = [_index_runs(index) for index in self.index]
         self.n_group = ring_layout.local_len
-        self.backend = backend
         self.hq = heads // self.size
         self.hkv = kv_heads_per_member(heads, kv_heads, self.size)
         self.kv_split = kv_heads % self.size == 0
@@ -121,7 +119,7 @@ class HeadScatter:
         return chunks.permute(2, 1, 0, 3, 4)
 
     def to_heads(self, tensors: Sequence[Tuple[torch.Tensor, str]], op: str) -> List[torch.Tensor]:
-        """Sequence shards -> head shards over the group's tokens, in the kernel layout.
+        """Sequence shards -> head shards over the group's tokens, contiguous.
         The tensors travel in one all-to-all, each token's heads x head dim flattened, so
         that they may differ in head dim (v's own, in MLA)."""
         b = tensors[0][0].shape[0]
@@ -136,8 +134,7 @@ class HeadScatter:
             # one head dim: one buffer, one copy per member, the tensors' heads side by side
             d = shapes[0][1]
             hc = sum(h for h, _ in shapes)
-            _, full = block_kernels.empty_in_kernel_layout((b, self.n_group, hc, d), self.backend,
-                                                           dtype=recv.dtype, device=recv.device)
+            full = torch.empty((b, self.n_group, hc, d), dtype=recv.dtype, device=recv.device)
             seq_first = full.permute(1, 0, 2, 3)
             for piece, index, runs in zip(split_rows(recv, self.rows), self.index, self.runs):
                 piece = piece.reshape(piece.shape[0], b, hc, d)
@@ -153,8 +150,7 @@ class HeadScatter:
             return out
         out = []
         for h, d in shapes:
-            out.append(block_kernels.empty_in_kernel_layout((b, self.n_group, h, d), self.backend,
-                                                            dtype=recv.dtype, device=recv.device)[1])
+            out.append(torch.empty((b, self.n_group, h, d), dtype=recv.dtype, device=recv.device))
         for piece, index in zip(split_rows(recv, self.rows), self.index):
             index = index.to(recv.device)
             start = 0
@@ -357,7 +353,7 @@ def _apply(q, k, v, layout, causal, scale, backend, options, sinks=None):
     world = layout.world_size
     ring_layout = GroupLayout(layout, [list(range(world))], 0)
     scatter = HeadScatter(layout, list(range(world)), layout.rank, layout.group, ring_layout,
-                          q.shape[2], k.shape[2], backend)
+                          q.shape[2], k.shape[2])
     return HeadParallelAttention.apply(q, k, v, sinks, scatter, ring_layout, causal, scale, backend, "ulysses")
 
 

@@ -80,7 +80,7 @@ def _apply(q, k, v, layout, causal, scale, backend, options: Options, sinks=None
     # and alltoall.all_to_all_rows), which is safe whatever group the caller's layout uses
     ring_layout = GroupLayout(layout, groups, layout.rank // size, member=layout.rank % size)
     scatter = ulysses.HeadScatter(layout, members, members.index(layout.rank), layout.group, ring_layout,
-                                  q.shape[2], k.shape[2], backend)
+                                  q.shape[2], k.shape[2])
     return ulysses.HeadParallelAttention.apply(q, k, v, sinks, scatter, ring_layout, causal, scale, backend, "usp")
 
 
