@@ -27,11 +27,13 @@ With equal lengths and U = P: forward `B (N/P) D (2H + 2H_kv') (P-1)/P` with
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..comm.alltoall import all_to_all_rows, split_rows
+from ..comm.alltoall import post_all_to_all_rows, split_rows
+from ..errors import brief
 from ..layout import GroupLayout, SeqLayout
 from ..registry import Strategy, register, run
 from . import ring
@@ -66,6 +68,45 @@ def head_constraint(heads: int, kv_heads: int, size: int, strategy: str):
             f"strategy='usp' with another ulysses_size, or 'ring' / 'allgather', can serve this"
         )
     return None
+
+
+def default_head_chunks(heads: int, kv_heads: int, size: int) -> int:
+    """Two head chunks when each of the `size` members' KV heads split evenly in two (the
+    pipeline then leaves half of each pass's all-to-all bytes exposed), else one."""
+    if size < 2 or kv_heads % size:
+        return 1
+    return 2 if (kv_heads // size) % 2 == 0 else 1
+
+
+def head_chunks_reason(chunks: int, heads: int, kv_heads: int, size: int) -> Optional[str]:
+    """Why `chunks` head chunks cannot split the heads of `size` members, or None: a chunk
+    holds whole KV heads of every member, so `chunks` divides the KV heads per member (one
+    when KV heads are replicated)."""
+    per = kv_heads // size if kv_heads % size == 0 else 1
+    if per % chunks:
+        return (f"head_chunks: expected a divisor of the KV heads per Ulysses member ({kv_heads} KV heads over "
+                f"{size} members: {per}{', replicated' if kv_heads % size else ''}), got {chunks}")
+    return None
+
+
+def check_head_chunks_type(chunks) -> None:
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
+        raise ValueError(f"head_chunks: expected a positive int or None, got {brief(chunks)}")
+
+
+@dataclass(frozen=True)
+class Options:
+    """`head_chunks` c: each member's heads go through the all-to-alls and the attention in
+    c pipelined chunks (`HeadParallelAttention`); None means `default_head_chunks`."""
+    head_chunks: Optional[int] = None
+
+    def __post_init__(self):
+        check_head_chunks_type(self.head_chunks)
+
+    def resolve(self, q, k, v, layout) -> "Options":
+        if self.head_chunks is not None:
+            return self
+        return Options(default_head_chunks(q.shape[2], k.shape[2], layout.world_size))
 
 
 def _index_runs(index: torch.Tensor, limit: int = 16):
@@ -109,28 +150,45 @@ class HeadScatter:
         # the KV head each member receives when heads are replicated
         self.kv_head_of = torch.tensor([j // (self.size // kv_heads) for j in range(self.size)]) if not self.kv_split else None
 
-    def _per_member(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """[B, n, H_x, D] -> [U, n, B, h, D]: the head chunk for each member."""
-        b, n, h, d = x.shape
-        if kind == "q" or self.kv_split:
-            chunks = x.reshape(b, n, self.size, h // self.size, d)
-        else:
-            chunks = x.index_select(2, self.kv_head_of.to(x.device)).unsqueeze(3)
-        return chunks.permute(2, 1, 0, 3, 4)
+    def chunks_possible(self) -> int:
+        """The most head chunks the exchanges can be cut into: a chunk holds whole KV heads
+        of every member (`c` must divide the member's KV heads); replicated KV heads (one
+        per member) allow one."""
+        return self.hkv if self.kv_split else 1
 
-    def to_heads(self, tensors: Sequence[Tuple[torch.Tensor, str]], op: str) -> List[torch.Tensor]:
-        """Sequence shards -> head shards over the group's tokens, contiguous.
+    def _per_member(self, x: torch.Tensor, kind: str, chunk: Tuple[int, int]) -> torch.Tensor:
+        """[B, n, H_x, D] -> [U, n, B, h, D]: head chunk `j` of `c` (`chunk`) of each member's heads."""
+        b, n, h, d = x.shape
+        j, c = chunk
+        if kind == "q" or self.kv_split:
+            heads = x.reshape(b, n, self.size, c, h // (self.size * c), d)[:, :, :, j]
+        else:
+            heads = x.index_select(2, self.kv_head_of.to(x.device)).unsqueeze(3)
+        return heads.permute(2, 1, 0, 3, 4)
+
+    def post_to_heads(self, tensors: Sequence[Tuple[torch.Tensor, str]], op: str,
+                      chunk: Tuple[int, int] = (0, 1)) -> "_Landing":
+        """Sequence shards -> head shards over the group's tokens, posted; the returned
+        exchange's `wait()` gives the tensors `[B, n_group, h, D]`, contiguous views of one
+        buffer. `chunk` `(j, c)`: only the j-th of c equal chunks of each member's heads.
         The tensors travel in one all-to-all, each token's heads x head dim flattened, so
         that they may differ in head dim (v's own, in MLA)."""
         b = tensors[0][0].shape[0]
-        shapes = [(self.hq if kind == "q" else self.hkv, t.shape[3]) for t, kind in tensors]
+        c = chunk[1]
+        shapes = [((self.hq if kind == "q" else self.hkv) // c, t.shape[3]) for t, kind in tensors]
         rows_me = self.rows[self.me]
-        send = torch.cat([self._per_member(t, kind).reshape(self.size, rows_me, b, h * d)
-                          for (t, kind), (h, d) in zip(tensors, shapes)], dim=3)
-        send = send.reshape(self.size * rows_me, b, send.shape[3])
-        recv = all_to_all_rows(send, [rows_me] * self.size, self.rows, self.group, op, self.members)
-        del send  # what arrived is all that is needed now
-        if len(tensors) == 1 or len(set(d for _, d in shapes)) == 1:
+        # one copy of each tensor, straight into its columns of the message
+        send = tensors[0][0].new_empty((self.size, rows_me, b, sum(h * d for h, d in shapes)))
+        start = 0
+        for (t, kind), (h, d) in zip(tensors, shapes):
+            send[..., start:start + h * d].view(self.size, rows_me, b, h, d).copy_(self._per_member(t, kind, chunk))
+            start += h * d
+        send = send.view(self.size * rows_me, b, send.shape[3])
+        exchange = post_all_to_all_rows(send, [rows_me] * self.size, self.rows, self.group, op, self.members)
+        return _Landing(exchange, lambda recv: self._unpack_heads(recv, b, shapes))
+
+    def _unpack_heads(self, recv: torch.Tensor, b: int, shapes) -> List[torch.Tensor]:
+        if len(shapes) == 1 or len(set(d for _, d in shapes)) == 1:
             # one head dim: one buffer, one copy per member, the tensors' heads side by side
             d = shapes[0][1]
             hc = sum(h for h, _ in shapes)
@@ -160,18 +218,22 @@ class HeadScatter:
                 start += h * d
         return out
 
-    def to_sequence(self, tensors: List[Tuple[torch.Tensor, str, int]], op: str) -> List[torch.Tensor]:
-        """Head shards -> sequence shards: `(full [B, n_group, h, D], kind, total heads)`;
-        replicated KV heads sum what their members computed (in fp32). The list is emptied
-        as the tensors are copied into the message: a caller that holds no other reference
-        frees each one then (the backward's dQ, dK, dV: the group's tokens, fp32)."""
+    def post_to_sequence(self, tensors: List[Tuple[torch.Tensor, str]], into: "_Lazy", op: str,
+                         chunk: Tuple[int, int] = (0, 1)) -> "_Landing":
+        """Head shards -> sequence shards, posted: `(part [B, n_group, h, D], kind)` land,
+        when the returned exchange's `wait()` runs, in head chunk `chunk` `(j, c)` of the
+        tensors `into()` gives (`[B, n_me, H_x, D]`, contiguous, one per part; made when
+        the first part lands, so a single chunk's message out is freed by then); replicated KV heads
+        sum what their members computed (in fp32). The list is emptied as the parts are
+        copied into the message: a caller that holds no other reference frees each one then
+        (the backward's dQ, dK, dV: the group's tokens, fp32)."""
         b = tensors[0][0].shape[0]
         device = tensors[0][0].device
         dtype = tensors[0][0].dtype
-        meta = [(t.shape[2], t.shape[3], t.dtype, kind, total) for t, kind, total in tensors]
+        meta = [(t.shape[2], t.shape[3], kind) for t, kind in tensors]
         rows = sum(self.rows)
         # each token's heads x head dim flattened, the tensors side by side (head dims may differ)
-        send = torch.empty(rows, b, sum(h * d for h, d, *_ in meta), dtype=dtype, device=device)
+        send = torch.empty(rows, b, sum(h * d for h, d, _ in meta), dtype=dtype, device=device)
         runs = None if any(r is None for r in self.runs) else [
             (first + src, dst, length) for first, member_runs in zip(_offsets(self.rows), self.runs)
             for src, dst, length in member_runs]
@@ -188,61 +250,124 @@ class HeadScatter:
                     target[row:row + length].copy_(seq_first[stored:stored + length])
             start += width
             del t, seq_first, target  # a view keeps its base alive
-        recv = all_to_all_rows(send, self.rows, [self.rows[self.me]] * self.size, self.group, op, self.members)
-        recv = recv.reshape(self.size, self.rows[self.me], b, send.shape[2])
+        exchange = post_all_to_all_rows(send, self.rows, [self.rows[self.me]] * self.size, self.group, op,
+                                        self.members)
         del send
-        out, start = [], 0
-        for h, d, t_dtype, kind, total in meta:
-            piece = recv[:, :, :, start:start + h * d].reshape(self.size, self.rows[self.me], b, h, d)
+        return _Landing(exchange, lambda recv: self._unpack_sequence(recv, b, meta, into, chunk))
+
+    def _unpack_sequence(self, recv: torch.Tensor, b: int, meta, into, chunk: Tuple[int, int]) -> None:
+        n_me = self.rows[self.me]
+        j, c = chunk
+        recv = recv.reshape(self.size, n_me, b, recv.shape[2])
+        start = 0
+        for (h, d, kind), dest in zip(meta, into()):
+            piece = recv[:, :, :, start:start + h * d].reshape(self.size, n_me, b, h, d)
             piece = piece.permute(2, 1, 0, 3, 4)  # [B, n, U, h, D]
             start += h * d
             if kind == "q" or self.kv_split:
-                out.append(piece.reshape(b, self.rows[self.me], total, d))
+                dest.view(b, n_me, self.size, c, h, d)[:, :, :, j].copy_(piece)
             else:
-                acc = torch.zeros(b, self.rows[self.me], total, d,
-                                  dtype=torch.float32 if t_dtype != torch.float64 else t_dtype, device=device)
-                acc.index_add_(2, self.kv_head_of.to(device), piece[:, :, :, 0].to(acc.dtype))
-                out.append(acc.to(t_dtype))
-        return out
+                acc = torch.zeros(dest.shape, dtype=torch.float32 if dest.dtype != torch.float64 else dest.dtype,
+                                  device=dest.device)
+                acc.index_add_(2, self.kv_head_of.to(dest.device), piece[:, :, :, 0].to(acc.dtype))
+                dest.copy_(acc)
+
+
+class _Lazy:
+    """A list of tensors made on the first call (`factory()`), the same list after."""
+
+    def __init__(self, factory):
+        self._factory, self._made = factory, None
+
+    def __call__(self) -> List[torch.Tensor]:
+        if self._made is None:
+            self._made, self._factory = self._factory(), None
+        return self._made
+
+
+class _Landing:
+    """An all-to-all of `HeadScatter` in flight; `wait()` unpacks what arrived (once)."""
+
+    def __init__(self, exchange, unpack):
+        self._exchange, self._unpack, self._result = exchange, unpack, None
+
+    def wait(self):
+        if self._exchange is not None:
+            recv = self._exchange.wait()
+            self._exchange = None
+            self._result = self._unpack(recv)
+            self._unpack = None
+        return self._result
 
 
 class HeadParallelAttention(torch.autograd.Function):
-    """Ulysses inside a group, ring across groups (a ring of one group is plain Ulysses)."""
+    """Ulysses inside a group, ring across groups (a ring of one group is plain Ulysses).
+
+    With `chunks` c > 1 each member's heads go in c chunks, pipelined: chunk j+1's q/k/v
+    all-to-all flies while chunk j computes, and chunk j's output returns while chunk j+1
+    computes; likewise dO and dQ/dK/dV in the backward. Only the first inbound and the last
+    outbound exchange of a pass wait exposed, 1/c of the bytes each. Every member posts the
+    exchanges in the same order, so they pair up on any backend."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, scatter: HeadScatter, ring_layout, causal, scale, backend, name):
-        qf, kf, vf = scatter.to_heads([(q, "q"), (k, "kv"), (v, "kv")], op=f"{name}.forward.qkv")
-        # this member's query heads are the chunk [me * hq, (me + 1) * hq)
-        local_sinks = None if sinks is None else sinks[scatter.me * scatter.hq:(scatter.me + 1) * scatter.hq]
-        out, lse = fold_sinks(*ring._ring_forward(qf, kf, vf, ring_layout, causal, scale, backend,
-                                                  ring_op=f"{name}.forward.kv"), local_sinks)
-        # with sinks the backward's rowsum(dO * O) cancels against dO . v: keep O unrounded
-        saved = out if sinks is not None else out.to(q.dtype)
-        (result,) = scatter.to_sequence([(saved if sinks is None else out.to(q.dtype), "q", q.shape[2])],
-                                        op=f"{name}.forward.out")
-        ctx.save_for_backward(qf, kf, vf, saved, lse, sinks)
-        ctx.args = (scatter, ring_layout, causal, scale, backend, name, q.shape[2], k.shape[2])
-        return result
+    def forward(ctx, q, k, v, sinks, scatter: HeadScatter, ring_layout, causal, scale, backend, name, chunks):
+        hc = scatter.hq // chunks  # query heads of a member's chunk
+        result = _Lazy(lambda: [q.new_empty(q.shape[:3] + (v.shape[3],))])
+        inputs = [(q, "q"), (k, "kv"), (v, "kv")]
+        arriving = scatter.post_to_heads(inputs, op=f"{name}.forward.qkv", chunk=(0, chunks))
+        leaving, saved_parts = None, []
+        for j in range(chunks):
+            qf, kf, vf = arriving.wait()
+            if j + 1 < chunks:
+                arriving = scatter.post_to_heads(inputs, op=f"{name}.forward.qkv", chunk=(j + 1, chunks))
+            first = scatter.me * scatter.hq + j * hc  # this member's query heads in the chunk
+            local_sinks = None if sinks is None else sinks[first:first + hc]
+            out, lse = fold_sinks(*ring._ring_forward(qf, kf, vf, ring_layout, causal, scale, backend,
+                                                      ring_op=f"{name}.forward.kv"), local_sinks)
+            # with sinks the backward's rowsum(dO * O) cancels against dO . v: keep O unrounded
+            kept = out if sinks is not None else out.to(q.dtype)
+            if leaving is not None:
+                leaving.wait()
+            leaving = scatter.post_to_sequence([(kept if sinks is None else out.to(q.dtype), "q")], result,
+                                               op=f"{name}.forward.out", chunk=(j, chunks))
+            saved_parts += [qf, kf, vf, kept, lse]
+            del qf, kf, vf, out, kept, lse
+        leaving.wait()
+        ctx.save_for_backward(sinks, *saved_parts)
+        ctx.args = (scatter, ring_layout, causal, scale, backend, name, chunks, k.shape, v.shape)
+        return result()[0]
 
     @staticmethod
     def backward(ctx, do):
-        qf, kf, vf, out, lse, sinks = ctx.saved_tensors
-        scatter, ring_layout, causal, scale, backend, name, heads, kv_heads = ctx.args
-        (dof,) = scatter.to_heads([(do, "q")], op=f"{name}.backward.do")
-        dq, dk, dv = ring._ring_backward(dof, qf, kf, vf, out, lse, ring_layout, causal, scale, backend,
-                                         ring_op=f"{name}.backward.kv")
-        dsinks = None
-        if sinks is not None and ctx.needs_input_grad[3]:
-            # this member computed every row of its heads: their whole gradient, zero elsewhere
-            chunk = slice(scatter.me * scatter.hq, (scatter.me + 1) * scatter.hq)
-            dsinks = torch.zeros_like(sinks)
-            dsinks[chunk] = sinks_grad(dof, out, lse, sinks[chunk])
-        dtype = qf.dtype
-        del dof  # head-sharded dO is done with before the gradients' all-to-all
-        pending = [(dq.to(dtype), "q", heads), (dk.to(dtype), "kv", kv_heads), (dv.to(dtype), "kv", kv_heads)]
-        del dq, dk, dv  # to_sequence frees each as it is packed
-        grads = scatter.to_sequence(pending, op=f"{name}.backward.grads")
-        return (*grads, dsinks, None, None, None, None, None, None)
+        sinks, *saved_parts = ctx.saved_tensors
+        scatter, ring_layout, causal, scale, backend, name, chunks, k_shape, v_shape = ctx.args
+        hc = scatter.hq // chunks
+        dtype = saved_parts[0].dtype
+        grads = _Lazy(lambda: [do.new_empty(do.shape[:3] + (saved_parts[0].shape[3],), dtype=dtype),
+                               do.new_empty(k_shape, dtype=dtype), do.new_empty(v_shape, dtype=dtype)])
+        want_dsinks = sinks is not None and ctx.needs_input_grad[3]
+        dsinks = torch.zeros_like(sinks) if want_dsinks else None
+        arriving = scatter.post_to_heads([(do, "q")], op=f"{name}.backward.do", chunk=(0, chunks))
+        leaving = None
+        for j in range(chunks):
+            qf, kf, vf, out, lse = saved_parts[5 * j:5 * j + 5]
+            (dof,) = arriving.wait()
+            if j + 1 < chunks:
+                arriving = scatter.post_to_heads([(do, "q")], op=f"{name}.backward.do", chunk=(j + 1, chunks))
+            dq_j, dk_j, dv_j = ring._ring_backward(dof, qf, kf, vf, out, lse, ring_layout, causal, scale, backend,
+                                                   ring_op=f"{name}.backward.kv")
+            if want_dsinks:
+                # this member computed every row of its heads: their whole gradient, zero elsewhere
+                first = scatter.me * scatter.hq + j * hc
+                dsinks[first:first + hc] = sinks_grad(dof, out, lse, sinks[first:first + hc])
+            del dof  # head-sharded dO is done with before the gradients' all-to-all
+            pending = [(dq_j.to(dtype), "q"), (dk_j.to(dtype), "kv"), (dv_j.to(dtype), "kv")]
+            del dq_j, dk_j, dv_j  # post_to_sequence frees each as it is packed
+            if leaving is not None:
+                leaving.wait()
+            leaving = scatter.post_to_sequence(pending, grads, op=f"{name}.backward.grads", chunk=(j, chunks))
+        leaving.wait()
+        return (*grads(), dsinks, None, None, None, None, None, None, None)
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
@@ -270,11 +395,13 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
 # -- for the planner (seqpar.planner): schedule, memory, candidates ----------------------------
 
 
-def head_parallel_cost(prob, topo, size: int, total: Dict[str, int]):
+def head_parallel_cost(prob, topo, size: int, total: Dict[str, int], chunks: int = 1):
     """(timeline, `total`) of Ulysses inside groups of `size` consecutive ranks and ring
     across the groups (USP; size = P: Ulysses). `total`: the busiest rank's bytes of the
-    whole strategy; the ring's share is what its all-to-alls leave. The all-to-alls are
-    exposed: q/k/v in and the output back (forward); dO in and dQ/dK/dV back."""
+    whole strategy; the ring's share is what its all-to-alls leave. Each pass's all-to-alls
+    (q/k/v in and the output back; dO in and dQ/dK/dV back) go in `chunks` head chunks:
+    the first chunk's inbound and the last one's outbound exchange are exposed, the others
+    fly while a chunk computes (`HeadParallelAttention`); one chunk leaves all exposed."""
     from ..planner.schedule import Timeline
     from ..planner.topology import steps
 
@@ -292,82 +419,120 @@ def head_parallel_cost(prob, topo, size: int, total: Dict[str, int]):
     ring_level = "intra" if all(topo.level([g[m] for g in groups]) == "intra" for m in range(size)) else "inter"
     ring_layout = GroupLayout(prob.layout(), groups, 0)
     heads = prob.heads // size
+    # q/k/v (or dQ/dK/dV) against the output (or dO): elements per token of a member's heads
+    qkv = heads * prob.head_dim + 2 * kv_heads_per_member(prob.heads, prob.kv_heads, size) * prob.head_dim
+    share = qkv / (qkv + heads * prob.head_dim)
+    calls = steps("alltoall", size)
+
+    def one_pass(line, inbound: float, outbound: float, kv: float, grads: float, backward: bool) -> None:
+        part = Timeline(topo.overlap)  # one chunk's attention (and, in USP, its ring)
+        ring.ring_phase(part, prob, topo, ring_layout, heads // chunks, kv / chunks, grads / chunks, ring_level,
+                        backward=backward)
+        arrive = topo.transfer(a2a_level, "alltoall", size, inbound / chunks)
+        leave = topo.transfer(a2a_level, "alltoall", size, outbound / chunks)
+        line.wait(arrive, calls)
+        for j in range(chunks):
+            flying = (arrive if j + 1 < chunks else 0.0) + (leave if j else 0.0)
+            line.overlap(part.total, flying, part.messages + calls * ((j + 1 < chunks) + (j > 0)))
+        line.wait(leave, calls)
+
     line = Timeline(topo.overlap)
-    line.wait(topo.transfer(a2a_level, "alltoall", size, a2a["forward"], calls=2), 2 * steps("alltoall", size))
-    ring.ring_phase(line, prob, topo, ring_layout, heads, around["forward"], 0.0, ring_level, backward=False)
+    one_pass(line, a2a["forward"] * share, a2a["forward"] * (1 - share), around["forward"], 0.0, False)
     if prob.training:
-        line.wait(topo.transfer(a2a_level, "alltoall", size, a2a["backward"], calls=2), 2 * steps("alltoall", size))
-        ring.ring_phase(line, prob, topo, ring_layout, heads, around["forward"], around["backward"] - around["forward"],
-                        ring_level, backward=True)
+        one_pass(line, a2a["backward"] * (1 - share), a2a["backward"] * share, around["forward"],
+                 around["backward"] - around["forward"], True)
     return line, total
 
 
-def head_parallel_memory(prob, size: int) -> int:
-    """Peak bytes of Ulysses in groups of `size` (USP; size = P: Ulysses).
+def head_parallel_memory(prob, size: int, chunks: int = 1) -> int:
+    """Peak bytes of Ulysses in groups of `size` (USP; size = P: Ulysses), its heads in
+    `chunks` pipelined chunks.
 
     Saved: the group's tokens of this member's heads (q, k, v) and its output, and the lse.
-    The backward's fullest moment is either its compute (dO, the head-sharded dO, the fp32
-    dQ/dK/dV of the member's heads, the outer ring's held and arriving K/V and travelling
-    dK/dV, one backward tile) or the gradients' all-to-all (dO, the message out and the
-    message in, which is then unpacked while the message out is already freed)."""
+    Forward: one chunk's q/k/v message out and in, the next chunk's; with three chunks or
+    more the previous chunk's output messages too; the chunk's accumulators and the outer
+    ring's K/V. The backward's fullest moment is either a chunk's compute (dO, the chunk's
+    head-sharded dO and fp32 dQ/dK/dV, the outer ring's held and arriving K/V and
+    travelling dK/dV, one backward tile; with two chunks or more, the gradients in the
+    caller's layout and the previous chunk's gradient messages out and in, and from three
+    the next chunk's dO messages) or the last gradients' all-to-all (dO, the message out and
+    in; with one chunk the message in is then unpacked while the message out is freed)."""
     from .common import backward_tile_bytes
 
     b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
-    e, a = prob.element_size, prob.acc_size
+    e, a, c = prob.element_size, prob.acc_size, chunks
     hq, hk = h // size, kv_heads_per_member(h, hkv, size)
     ng = n * size  # the group's tokens
     full = b * ng * (hq + 2 * hk) * d
     heads_out = b * ng * hq * d  # this member's query heads over the group's tokens
     rows = b * n * h * d
+    grads = b * n * (h + 2 * hkv) * d  # dQ, dK, dV of this rank's tokens
     ring = prob.world_size // size
     ring_kv = 2 * b * ng * hk * d if ring > 1 else 0
     saved = full * e + heads_out * e + b * hq * ng * a
-    fwd = 2 * full * e + 3 * ring_kv * e + (heads_out * a if a != e else 0) + b * hq * ng * 8
+    fwd = (2 * full * e + (2 * heads_out * e if c >= 3 else 0) + 3 * ring_kv * e
+           + (heads_out * a if a != e else 0) + b * hq * ng * 8) // c
     travelling = (2 if ring >= 3 else 1) * ring_kv * a
-    compute = rows * e + heads_out * e + full * a + 2 * ring_kv * e + travelling + backward_tile_bytes(
-        b, ng, hq, hk, d, a, element_size=e)
-    exchange = rows * e + 2 * full * e
+    compute = rows * e + (heads_out * e + full * a + 2 * ring_kv * e + travelling) // c + backward_tile_bytes(
+        b, ng, hq // c, max(1, hk // c), d, a, element_size=e)
+    if c >= 2:
+        compute += grads * e + 2 * full * e // c + (2 * heads_out * e // c if c >= 3 else 0)
+    exchange = rows * e + (2 * full * e if c == 1 else grads * e + 2 * full * e // c)
     return prob.peak(saved, fwd, max(compute, exchange))
+
+
+def _chunks(prob, size: int, options) -> int:
+    return options.get("head_chunks") or default_head_chunks(prob.heads, prob.kv_heads, size)
 
 
 def cost(prob, topo, options):
     from ..planner.schedule import busiest_bytes
 
-    return head_parallel_cost(prob, topo, prob.world_size, busiest_bytes(prob, analytic_bytes, options))
+    size = prob.world_size
+    nbytes = busiest_bytes(prob, analytic_bytes, options)
+    return head_parallel_cost(prob, topo, size, nbytes, _chunks(prob, size, options))
 
 
 def peak_memory(prob, options) -> int:
-    return head_parallel_memory(prob, prob.world_size)
+    return head_parallel_memory(prob, prob.world_size, _chunks(prob, prob.world_size, options))
 
 
 def candidates(prob):
-    return [{}]
+    """The default head chunks, and one chunk where the default pipelines (fewer messages:
+    it wins where latency, not bytes, costs)."""
+    return [{}] + ([{"head_chunks": 1}] if default_head_chunks(prob.heads, prob.kv_heads, prob.world_size) > 1 else [])
 
-def _check(q, k, v, layout, options):
-    reason = head_constraint(q.shape[2], k.shape[2], layout.world_size, "ulysses")
+def _check(q, k, v, layout, options: Options):
+    reason = head_constraint(q.shape[2], k.shape[2], layout.world_size, "ulysses") or head_chunks_reason(
+        options.head_chunks, q.shape[2], k.shape[2], layout.world_size)
     if reason:
         raise ValueError(reason)
 
 
-def _apply(q, k, v, layout, causal, scale, backend, options, sinks=None):
+def _apply(q, k, v, layout, causal, scale, backend, options: Options, sinks=None):
     world = layout.world_size
     ring_layout = GroupLayout(layout, [list(range(world))], 0)
     scatter = HeadScatter(layout, list(range(world)), layout.rank, layout.group, ring_layout,
                           q.shape[2], k.shape[2])
-    return HeadParallelAttention.apply(q, k, v, sinks, scatter, ring_layout, causal, scale, backend, "ulysses")
+    return HeadParallelAttention.apply(q, k, v, sinks, scatter, ring_layout, causal, scale, backend, "ulysses",
+                                       options.head_chunks)
 
 
-def ulysses_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto", **options):
+def ulysses_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto",
+                      head_chunks: Optional[int] = None, **options):
     """Exact attention by Ulysses: all-to-all to head shards, attention, all-to-all back.
 
     `q` `[B, S/P, H, D]`, `k`/`v` `[B, S/P, H_kv, D]` of `layout` (any scheme, uneven
     lengths). Needs `H % P == 0` and `H_kv % P == 0` or `P % H_kv == 0` (KV heads are then
     sent only to the ranks that need them); otherwise a ValueError names USP and ring.
-    Returns `[B, S/P, H, D]` in the input dtype; differentiable in q, k, v.
+    `head_chunks` c: each rank's heads in c pipelined chunks, each chunk's all-to-all flying
+    while the previous one computes (c must divide the KV heads per rank; default: 2 where
+    they split evenly, else 1). Returns `[B, S/P, H, D]` in the input dtype; differentiable
+    in q, k, v.
     """
     return run("ulysses", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
-                        backend=backend, **options)
+                        backend=backend, head_chunks=head_chunks, **options)
 
 
-register(Strategy("ulysses", _apply, analytic_bytes, check=_check, cost=cost, peak_memory=peak_memory,
+register(Strategy("ulysses", _apply, analytic_bytes, Options, check=_check, cost=cost, peak_memory=peak_memory,
                   candidates=candidates))

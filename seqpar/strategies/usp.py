@@ -45,20 +45,30 @@ def default_ulysses_size(world: int, heads: int, kv_heads: int) -> int:
 
 @dataclass(frozen=True)
 class Options:
-    """`ulysses_size` U: ranks per Ulysses group; None means `default_ulysses_size`."""
+    """`ulysses_size` U: ranks per Ulysses group; None means `default_ulysses_size`.
+    `head_chunks` c: the Ulysses level's pipelined head chunks (`ulysses.Options`); None
+    means `ulysses.default_head_chunks` for U."""
     ulysses_size: Optional[int] = None
+    head_chunks: Optional[int] = None
 
     def __post_init__(self):
         size = self.ulysses_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
             raise TypeError(f"ulysses_size: expected an int, got {type(size).__name__}")
+        ulysses.check_head_chunks_type(self.head_chunks)
 
     def resolve(self, q, k, v, layout) -> "Options":
-        """The default filled in. It reads this rank's LOCAL_WORLD_SIZE, so the resolved
-        value is agreed across ranks before any collective (`registry.run`)."""
-        if self.ulysses_size is not None:
-            return self
-        return Options(default_ulysses_size(layout.world_size, q.shape[2], k.shape[2]))
+        """The defaults filled in. `ulysses_size` reads this rank's LOCAL_WORLD_SIZE, so the
+        resolved values are agreed across ranks before any collective (`registry.run`)."""
+        size = self.ulysses_size
+        if size is None:
+            size = default_ulysses_size(layout.world_size, q.shape[2], k.shape[2])
+        chunks = self.head_chunks
+        if chunks is None:
+            valid = size >= 1 and layout.world_size % size == 0 and ulysses.head_constraint(
+                q.shape[2], k.shape[2], size, "usp") is None
+            chunks = ulysses.default_head_chunks(q.shape[2], k.shape[2], size) if valid else 1
+        return Options(size, chunks)
 
 
 def _check(q, k, v, layout, options: Options):
@@ -68,6 +78,9 @@ def _check(q, k, v, layout, options: Options):
     reason = ulysses.head_constraint(q.shape[2], k.shape[2], size, "usp")
     if reason:
         raise ValueError(reason.replace("strategy='usp' with a smaller ulysses_size", "a smaller ulysses_size"))
+    reason = ulysses.head_chunks_reason(options.head_chunks, q.shape[2], k.shape[2], size)
+    if reason:
+        raise ValueError(reason)
 
 
 def _apply(q, k, v, layout, causal, scale, backend, options: Options, sinks=None):
@@ -81,7 +94,8 @@ def _apply(q, k, v, layout, causal, scale, backend, options: Options, sinks=None
     ring_layout = GroupLayout(layout, groups, layout.rank // size, member=layout.rank % size)
     scatter = ulysses.HeadScatter(layout, members, members.index(layout.rank), layout.group, ring_layout,
                                   q.shape[2], k.shape[2])
-    return ulysses.HeadParallelAttention.apply(q, k, v, sinks, scatter, ring_layout, causal, scale, backend, "usp")
+    return ulysses.HeadParallelAttention.apply(q, k, v, sinks, scatter, ring_layout, causal, scale, backend, "usp",
+                                               options.head_chunks)
 
 
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
@@ -114,29 +128,39 @@ def cost(prob, topo, options):
     from ..planner.schedule import busiest_bytes
 
     size = options["ulysses_size"]
-    return ulysses.head_parallel_cost(prob, topo, size, busiest_bytes(prob, analytic_bytes, {"ulysses_size": size}))
+    return ulysses.head_parallel_cost(prob, topo, size, busiest_bytes(prob, analytic_bytes, {"ulysses_size": size}),
+                                      ulysses._chunks(prob, size, options))
 
 
 def peak_memory(prob, options) -> int:
-    return ulysses.head_parallel_memory(prob, options["ulysses_size"])
+    size = options["ulysses_size"]
+    return ulysses.head_parallel_memory(prob, size, ulysses._chunks(prob, size, options))
 
 
 def candidates(prob):
-    """Every proper divisor U of P above 1 (U = 1 is ring, U = P Ulysses)."""
+    """Every proper divisor U of P above 1 (U = 1 is ring, U = P Ulysses), each with its
+    default head chunks and, where those pipeline, with one chunk."""
     world = prob.world_size
-    return [{"ulysses_size": u} for u in range(2, world) if world % u == 0]
+    out = []
+    for u in range(2, world):
+        if world % u == 0:
+            out.append({"ulysses_size": u})
+            if ulysses.head_constraint(prob.heads, prob.kv_heads, u, "usp") is None and ulysses.default_head_chunks(
+                    prob.heads, prob.kv_heads, u) > 1:
+                out.append({"ulysses_size": u, "head_chunks": 1})
+    return out
 
 def usp_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto",
-                  ulysses_size: Optional[int] = None, **options):
+                  ulysses_size: Optional[int] = None, head_chunks: Optional[int] = None, **options):
     """Exact attention by USP: Ulysses within groups of `ulysses_size` ranks, ring across them.
 
     `q` `[B, S/P, H, D]`, `k`/`v` `[B, S/P, H_kv, D]` of `layout` (any scheme, uneven
     lengths). `ulysses_size` U must divide P, and H (and H_kv, or be divisible by it) by U;
     default: the largest such U, at most the ranks per node (`LOCAL_WORLD_SIZE`).
-    Returns `[B, S/P, H, D]` in the input dtype; differentiable in q, k, v.
+    `head_chunks`: the Ulysses level's pipelined head chunks (`ulysses_attention`). Returns `[B, S/P, H, D]` in the input dtype; differentiable in q, k, v.
     """
     return run("usp", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
-                        backend=backend, ulysses_size=ulysses_size, **options)
+                        backend=backend, ulysses_size=ulysses_size, head_chunks=head_chunks, **options)
 
 
 register(Strategy("usp", _apply, analytic_bytes, Options, _check, cost=cost, peak_memory=peak_memory,
