@@ -286,18 +286,16 @@ class _Lazy:
 
 
 class _Landing:
-    """An all-to-all of `HeadScatter` in flight; `wait()` unpacks what arrived (once)."""
+    """An all-to-all of `HeadScatter` in flight; `wait()`, called once, unpacks what arrived
+    and returns it, keeping no reference (the caller frees it when done)."""
 
     def __init__(self, exchange, unpack):
-        self._exchange, self._unpack, self._result = exchange, unpack, None
+        self._exchange, self._unpack = exchange, unpack
 
     def wait(self):
-        if self._exchange is not None:
-            recv = self._exchange.wait()
-            self._exchange = None
-            self._result = self._unpack(recv)
-            self._unpack = None
-        return self._result
+        exchange, unpack = self._exchange, self._unpack
+        self._exchange = self._unpack = None
+        return unpack(exchange.wait())
 
 
 class HeadParallelAttention(torch.autograd.Function):
@@ -453,10 +451,12 @@ def head_parallel_memory(prob, size: int, chunks: int = 1) -> int:
     more the previous chunk's output messages too; the chunk's accumulators and the outer
     ring's K/V. The backward's fullest moment is either a chunk's compute (dO, the chunk's
     head-sharded dO and fp32 dQ/dK/dV, the outer ring's held and arriving K/V and
-    travelling dK/dV, one backward tile; with two chunks or more, the gradients in the
-    caller's layout and the previous chunk's gradient messages out and in, and from three
-    the next chunk's dO messages) or the last gradients' all-to-all (dO, the message out and
-    in; with one chunk the message in is then unpacked while the message out is freed)."""
+    travelling dK/dV, one backward tile; with two chunks or more the previous chunk's
+    gradient messages out and in, from three the gradients in the caller's layout, made
+    when the first chunk's land, and the next chunk's dO messages) or the last gradients'
+    all-to-all (dO, the message out and in and, with several chunks, the gradients in the
+    caller's layout; one chunk's message in is unpacked into them after the message out is
+    freed)."""
     from .common import backward_tile_bytes
 
     b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
@@ -475,8 +475,9 @@ def head_parallel_memory(prob, size: int, chunks: int = 1) -> int:
     travelling = (2 if ring >= 3 else 1) * ring_kv * a
     compute = rows * e + (heads_out * e + full * a + 2 * ring_kv * e + travelling) // c + backward_tile_bytes(
         b, ng, hq // c, max(1, hk // c), d, a, element_size=e)
-    if c >= 2:
-        compute += grads * e + 2 * full * e // c + (2 * heads_out * e // c if c >= 3 else 0)
+    if c >= 2:  # the previous chunk's gradients in flight; from three chunks the gradients
+        # in the caller's layout (made when the first chunk's land) and the next dO too
+        compute += 2 * full * e // c + (grads * e + 2 * heads_out * e // c if c >= 3 else 0)
     exchange = rows * e + (2 * full * e if c == 1 else grads * e + 2 * full * e // c)
     return prob.peak(saved, fwd, max(compute, exchange))
 
