@@ -442,6 +442,9 @@ class _TorchrunRunner:
 PROFILES = {"quick": (2048, 4096, 5), "default": (8192, 16384, 10), "long": (16384, 65536, 30)}
 # N of the small-problem rows after the main ones (default and --long profiles)
 SMALL_SIZES = (2048, 4096)
+# their timed rounds at least: a call takes a fraction of a second, and rounds vary by
+# 10-30% on a shared machine, so their medians want more rounds than the main rows
+SMALL_REPEATS = 9
 
 _FIELD_HELP = {
     "world_size": "ranks P of the local world (under torchrun: the launched group)",
@@ -557,8 +560,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             small = [] if args.quick or args.seq_len is not None else list(SMALL_SIZES)
         for n in small:  # per-call overhead: the fixed costs show on problems of a few thousand tokens
             path = str(out_dir / f"small-{n}.json") if json_path else ""
-            run(dataclasses.replace(cfg, seq_len=n), args.strategies, peers=not args.no_peers, json_path=path,
-                kind=f"small{n}")
+            run(dataclasses.replace(cfg, seq_len=n, repeats=max(cfg.repeats, SMALL_REPEATS)), args.strategies,
+                peers=not args.no_peers, json_path=path, kind=f"small{n}")
     if args.linear != "off" and not launched:  # the linear rows spawn their own local worlds
         from . import linear as linear_bench
 
