@@ -9,8 +9,10 @@ for fp64 inputs), `[B, n, H, D]`-contiguous: the callers' layout and flash-attn'
 one PyTorch's fused flash ops return their gradients in whatever the inputs' strides (the
 CPU op returns its output in q's layout). The CPU block kernels timed alike on
 `[B, n, H, D]`- and `[B, H, n, D]`-contiguous inputs (torch 2.13, one thread,
-interleaved: within 3%), so no backend has a layout of its own, and no block output
-needs a copy into one.
+interleaved: within 3%), so no backend has a layout of its own. With equal q and KV heads
+and q in that layout the sdpa blocks' outputs need no copy; a GQA block whose query
+heads fold into rows (`backends/sdpa.py`) returns its output and dQ heads-first, and they
+are copied (as its dK/dV were into the heads-first layout sdpa used to have).
 """
 from __future__ import annotations
 

@@ -84,14 +84,19 @@ def head_chunks_reason(chunks: int, heads: int, kv_heads: int, size: int) -> Opt
     when KV heads are replicated)."""
     per = kv_heads // size if kv_heads % size == 0 else 1
     if per % chunks:
+        members = f"{size} member{'s' if size != 1 else ''}"
         return (f"head_chunks: expected a divisor of the KV heads per Ulysses member ({kv_heads} KV heads over "
-                f"{size} members: {per}{', replicated' if kv_heads % size else ''}), got {chunks}")
+                f"{members}: {per}{', replicated' if kv_heads % size else ''}), got {chunks}")
     return None
 
 
 def check_head_chunks_type(chunks) -> None:
-    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
-        raise ValueError(f"head_chunks: expected a positive int or None, got {brief(chunks)}")
+    if chunks is None:
+        return
+    if isinstance(chunks, bool) or not isinstance(chunks, int):
+        raise TypeError(f"head_chunks: expected a positive int or None, got {brief(chunks)}")
+    if chunks < 1:
+        raise ValueError(f"head_chunks: expected a positive int or None, got {chunks}")
 
 
 @dataclass(frozen=True)
@@ -149,12 +154,6 @@ class HeadScatter:
         self.kv_split = kv_heads % self.size == 0
         # the KV head each member receives when heads are replicated
         self.kv_head_of = torch.tensor([j // (self.size // kv_heads) for j in range(self.size)]) if not self.kv_split else None
-
-    def chunks_possible(self) -> int:
-        """The most head chunks the exchanges can be cut into: a chunk holds whole KV heads
-        of every member (`c` must divide the member's KV heads); replicated KV heads (one
-        per member) allow one."""
-        return self.hkv if self.kv_split else 1
 
     def _per_member(self, x: torch.Tensor, kind: str, chunk: Tuple[int, int]) -> torch.Tensor:
         """[B, n, H_x, D] -> [U, n, B, h, D]: head chunk `j` of `c` (`chunk`) of each member's heads."""

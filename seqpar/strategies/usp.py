@@ -78,6 +78,9 @@ def _check(q, k, v, layout, options: Options):
     reason = ulysses.head_constraint(q.shape[2], k.shape[2], size, "usp")
     if reason:
         raise ValueError(reason.replace("strategy='usp' with a smaller ulysses_size", "a smaller ulysses_size"))
+    if size == 1 and options.head_chunks != 1:
+        raise ValueError(f"head_chunks: ulysses_size=1 is ring attention, which has no head chunks; "
+                         f"expected None or 1, got {options.head_chunks}")
     reason = ulysses.head_chunks_reason(options.head_chunks, q.shape[2], k.shape[2], size)
     if reason:
         raise ValueError(reason)

@@ -2,6 +2,8 @@
 against float64 dense attention, with the masks, value head dims, sinks and memory layouts
 that change what each chunk carries; the option's checks; and the bytes, which chunks
 must not change."""
+import re
+
 import pytest
 import torch
 
@@ -74,7 +76,8 @@ def test_default_chunks():
                     r"members: 2\), got 3"),
     (2, None, None),
     (0, ValueError, r"head_chunks: expected a positive int or None, got 0"),
-    (True, ValueError, r"head_chunks: expected a positive int or None, got True"),
+    (True, TypeError, r"head_chunks: expected a positive int or None, got True"),
+    ("2", TypeError, r"head_chunks: expected a positive int or None, got '2'"),
 ])
 def test_head_chunks_checked(chunks, error, message):
     q = torch.randn(1, 6, 4, 8, device="meta")
@@ -97,3 +100,44 @@ def test_replicated_kv_heads_take_one_chunk():
     assert check_strategy("usp", q, k, k, layout, {}).head_chunks == 1
     with pytest.raises(ValueError, match=r"\(1 KV heads over 2 members: 1, replicated\), got 2"):
         check_strategy("usp", q, k, k, layout, {"ulysses_size": 2, "head_chunks": 2})
+
+
+def _chunks_per_rank(strategy, per_rank, extra):
+    """One call whose head_chunks differ by rank; returns the error this rank raised."""
+    import torch.distributed as dist
+
+    layout = SeqLayout(12, scheme="zigzag")
+    q, k, v = (torch.randn(1, layout.local_len, 8, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    try:
+        out = seqpar.attention(q, k, v, layout=layout, causal=True, strategy=strategy,
+                               head_chunks=per_rank[dist.get_rank()], **extra)
+        out.sum().backward()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("strategy, p, per_rank, extra, message", [
+    # valid on each rank, but they differ: every rank names the option and each rank's value
+    ("ulysses", 2, [2, 1], {}, r"options must be the same on every rank.*head_chunks"),
+    ("ulysses", 2, [None, 1], {}, r"options must be the same on every rank.*head_chunks"),
+    ("usp", 4, [2, 2, 1, 2], {"ulysses_size": 2}, r"options must be the same on every rank.*head_chunks"),
+    # bad on one rank only: that rank's own error, and the others name it
+    ("ulysses", 2, [3, 2], {}, r"head_chunks: expected a divisor"),
+])
+def test_head_chunks_disagreement_raises_on_every_rank(strategy, p, per_rank, extra, message):
+    errors = world(p).run(_chunks_per_rank, strategy, per_rank, extra, timeout=60)
+    assert all(e is not None for e in errors), errors
+    for e in errors:
+        assert re.search(message, e, flags=re.S), errors
+
+
+def test_usp_of_one_rank_per_group_has_no_head_chunks():
+    from seqpar.registry import check_strategy
+
+    q = torch.randn(1, 6, 8, 8, device="meta")
+    layout = SeqLayout.simulated(12, 2, 0)
+    assert check_strategy("usp", q, q, q, layout, {"ulysses_size": 1}).head_chunks == 1
+    with pytest.raises(ValueError, match=r"head_chunks: ulysses_size=1 is ring attention, which has no head "
+                                         r"chunks; expected None or 1, got 2"):
+        check_strategy("usp", q, q, q, layout, {"ulysses_size": 1, "head_chunks": 2})
