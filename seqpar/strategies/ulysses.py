@@ -9,6 +9,8 @@ gathered tokens is the ring loop over a ring of the *groups* (USP) or, for plain
 (U = P), a ring of one member with no communication. A second all-to-all returns the
 output. The backward is the transpose: dO travels like q; dQ, dK, dV travel back like
 the output (in the input dtype), and replicated KV heads sum their gradients on return.
+With `head_chunks` c each member's heads take these steps in c chunks, pipelined: a
+chunk's exchange flies while its neighbour chunk computes (`HeadParallelAttention`).
 
 KV heads (G = H / H_kv query heads per KV head):
 - `H_kv % U == 0`: member j receives KV heads `[j H_kv/U, (j+1) H_kv/U)`, exactly those its
