@@ -56,8 +56,8 @@ its fake (meta) implementation states without running anything:
 - `lse` `[B, H, nq]` contiguous, accumulation dtype.
 
 Backends return other dtypes or strides in places (the fused ops' bf16 outputs, the
-CPU op's `out` for a q of other strides); the ops copy those into the contract, because compiled code indexes
-outputs by the strides the fake promised.
+CPU op's `out` for a q of other strides); the ops copy those into the contract, because
+compiled code indexes outputs by the strides the fake promised.
 
 `block_forward` has an autograd formula, exact also for the gradient of `lse` (see
 `_block_forward_backward`); the strategies do not need it (their autograd functions call

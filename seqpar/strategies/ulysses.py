@@ -83,8 +83,8 @@ def default_head_chunks(heads: int, kv_heads: int, size: int) -> int:
 def head_chunks_reason(chunks: int, heads: int, kv_heads: int, size: int) -> Optional[str]:
     """Why `chunks` head chunks cannot split the heads of `size` members, or None: a chunk
     holds whole KV heads of every member, so `chunks` divides the KV heads per member (one
-    when KV heads are replicated)."""
-    per = kv_heads // size if kv_heads % size == 0 else 1
+    when KV heads are replicated). `head_constraint` must have passed."""
+    per = kv_heads_per_member(heads, kv_heads, size)
     if per % chunks:
         members = f"{size} member{'s' if size != 1 else ''}"
         return (f"head_chunks: expected a divisor of the KV heads per Ulysses member ({kv_heads} KV heads over "
@@ -224,10 +224,10 @@ class HeadScatter:
         """Head shards -> sequence shards, posted: `(part [B, n_group, h, D], kind)` land,
         when the returned exchange's `wait()` runs, in head chunk `chunk` `(j, c)` of the
         tensors `into()` gives (`[B, n_me, H_x, D]`, contiguous, one per part; made when
-        the first part lands, so a single chunk's message out is freed by then); replicated KV heads
-        sum what their members computed (in fp32). The list is emptied as the parts are
-        copied into the message: a caller that holds no other reference frees each one then
-        (the backward's dQ, dK, dV: the group's tokens, fp32)."""
+        the first part lands, so a single chunk's message out is freed by then);
+        replicated KV heads sum what their members computed (in fp32). The list is emptied
+        as the parts are copied into the message: a caller that holds no other reference
+        frees each one then (the backward's dQ, dK, dV: the group's tokens, fp32)."""
         b = tensors[0][0].shape[0]
         device = tensors[0][0].device
         dtype = tensors[0][0].dtype
@@ -323,14 +323,14 @@ class HeadParallelAttention(torch.autograd.Function):
             local_sinks = None if sinks is None else sinks[first:first + hc]
             out, lse = fold_sinks(*ring._ring_forward(qf, kf, vf, ring_layout, causal, scale, backend,
                                                       ring_op=f"{name}.forward.kv"), local_sinks)
+            sent = out.to(q.dtype)
             # with sinks the backward's rowsum(dO * O) cancels against dO . v: keep O unrounded
-            kept = out if sinks is not None else out.to(q.dtype)
+            kept = out if sinks is not None else sent
             if leaving is not None:
                 leaving.wait()
-            leaving = scatter.post_to_sequence([(kept if sinks is None else out.to(q.dtype), "q")], result,
-                                               op=f"{name}.forward.out", chunk=(j, chunks))
+            leaving = scatter.post_to_sequence([(sent, "q")], result, op=f"{name}.forward.out", chunk=(j, chunks))
             saved_parts += [qf, kf, vf, kept, lse]
-            del qf, kf, vf, out, kept, lse
+            del qf, kf, vf, out, sent, kept, lse
         leaving.wait()
         ctx.save_for_backward(sinks, *saved_parts)
         ctx.args = (scatter, ring_layout, causal, scale, backend, name, chunks, k.shape, v.shape)
@@ -483,7 +483,8 @@ def head_parallel_memory(prob, size: int, chunks: int = 1) -> int:
     return prob.peak(saved, fwd, max(compute, exchange))
 
 
-def _chunks(prob, size: int, options) -> int:
+def planned_head_chunks(prob, size: int, options) -> int:
+    """The head chunks of a planned call: the option given, else the default for `size`."""
     return options.get("head_chunks") or default_head_chunks(prob.heads, prob.kv_heads, size)
 
 
@@ -492,11 +493,11 @@ def cost(prob, topo, options):
 
     size = prob.world_size
     nbytes = busiest_bytes(prob, analytic_bytes, options)
-    return head_parallel_cost(prob, topo, size, nbytes, _chunks(prob, size, options))
+    return head_parallel_cost(prob, topo, size, nbytes, planned_head_chunks(prob, size, options))
 
 
 def peak_memory(prob, options) -> int:
-    return head_parallel_memory(prob, prob.world_size, _chunks(prob, prob.world_size, options))
+    return head_parallel_memory(prob, prob.world_size, planned_head_chunks(prob, prob.world_size, options))
 
 
 def candidates(prob):

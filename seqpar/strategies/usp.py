@@ -64,10 +64,8 @@ class Options:
         if size is None:
             size = default_ulysses_size(layout.world_size, q.shape[2], k.shape[2])
         chunks = self.head_chunks
-        if chunks is None:
-            valid = size >= 1 and layout.world_size % size == 0 and ulysses.head_constraint(
-                q.shape[2], k.shape[2], size, "usp") is None
-            chunks = ulysses.default_head_chunks(q.shape[2], k.shape[2], size) if valid else 1
+        if chunks is None:  # a size `_check` refuses is refused before the chunks count
+            chunks = ulysses.default_head_chunks(q.shape[2], k.shape[2], size)
         return Options(size, chunks)
 
 
@@ -132,12 +130,12 @@ def cost(prob, topo, options):
 
     size = options["ulysses_size"]
     return ulysses.head_parallel_cost(prob, topo, size, busiest_bytes(prob, analytic_bytes, {"ulysses_size": size}),
-                                      ulysses._chunks(prob, size, options))
+                                      ulysses.planned_head_chunks(prob, size, options))
 
 
 def peak_memory(prob, options) -> int:
     size = options["ulysses_size"]
-    return ulysses.head_parallel_memory(prob, size, ulysses._chunks(prob, size, options))
+    return ulysses.head_parallel_memory(prob, size, ulysses.planned_head_chunks(prob, size, options))
 
 
 def candidates(prob):
@@ -160,7 +158,8 @@ def usp_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, bac
     `q` `[B, S/P, H, D]`, `k`/`v` `[B, S/P, H_kv, D]` of `layout` (any scheme, uneven
     lengths). `ulysses_size` U must divide P, and H (and H_kv, or be divisible by it) by U;
     default: the largest such U, at most the ranks per node (`LOCAL_WORLD_SIZE`).
-    `head_chunks`: the Ulysses level's pipelined head chunks (`ulysses_attention`). Returns `[B, S/P, H, D]` in the input dtype; differentiable in q, k, v.
+    `head_chunks`: the Ulysses level's pipelined head chunks (`ulysses_attention`).
+    Returns `[B, S/P, H, D]` in the input dtype; differentiable in q, k, v.
     """
     return run("usp", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
                         backend=backend, ulysses_size=ulysses_size, head_chunks=head_chunks, **options)
