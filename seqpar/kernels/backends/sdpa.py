@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..memory import acc_dtype, unit_stride
-from ..pieces import pieces_backward, pieces_forward
+from ..pieces import causal_tree_backward, causal_tree_forward, pieces_backward, pieces_forward
 
 
 
@@ -94,8 +94,26 @@ def _sdpa_ops(device: torch.device):
     return (_cpu_flash_fwd, _cpu_flash_bwd) if device.type == "cpu" else (_cuda_flash_fwd, _cuda_flash_bwd)
 
 
+# Square causal pieces on CPU run as a tree of smaller calls (`pieces.causal_tree`) where
+# that timed faster than one call: PyTorch's CPU op computes a small causal call almost as
+# if it were unmasked. Median of 9, one thread (two), 8 heads x 64, fp32, ms:
+#   rows    forward one call -> tree      backward one call -> tree
+#    256    1.78 -> 1.84 (1.20 -> 1.37)    4.36 -> 3.28 (2.46 -> 2.23)
+#    512    7.02 -> 5.69 (3.75 -> 3.55)    18.0 -> 11.1 (9.56 -> 6.74)
+#   1024    20.6 -> 18.7 (10.3 -> 10.9)    51.7 -> 41.7 (28.6 -> 24.6)
+#   2048    67.2 -> 63.8 (37.1 -> 38.7)     173 -> 153  (89.8 -> 90.6)
+#   4096     244 -> 240  (127 -> 136)       635 -> 601  (326 -> 321)
+# so the backward's pieces from 256 rows (CPU backward tiles have at most 1024), and the
+# forward's from 512 to 1024 rows. Leaves of 128 rows timed within a few % of these.
+CPU_CAUSAL_LEAF = 64
+CPU_TREE_FORWARD_ROWS = (512, 1024)
+CPU_TREE_BACKWARD_ROWS = 256
+
+
 def _piece_forward(q, k, v, scale, causal):
     """One unmasked or square-causal piece through the fused op; bshd in and out."""
+    if causal and q.device.type == "cpu" and CPU_TREE_FORWARD_ROWS[0] <= q.shape[1] <= CPU_TREE_FORWARD_ROWS[1]:
+        return causal_tree_forward(_piece_forward, q, k, v, scale, CPU_CAUSAL_LEAF)
     fwd, _ = _sdpa_ops(q.device)
     q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     b, n, h, d = q.shape
@@ -115,6 +133,8 @@ def _piece_forward(q, k, v, scale, causal):
 
 
 def _piece_backward(do, q, k, v, out, lse, scale, causal):
+    if causal and q.device.type == "cpu" and q.shape[1] >= CPU_TREE_BACKWARD_ROWS:
+        return causal_tree_backward(_piece_backward, do, q, k, v, out, lse, scale, CPU_CAUSAL_LEAF)
     _, bwd = _sdpa_ops(q.device)
     do, q, k, v, out = (unit_stride(t) for t in (do, q, k, v, out))
     b, n, h, d = q.shape
