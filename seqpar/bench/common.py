@@ -35,6 +35,19 @@ def timed_call(fn, device=None, barrier=None) -> float:
     return time.perf_counter() - start
 
 
+# After a call that ran with more threads than a rank has (the single-process contestant,
+# on rank 0 with every core), its OpenMP threads keep spinning for a while on the cores the
+# next contestant's ranks run on. Measured on the 2-core VM, N=2048, P=2: a ring forward
+# right after dense took 47 ms, otherwise 40-44 ms (PyTorch's ring core alike); 50 ms of
+# rest first removed the difference.
+SETTLE_S = 0.05
+
+
+def settle() -> None:
+    """Let the cores go idle after a call with more threads (`SETTLE_S`), outside any timing."""
+    time.sleep(SETTLE_S)
+
+
 def assemble(results: List[Dict], name: str, seq_dim_size: int) -> torch.Tensor:
     """The global tensor `[B, N, ...]` from every rank's `results[r][name]` at `results[r]["positions"]`."""
     first = results[0][name]

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .common import (HelpFormatter, assemble, default_out_dir, is_main, machine_description, progress, progress_end,
-                     rel_err, repo_root, slowest_per_repeat, timed_call, write_json)
+                     rel_err, repo_root, settle, slowest_per_repeat, timed_call, write_json)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -134,6 +134,8 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
 
         elapsed = timed_call(call, device)
         torch.set_num_threads(rank_threads)
+        if name == "dense" and device.type == "cpu":
+            settle()  # its threads spin on after it, on the cores the next contestant uses
         return elapsed if active else 0.0
 
     modes = {name: ((False, True) if contestants[name][1] is not None else (False,)) for name in contestants}

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .common import progress, rel_err, timed_call
+from .common import progress, rel_err, settle, timed_call
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 METHODS = ("ring", "allgather", "allscan")
@@ -183,6 +183,8 @@ def bench_linear_on_rank(cfg: LinearBenchConfig) -> Dict:
 
                     elapsed = timed_call(call)
                 torch.set_num_threads(rank_threads)
+                if name == "single process":
+                    settle()  # its threads spin on after it, on the cores the next contestant uses
                 if round_ >= cfg.warmup:
                     times[(name, bwd)].append(elapsed if active else 0.0)
                     if name in waits and not bwd:
