@@ -173,6 +173,9 @@ def test_main_job_adds_small_problem_rows(tmp_path, capfd):
                            "--strategies", "ring", "--out-dir", str(tmp_path)]) == 0
     out, _ = capfd.readouterr()
     small = json.loads((tmp_path / "small-32.json").read_text())
-    assert small["config"]["seq_len"] == 32 and [r["name"] for r in small["rows"]][1] == "ring"
+    names = [r["name"] for r in small["rows"]]
+    assert small["config"]["seq_len"] == 32 and names[1].startswith("seqpar kernel (") and names[2] == "ring"
+    # every strategy row has its ratio to the single-process seqpar kernel, and that row its error
+    assert small["rows"][1]["max_rel_err"] < 1e-5 and small["rows"][2]["forward_backward_vs_kernel"] > 0
     assert len(list(tmp_path.glob("small32-*.json"))) == 1
     assert "N=32" in out and "N=64" in out

@@ -2,7 +2,10 @@
 
 On a CPU machine it spawns a local gloo world of `--world-size` ranks, each with
 `cores / P` threads, and times single-process dense attention (PyTorch SDPA over the
-whole sequence) with all the cores: the ratio is the cost of splitting the sequence.
+whole sequence) with all the cores: the ratio is the cost of splitting the sequence. A
+second single-process row runs seqpar's own block kernel on the whole sequence; a
+strategy's ratio to it is the split's cost alone, apart from what seqpar's kernels gain
+on PyTorch's (on CPUs, causal blocks cut into a tree, `pieces.causal_tree`).
 Under `torchrun` it uses the launched group (NCCL on GPUs) and times dense on rank 0's
 device. Each row: median wall time over repeats (the slowest rank per repeat), its ratio
 to dense, bytes sent per rank against the strategy's analytic volume, and the max error
@@ -82,6 +85,30 @@ def _dense_fns(cfg: BenchConfig, tensors):
     return forward, q, k, v, do
 
 
+# The contestants that run on rank 0 alone with every core (the others wait at the barriers):
+# PyTorch's dense SDPA, and seqpar's own block kernel on the whole problem (what seqpar's
+# kernels do without splitting the sequence: the ratio of a strategy to it is the cost of
+# the split alone, the kernel's own gains aside).
+SINGLE_PROCESS = ("dense", "seqpar kernel")
+
+
+def _kernel_fns(cfg: BenchConfig, tensors):
+    """seqpar's block kernel (`seqpar::block_forward`, whose autograd runs
+    `block_backward`) on the whole sequence, backend as the strategies resolve it."""
+    from ..kernels.block import resolve_backend
+
+    q, k, v, do = tensors
+    scale = cfg.head_dim ** -0.5
+    backend = resolve_backend(cfg.backend, q.device, q.dtype, cfg.head_dim, scale)
+    offset = 0 if cfg.causal else None
+
+    def forward():
+        out, _ = torch.ops.seqpar.block_forward(q, k, v, scale, offset, backend)
+        return out.to(q.dtype)
+
+    return forward, q, k, v, do
+
+
 def _strategy_fns(cfg: BenchConfig, strategy: str, layout, tensors):
     import seqpar
 
@@ -109,7 +136,9 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
     dense_threads = min(rank_threads * dist.get_world_size(), os.cpu_count() or 1) if device.type == "cpu" else rank_threads
     tensors = [t.requires_grad_(i < 3) for i, t in enumerate(_global_inputs(cfg, device))]
     layout = seqpar.SeqLayout(cfg.seq_len, scheme=cfg.scheme)
-    contestants = {"dense": _dense_fns(cfg, [t.detach().requires_grad_(i < 3) for i, t in enumerate(tensors)])}
+    contestants = {"dense": _dense_fns(cfg, [t.detach().requires_grad_(i < 3) for i, t in enumerate(tensors)]),
+                   "seqpar kernel": _kernel_fns(cfg, [t.detach().clone().requires_grad_(i < 3)
+                                                      for i, t in enumerate(tensors)])}
     for name in strategies:
         contestants[name] = _strategy_fns(cfg, name, layout, [t.detach() for t in tensors])
         for t in contestants[name][1:4]:
@@ -119,8 +148,8 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
         contestants.update(_peer_contestants(cfg, tensors, skipped))
     def run_one(name: str, backward: bool) -> float:
         forward, q, k, v, do = contestants[name][:5]
-        active = name != "dense" or rank == 0
-        if name == "dense" and active:
+        active = name not in SINGLE_PROCESS or rank == 0
+        if name in SINGLE_PROCESS and active:
             torch.set_num_threads(dense_threads)
         def call():
             if not active:
@@ -134,7 +163,7 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
 
         elapsed = timed_call(call, device)
         torch.set_num_threads(rank_threads)
-        if name == "dense" and device.type == "cpu":
+        if name in SINGLE_PROCESS and device.type == "cpu":
             settle()  # its threads spin on after it, on the cores the next contestant uses
         return elapsed if active else 0.0
 
@@ -160,7 +189,7 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
             _progress(f"  checking [{i + 1}/{len(contestants)}] {name}: bytes sent and the result for the errors",
                       final=i + 1 == len(contestants))
         entry = {"forward": times[(name, False)], "forward_backward": times.get((name, True))}
-        if name == "dense" and rank != 0:
+        if name in SINGLE_PROCESS and rank != 0:
             results[name] = entry
             continue
         if name in strategies:
@@ -177,7 +206,7 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
                 ops_forward=fwd_stats.as_dict(), ops_backward=bwd_stats.as_dict(),
                 positions=layout.positions(),
             )
-        elif name == "dense":
+        elif name in SINGLE_PROCESS:
             out = forward()
             q.grad = k.grad = v.grad = None
             out.backward(do)
@@ -333,7 +362,13 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
     dense = res[0]["dense"]
     rows = [{"name": f"dense ({res[0]['dense_threads']} threads, 1 process)", "threads": res[0]["dense_threads"],
              "forward_times_s": dense["forward"], "forward_backward_times_s": dense["forward_backward"]}]
-    for name in [n for n in res[0] if n not in ("dense", "rank", "threads", "dense_threads", "peer_skipped")]:
+    kernel = res[0]["seqpar kernel"]
+    rows.append({"name": f"seqpar kernel ({res[0]['dense_threads']} threads, 1 process)",
+                 "threads": res[0]["dense_threads"], "forward_times_s": kernel["forward"],
+                 "forward_backward_times_s": kernel["forward_backward"],
+                 "errors": {g: rel_err(kernel[g], dense[g]) for g in ("out", "dq", "dk", "dv")}})
+    rows[-1]["max_rel_err"] = max(rows[-1]["errors"].values())
+    for name in [n for n in res[0] if n not in SINGLE_PROCESS + ("rank", "threads", "dense_threads", "peer_skipped")]:
         per_rank = [r[name] for r in res]
         row = {"name": name, "threads": res[0]["threads"],
                "forward_times_s": slowest_per_repeat(per_rank, "forward")}
@@ -365,11 +400,14 @@ def run(cfg: BenchConfig, strategies: Optional[List[str]] = None, peers: bool = 
                 row[f"{key}_s"] = statistics.median(times)
                 row[f"{key}_spread"] = (max(times) - min(times)) / statistics.median(times)
     dense_fwd, dense_fb = rows[0]["forward_s"], rows[0]["forward_backward_s"]
+    kernel_fwd, kernel_fb = rows[1]["forward_s"], rows[1]["forward_backward_s"]
     for row in rows:
         if "forward_s" in row:
             row["forward_vs_dense"] = row["forward_s"] / dense_fwd
+            row["forward_vs_kernel"] = row["forward_s"] / kernel_fwd
         if "forward_backward_s" in row:
             row["forward_backward_vs_dense"] = row["forward_backward_s"] / dense_fb
+            row["forward_backward_vs_kernel"] = row["forward_backward_s"] / kernel_fb
     report = {
         "config": dataclasses.asdict(cfg), "machine": machine_description(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "launched_with_torchrun": launched, "rows": rows,
@@ -389,8 +427,8 @@ def format_table(report: Dict) -> str:
         f"B={cfg['batch']}, H={cfg['heads']}, H_kv={cfg['kv_heads']}, D={cfg['head_dim']}, {cfg['dtype']}, "
         f"causal={cfg['causal']}, scheme={cfg['scheme']}, backend={cfg['backend']}",
         "",
-        "| strategy | fwd (s) | fwd / dense | fwd+bwd (s) | fwd+bwd / dense | bytes/rank fwd (analytic) | bytes/rank bwd (analytic) | max rel err vs dense |",
-        "|---|---|---|---|---|---|---|---|",
+        "| strategy | fwd (s) | fwd / dense | fwd+bwd (s) | fwd+bwd / dense | fwd+bwd / seqpar kernel | bytes/rank fwd (analytic) | bytes/rank bwd (analytic) | max rel err vs dense |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def num(row, key, fmt):
@@ -399,7 +437,7 @@ def format_table(report: Dict) -> str:
     lines.insert(1, f"median of {cfg['repeats']} interleaved rounds, slowest rank per round; {report['date']}")
     for row in report["rows"]:
         if "skipped" in row:
-            lines.append(f"| {row['name']} | skipped: {row['skipped']} | | | | | | |")
+            lines.append(f"| {row['name']} | skipped: {row['skipped']} | | | | | | | |")
             continue
         fwd_bytes = f"{_format_bytes(row.get('bytes_forward'))} ({_format_bytes(row.get('analytic_forward'))})"
         bwd_bytes = f"{_format_bytes(row.get('bytes_backward'))} ({_format_bytes(row.get('analytic_backward'))})"
@@ -411,7 +449,7 @@ def format_table(report: Dict) -> str:
         lines.append(
             f"| {row['name']} | {num(row, 'forward_s', '.3f')} | {num(row, 'forward_vs_dense', '.2f')}x | "
             f"{num(row, 'forward_backward_s', '.3f')} | {num(row, 'forward_backward_vs_dense', '.2f')}x | "
-            f"{fwd_bytes if 'bytes_forward' in row else '-'} | {bwd_bytes if 'bytes_backward' in row else '-'} | "
+            f"{num(row, 'forward_backward_vs_kernel', '.2f')}x | {fwd_bytes if 'bytes_forward' in row else '-'} | {bwd_bytes if 'bytes_backward' in row else '-'} | "
             f"{num(row, 'max_rel_err', '.1e')} |"
         )
     return "\n".join(lines)
