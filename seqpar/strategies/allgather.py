@@ -258,11 +258,11 @@ def peak_memory(prob, options) -> int:
     """Inputs and output, plus every buffer of the fullest moment of the backward: dO and
     the fp32 dQ, dK, dV, then the larger of two phases, each with one backward tile
     (`common.backward_tile_bytes`). While the gather lands and the own keys compute: one
-    chunk's K/V of every rank, the collective's staging copy of it (gloo's; NCCL needs
-    none, so this errs high there) and the own keys' fp32 dK/dV. During the rounds that
-    return dK/dV: the gathered chunk, the own keys' dK/dV, the gradients being computed
-    and the previous round's outgoing and incoming ones (P = 2: one round), and with
-    several chunks the next chunk's gather, its staging and its message."""
+    chunk's K/V of every rank (the own one is the message itself; no backend stages a
+    copy: gloo's gathers go as messages, `collectives.gathers_by_p2p`) and the own keys'
+    fp32 dK/dV. During the rounds that return dK/dV: the gathered chunk, the own keys'
+    dK/dV, the gradients being computed and the previous round's outgoing and incoming
+    ones (P = 2: one round), and with several chunks the next chunk's gather."""
     from .common import backward_tile_bytes
 
     b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
@@ -271,12 +271,12 @@ def peak_memory(prob, options) -> int:
     chunk = min(options.get("kv_head_chunk") or hkv, hkv)
     local = 2 * b * n * chunk * d * e  # one rank's K/V of a chunk
     one = world * local  # gathered
-    following = 2 * one + local if chunk < hkv else 0  # the next chunk's gather in flight
+    following = one if chunk < hkv else 0  # the next chunk's gather in flight
     grads = 2 * b * n * chunk * d * a  # one rank's fp32 dK/dV of a chunk
     tile = backward_tile_bytes(b, n, chunk * (h // hkv), chunk, d, a, element_size=e)
     saved = lse * a  # q is the input, the saved output the returned one
-    fwd = 2 * one + following + (rows * a if a != e else 0) + lse * 8  # out (fp32 when the inputs are not), lse
-    landing = 2 * one + grads + tile
+    fwd = one + following + (rows * a if a != e else 0) + lse * 8  # out (fp32 when the inputs are not), lse
+    landing = one + grads + tile
     rounds = one + following + grads * (4 if world >= 3 else 2) + tile
     bwd = rows * e + rows * a + 2 * b * n * hkv * d * a + max(landing, rounds)
     return prob.peak(saved, fwd, bwd)

@@ -27,6 +27,39 @@ def test_post_exchanges_with_both_neighbours():
         assert received == [[float((rank - 1) % 3)] * 3, []], rank
 
 
+def _gather_beside_an_exchange():
+    """An uneven all-gather and a plain exchange of the same size with the same peer,
+    posted in opposite orders on the two ranks: on gloo the gather goes as tagged
+    messages, which land in the gather's buffers only, whatever was posted first."""
+    rank = dist.get_rank()
+    sizes = [3, 2]
+    x = torch.full((sizes[rank], 2), float(rank + 1))
+    plain_out, plain_in = torch.full((3, 2), -1.0 - rank), torch.empty(3, 2)
+    with seqpar.comm.track() as stats:
+        if rank == 0:
+            handle, buffers = collectives.all_gather_uneven_async(x, sizes, None, op="test.gather")
+            plain = p2p.post([(plain_out, 1)], [(plain_in, 1)], None, op="test.plain")
+        else:
+            plain = p2p.post([(plain_out, 0)], [(plain_in, 0)], None, op="test.plain")
+            handle, buffers = collectives.all_gather_uneven_async(x, sizes, None, op="test.gather")
+    handle.wait()
+    plain.wait()
+    own_is_input = buffers[rank].data_ptr() == x.data_ptr() if x.shape[0] == max(sizes) else None
+    return ([b[:n].tolist() for b, n in zip(buffers, sizes)], plain_in.tolist(), stats.bytes_sent("test.gather"),
+            collectives.gathers_by_p2p(None), own_is_input)
+
+
+def test_uneven_all_gather_lands_apart_from_other_traffic():
+    results = world(2).run(_gather_beside_an_exchange)
+    sizes = [3, 2]
+    for rank, (gathered, plain, sent, by_p2p, own_is_input) in enumerate(results):
+        assert gathered == [[[float(r + 1)] * 2] * n for r, n in enumerate(sizes)], rank
+        assert plain == [[-1.0 - (1 - rank)] * 2] * 3, rank
+        assert sent == 3 * 2 * 4, rank  # padded to 3 rows, to 1 peer, fp32
+        assert by_p2p  # the suite's worlds are gloo
+        assert own_is_input in (None, True), rank  # no copy of the own shard
+
+
 def _all_to_all(members):
     rank, size = dist.get_rank(), dist.get_world_size()
     ranks = list(range(size)) if members is None else members

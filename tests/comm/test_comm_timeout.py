@@ -91,6 +91,17 @@ def test_all_to_all_times_out_when_a_peer_skips_it():
     _check(_in_fresh_world(_all_to_all_skipped_by_rank_1)[0], "ulysses.test", "all-to-all")
 
 
+def _all_gather_skipped_by_rank_1():
+    seqpar.comm.set_timeout(LIMIT)
+    if dist.get_rank() == 1:
+        return None
+    return _timed(lambda: collectives.all_gather_uneven(torch.ones(3, 2), [3, 2], None, op="allgather.test"))
+
+
+def test_all_gather_times_out_when_a_peer_skips_it():
+    _check(_in_fresh_world(_all_gather_skipped_by_rank_1)[0], "allgather.test", "all-gather")
+
+
 def _groups_timeout_by_default():
     # no set_timeout: seqpar's limit is the group's own (short here so the test is quick)
     group = dist.new_group([0, 1], timeout=timedelta(seconds=LIMIT))
