@@ -92,9 +92,41 @@ def _dense_fns(cfg: BenchConfig, tensors):
 SINGLE_PROCESS = ("dense", "seqpar kernel")
 
 
+class _WholeKernel(torch.autograd.Function):
+    """seqpar's block kernel over the whole sequence the way a strategy runs its blocks:
+    one block call forward, the backward through `attend_blocks_backward` (in tiles of
+    `BACKWARD_TILE` rows and keys on CPUs), the output saved in the input dtype."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, offset, backend):
+        from ..kernels import block
+
+        fwd, _ = block.kernels(backend, q, k)
+        out, lse = fwd(q, k, v, scale, offset)
+        result = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, result, lse)
+        ctx.args = (scale, offset, backend)
+        return result
+
+    @staticmethod
+    def backward(ctx, do):
+        from ..kernels import block
+        from ..layout import Block
+        from ..strategies.common import attend_blocks_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, offset, backend = ctx.args
+        _, bwd = block.kernels(backend, q, k)
+        acc = block.acc_dtype(q.dtype)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+        whole = Block(0, q.shape[1], 0, k.shape[1], offset)
+        attend_blocks_backward(bwd, [whole], do.contiguous(), q, k, v, out, lse, scale, dq, dk, dv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
 def _kernel_fns(cfg: BenchConfig, tensors):
-    """seqpar's block kernel (`seqpar::block_forward`, whose autograd runs
-    `block_backward`) on the whole sequence, backend as the strategies resolve it."""
+    """seqpar's block kernel on the whole sequence (`_WholeKernel`), backend as the
+    strategies resolve it."""
     from ..kernels.block import resolve_backend
 
     q, k, v, do = tensors
@@ -103,8 +135,7 @@ def _kernel_fns(cfg: BenchConfig, tensors):
     offset = 0 if cfg.causal else None
 
     def forward():
-        out, _ = torch.ops.seqpar.block_forward(q, k, v, scale, offset, backend)
-        return out.to(q.dtype)
+        return _WholeKernel.apply(q, k, v, scale, offset, backend)
 
     return forward, q, k, v, do
 
@@ -137,8 +168,7 @@ def bench_on_rank(cfg: BenchConfig, strategies: List[str], peers: bool) -> Dict:
     tensors = [t.requires_grad_(i < 3) for i, t in enumerate(_global_inputs(cfg, device))]
     layout = seqpar.SeqLayout(cfg.seq_len, scheme=cfg.scheme)
     contestants = {"dense": _dense_fns(cfg, [t.detach().requires_grad_(i < 3) for i, t in enumerate(tensors)]),
-                   "seqpar kernel": _kernel_fns(cfg, [t.detach().clone().requires_grad_(i < 3)
-                                                      for i, t in enumerate(tensors)])}
+                   "seqpar kernel": _kernel_fns(cfg, [t.detach().requires_grad_(i < 3) for i, t in enumerate(tensors)])}
     for name in strategies:
         contestants[name] = _strategy_fns(cfg, name, layout, [t.detach() for t in tensors])
         for t in contestants[name][1:4]:

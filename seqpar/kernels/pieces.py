@@ -158,13 +158,15 @@ def _split_halves(x: torch.Tensor, n0: int, s: int, half: int) -> torch.Tensor:
 
 def causal_tree_forward(piece_fwd: Callable, q, k, v, scale, leaf: int, nan_fix: Optional[bool] = None):
     """A square causal piece through `piece_fwd` in the calls of `causal_tree`; returns
-    `(out [B, n, H, Dv], lse [B, H, n])` in the accumulation dtype.
+    `(out [B, n, H, Dv], lse [B, H, n])` in the accumulation dtype. The rows past the tree
+    (`[n0, n)`) go back through `piece_fwd` as a causal piece of their own, so the backend
+    decides again whether a tree pays for them.
 
     Why: PyTorch's CPU flash op computes a causal call nearly as if it were unmasked at
     small sizes (one thread, 8 heads x 64: a 512-row causal call took 97% of the unmasked
     call's time; 1024 rows 76%), while the tree's calls do about half the work of the
-    triangle's square and merge the rest (512 rows: forward 6.9 -> 5.2 ms, backward
-    17.6 -> 12.7 ms; 1024: 20.0 -> 18.3 and 51.3 -> 42.5 ms; 2048: even and 172 -> 163 ms).
+    triangle's square and merge the rest (timings: `backends/sdpa.py`).
+
     A leaf's rows see fewer keys than the op's vectors hold, so the op may drop a NaN in
     any of them: when q or k holds a NaN (one sum each tells, read on the host: the tree
     runs on CPUs only) every call's NaN rows are restored (`_nan_rows_`), and the NaN rule
@@ -176,10 +178,11 @@ def causal_tree_forward(piece_fwd: Callable, q, k, v, scale, leaf: int, nan_fix:
     fix = _nan_rows_ if nan_fix else (lambda *args: None)
     acc = acc_dtype(q.dtype)
     m = n0 // leaf
-    h_kv, dv = k.shape[2], v.shape[3]
+    dv = v.shape[3]
     lq, lk, lv = (x[:, :n0].reshape(b * m, leaf, *x.shape[2:]) for x in (q, k, v))
     leaf_out, leaf_lse = piece_fwd(lq, lk, lv, scale, True)
     fix(lq, lk, leaf_out, leaf_lse, True)
+    del lq, lk, lv  # copies where the strides did not allow views
     leaf_lse = leaf_lse.to(acc).reshape(b, m, h, leaf).transpose(1, 2).reshape(b, h, n0)
     if n0 == n:  # the leaves' results are the accumulators (fresh tensors of the op)
         out, lse = leaf_out.to(acc).reshape(b, n, h, dv), leaf_lse.contiguous()
@@ -194,19 +197,21 @@ def causal_tree_forward(piece_fwd: Callable, q, k, v, scale, leaf: int, nan_fix:
         qs, ks, vs = _split_halves(q, n0, s, 1), _split_halves(k, n0, s, 0), _split_halves(v, n0, s, 0)
         part_out, part_lse = piece_fwd(qs, ks, vs, scale, False)
         fix(qs, ks, part_out, part_lse, False)
+        del qs, ks, vs
         part_out = part_out.reshape(b, j, s, h, dv)
         part_lse = part_lse.reshape(b, j, h, s)
         rows_out = out[:, :n0].view(b, j, 2, s, h, dv)[:, :, 1]  # [B, j, s, H, Dv]
         rows_lse = lse[:, :, :n0].view(b, h, j, 2, s)[:, :, :, 1]  # [B, H, j, s]
         for i in range(b):  # merge_ takes [B, n, H, D] / [B, H, n]: j in the batch dim
             merge_(rows_out[i], rows_lse[i].transpose(0, 1), part_out[i], part_lse[i])
+        del part_out, part_lse, rows_out, rows_lse
     if n0 < n:
         rest = slice(n0, n)
-        tail_out, tail_lse = (causal_tree_forward(piece_fwd, q[:, rest], k[:, rest], v[:, rest], scale, leaf, nan_fix)
-                              if n - n0 >= 2 * leaf else piece_fwd(q[:, rest], k[:, rest], v[:, rest], scale, True))
+        tail_out, tail_lse = piece_fwd(q[:, rest], k[:, rest], v[:, rest], scale, True)
         fix(q[:, rest], k[:, rest], tail_out, tail_lse, True)
         out[:, rest] = tail_out
         lse[:, :, rest] = tail_lse
+        del tail_out, tail_lse
         part_out, part_lse = piece_fwd(q[:, rest], k[:, :n0], v[:, :n0], scale, False)
         fix(q[:, rest], k[:, :n0], part_out, part_lse, False)
         merge_(out[:, rest], lse[:, :, rest], part_out, part_lse)
@@ -215,7 +220,9 @@ def causal_tree_forward(piece_fwd: Callable, q, k, v, scale, leaf: int, nan_fix:
 
 def causal_tree_backward(piece_bwd: Callable, do, q, k, v, out, lse, scale, leaf: int):
     """Backward of `causal_tree_forward` (`out`, `lse`: the rows' final ones); returns
-    `(dq, dk, dv)`, `[B, n, H, D]`-contiguous in the accumulation dtype."""
+    `(dq, dk, dv)`, `[B, n, H, D]`-contiguous in the accumulation dtype. Besides the
+    gradients it returns it holds one call's fresh gradients at a time (half the rows at
+    most for a level; with `n0 < n` the leaves' while they are copied, and the tail's)."""
     b, n, h, _ = q.shape
     n0, sizes = causal_tree(n, leaf)
     acc = acc_dtype(q.dtype)
@@ -225,7 +232,7 @@ def causal_tree_backward(piece_bwd: Callable, do, q, k, v, out, lse, scale, leaf
     leaf_lse = lse[:, :, :n0].reshape(b, h, m, leaf).transpose(1, 2).reshape(b * m, h, leaf)
     grads = piece_bwd(*leaves, leaf_lse, scale, True)
     del leaves, leaf_lse
-    if n0 == n:
+    if n0 == n:  # the leaves' gradients are the accumulators
         dq, dk, dv = (g.to(acc).reshape(b, n, *g.shape[2:]) for g in grads)
     else:
         dq, dk, dv = (torch.empty((b, n) + ref.shape[2:], dtype=acc, device=q.device) for ref in (q, k, v))
@@ -236,18 +243,20 @@ def causal_tree_backward(piece_bwd: Callable, do, q, k, v, out, lse, scale, leaf
         j = n0 // (2 * s)
         rows = [_split_halves(x, n0, s, 1) for x in (do, q)]
         keys = [_split_halves(x, n0, s, 0) for x in (k, v)]
+        rows_out = _split_halves(out, n0, s, 1)
         rows_lse = lse[:, :, :n0].reshape(b, h, j, 2, s)[:, :, :, 1].transpose(1, 2).reshape(b * j, h, s)
-        gq, gk, gv = piece_bwd(*rows, *keys, _split_halves(out, n0, s, 1), rows_lse, scale, False)
+        gq, gk, gv = piece_bwd(*rows, *keys, rows_out, rows_lse, scale, False)
+        del rows, keys, rows_out, rows_lse
         dq[:, :n0].view(b, j, 2, s, *dq.shape[2:])[:, :, 1] += gq.view(b, j, s, *gq.shape[2:])
         dk[:, :n0].view(b, j, 2, s, *dk.shape[2:])[:, :, 0] += gk.view(b, j, s, *gk.shape[2:])
         dv[:, :n0].view(b, j, 2, s, *dv.shape[2:])[:, :, 0] += gv.view(b, j, s, *gv.shape[2:])
         del gq, gk, gv
     if n0 < n:
         rest = slice(n0, n)
-        tail = (do[:, rest], q[:, rest], k[:, rest], v[:, rest], out[:, rest], lse[:, :, rest])
-        gq, gk, gv = (causal_tree_backward(piece_bwd, *tail, scale, leaf) if n - n0 >= 2 * leaf
-                      else piece_bwd(*tail, scale, True))
+        gq, gk, gv = piece_bwd(do[:, rest], q[:, rest], k[:, rest], v[:, rest], out[:, rest], lse[:, :, rest], scale,
+                               True)
         dq[:, rest], dk[:, rest], dv[:, rest] = gq, gk, gv
+        del gq, gk, gv
         gq, gk, gv = piece_bwd(do[:, rest], q[:, rest], k[:, :n0], v[:, :n0], out[:, rest], lse[:, :, rest], scale,
                                False)
         dq[:, rest] += gq

@@ -95,7 +95,10 @@ def backward_tile_bytes(batch: int, rows: int, heads: int, kv_heads: int, head_d
     flash op: its fresh dq, dk, dv and about as much workspace again; with fp16/bf16 inputs,
     `element_size` < `acc_size`, half as much again: the op runs on fp32 copies of the
     tile's inputs) for blocks of `rows` queries and `keys` keys (default `rows`) cut to
-    `BACKWARD_TILE`."""
+    `BACKWARD_TILE`. The sdpa backend's CPU tree (`pieces.causal_tree_backward`) holds
+    about as much: the tile's gradients and one level's (at most half the rows) or, for a
+    tile not a power-of-two multiple of the leaf, its leaves' while they are copied
+    (profiled: 2.09x the gradients at 1023 rows, 1.68x at 1024)."""
     t_q, t_k = min(rows, BACKWARD_TILE), min(rows if keys is None else keys, BACKWARD_TILE)
     grads = batch * (t_q * heads + 2 * t_k * kv_heads) * head_dim * acc_size
     low_precision = element_size is not None and element_size < acc_size

@@ -98,16 +98,17 @@ def test_causal_tree_keeps_the_nan_rule(where, leaf):
 
 
 def test_sdpa_uses_the_tree_where_timed_faster_and_stays_exact(monkeypatch):
-    """The sdpa backend's CPU pieces at the sizes that take the tree (forward 512 rows,
-    backward 256) against the torch math backend in float64, with GQA."""
+    """The sdpa backend's CPU pieces at sizes that take the tree (the backward's first size;
+    one inside the forward's range, uneven, batch 2) against the torch math backend in
+    float64, with GQA."""
     calls = []
     tree_fwd, tree_bwd = pieces.causal_tree_forward, pieces.causal_tree_backward
     monkeypatch.setattr(sdpa, "causal_tree_forward", lambda *a, **kw: calls.append("fwd") or tree_fwd(*a, **kw))
     monkeypatch.setattr(sdpa, "causal_tree_backward", lambda *a, **kw: calls.append("bwd") or tree_bwd(*a, **kw))
     gen = torch.Generator().manual_seed(1)
-    for n in (sdpa.CPU_TREE_BACKWARD_ROWS, sdpa.CPU_TREE_FORWARD_ROWS[0] + 37):
-        q, do = (torch.randn(1, n, 4, 16, generator=gen, dtype=torch.float64) for _ in range(2))
-        k, v = (torch.randn(1, n, 2, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    for n, batch in ((sdpa.CPU_TREE_BACKWARD_ROWS, 1), (sdpa.CPU_TREE_FORWARD_ROWS[0] + 37, 2)):
+        q, do = (torch.randn(batch, n, 4, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+        k, v = (torch.randn(batch, n, 2, 16, generator=gen, dtype=torch.float64) for _ in range(2))
         calls.clear()
         out, lse = sdpa.forward(q, k, v, 0.25, 0)
         want_out, want_lse = torch_math.forward(q, k, v, 0.25, 0)

@@ -96,17 +96,22 @@ def _sdpa_ops(device: torch.device):
 
 # Square causal pieces on CPU run as a tree of smaller calls (`pieces.causal_tree`) where
 # that timed faster than one call: PyTorch's CPU op computes a small causal call almost as
-# if it were unmasked. Median of 9, one thread (two), 8 heads x 64, fp32, ms:
-#   rows    forward one call -> tree      backward one call -> tree
-#    256    1.78 -> 1.84 (1.20 -> 1.37)    4.36 -> 3.28 (2.46 -> 2.23)
-#    512    7.02 -> 5.69 (3.75 -> 3.55)    18.0 -> 11.1 (9.56 -> 6.74)
-#   1024    20.6 -> 18.7 (10.3 -> 10.9)    51.7 -> 41.7 (28.6 -> 24.6)
-#   2048    67.2 -> 63.8 (37.1 -> 38.7)     173 -> 153  (89.8 -> 90.6)
-#   4096     244 -> 240  (127 -> 136)       635 -> 601  (326 -> 321)
-# so the backward's pieces from 256 rows (CPU backward tiles have at most 1024), and the
-# forward's from 512 to 1024 rows. Leaves of 128 rows timed within a few % of these.
+# if it were unmasked. One thread, 8 heads x 64, fp32, medians of 9-11 calls, ms (this
+# 2-core VM varies 10-20% between repeats):
+#   rows    forward one call -> tree    backward one call -> tree
+#    256       1.78 -> 1.84                4.36 -> 3.28
+#    384       4.23-4.73 -> 4.08-4.11     9.9-12.0 -> 8.4-9.1
+#    512       7.0-7.6 -> 5.7-6.8         18.0-19.4 -> 11.1-13.9
+#    640       10.0-10.5 -> 9.5-10.2      24.3 -> 20.6-20.7
+#    768       13.1-13.3 -> 14.0-14.9     33.2-33.3 -> 29.6-30.4
+#   1024       20.6-22.0 -> 18.7-26.4     51.7-61.8 -> 41.7-60.4
+#   1536       40.4-40.9 -> 41.1-44.0      108-109 -> 96-100
+#   2048       67.2 -> 63.8                 173 -> 153
+# (two threads alike for the backward; the forward's gain shrank or turned into a loss).
+# So the backward's pieces from 256 rows (CPU backward tiles have at most 1024), the
+# forward's only from 384 to 640 rows. Leaves of 128 rows timed within a few % of 64.
 CPU_CAUSAL_LEAF = 64
-CPU_TREE_FORWARD_ROWS = (512, 1024)
+CPU_TREE_FORWARD_ROWS = (384, 640)
 CPU_TREE_BACKWARD_ROWS = 256
 
 
