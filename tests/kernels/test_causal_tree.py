@@ -99,14 +99,15 @@ def test_causal_tree_keeps_the_nan_rule(where, leaf):
 
 def test_sdpa_uses_the_tree_where_timed_faster_and_stays_exact(monkeypatch):
     """The sdpa backend's CPU pieces at sizes that take the tree (the backward's first size;
-    one inside the forward's range, uneven, batch 2) against the torch math backend in
-    float64, with GQA."""
+    the forward's first, batch 2; an uneven size with tail rows) against the torch math
+    backend in float64, with GQA."""
     calls = []
     tree_fwd, tree_bwd = pieces.causal_tree_forward, pieces.causal_tree_backward
     monkeypatch.setattr(sdpa, "causal_tree_forward", lambda *a, **kw: calls.append("fwd") or tree_fwd(*a, **kw))
     monkeypatch.setattr(sdpa, "causal_tree_backward", lambda *a, **kw: calls.append("bwd") or tree_bwd(*a, **kw))
     gen = torch.Generator().manual_seed(1)
-    for n, batch in ((sdpa.CPU_TREE_BACKWARD_ROWS, 1), (sdpa.CPU_TREE_FORWARD_ROWS[0] + 37, 2)):
+    assert sdpa.forward_takes_tree(512) and not sdpa.forward_takes_tree(512 + 64)  # whole doubled leaves only
+    for n, batch in ((sdpa.CPU_TREE_BACKWARD_ROWS, 1), (sdpa.CPU_TREE_FORWARD_ROWS[0], 2), (777, 1)):
         q, do = (torch.randn(batch, n, 4, 16, generator=gen, dtype=torch.float64) for _ in range(2))
         k, v = (torch.randn(batch, n, 2, 16, generator=gen, dtype=torch.float64) for _ in range(2))
         calls.clear()
@@ -117,5 +118,5 @@ def test_sdpa_uses_the_tree_where_timed_faster_and_stays_exact(monkeypatch):
         grads = sdpa.backward(do, q, k, v, out, lse, 0.25, 0)
         for got, want in zip(grads, torch_math.backward(do, q, k, v, want_out, want_lse, 0.25, 0)):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-        in_forward = sdpa.CPU_TREE_FORWARD_ROWS[0] <= n <= sdpa.CPU_TREE_FORWARD_ROWS[1]
-        assert calls == (["fwd"] if in_forward else []) + ["bwd"], (n, calls)
+        # (777 rows: the backward's tail rows, 265, take a tree of their own)
+        assert ("fwd" in calls) == sdpa.forward_takes_tree(n) and "bwd" in calls, (n, calls)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..memory import acc_dtype, unit_stride
-from ..pieces import causal_tree_backward, causal_tree_forward, pieces_backward, pieces_forward
+from ..pieces import causal_tree, causal_tree_backward, causal_tree_forward, pieces_backward, pieces_forward
 
 
 
@@ -96,28 +96,33 @@ def _sdpa_ops(device: torch.device):
 
 # Square causal pieces on CPU run as a tree of smaller calls (`pieces.causal_tree`) where
 # that timed faster than one call: PyTorch's CPU op computes a small causal call almost as
-# if it were unmasked. One thread, 8 heads x 64, fp32, medians of 9-11 calls, ms (this
-# 2-core VM varies 10-20% between repeats):
-#   rows    forward one call -> tree    backward one call -> tree
-#    256       1.78 -> 1.84                4.36 -> 3.28
-#    384       4.23-4.73 -> 4.08-4.11     9.9-12.0 -> 8.4-9.1
-#    512       7.0-7.6 -> 5.7-6.8         18.0-19.4 -> 11.1-13.9
-#    640       10.0-10.5 -> 9.5-10.2      24.3 -> 20.6-20.7
-#    768       13.1-13.3 -> 14.0-14.9     33.2-33.3 -> 29.6-30.4
-#   1024       20.6-22.0 -> 18.7-26.4     51.7-61.8 -> 41.7-60.4
-#   1536       40.4-40.9 -> 41.1-44.0      108-109 -> 96-100
-#   2048       67.2 -> 63.8                 173 -> 153
-# (two threads alike for the backward; the forward's gain shrank or turned into a loss).
-# So the backward's pieces from 256 rows (CPU backward tiles have at most 1024), the
-# forward's only from 384 to 640 rows. Leaves of 128 rows timed within a few % of 64.
+# if it were unmasked. One thread, 8 heads x 64, fp32, ms. Forward: one call and the tree
+# alternated, 12-26 pairs, median time and median of the paired ratios (tree / one call):
+#   rows     384    512    640    768    896   1024   1536   2048
+#   one     4.22   7.58   9.89  12.28  16.58  20.28  41.75  69.30
+#   tree    4.33   7.20  10.10  12.76  17.09  19.16  43.43  68.08
+#   ratio  1.022  0.953  1.023  1.029  1.030  0.946  1.038  0.980
+# so the forward takes the tree only where it is whole leaves doubled (no tail rows) from
+# 512 to 2048 rows (two threads: even at 512-1024, 4% slower at 2048). Backward, medians
+# of 9 (repeats on this 2-core VM varied 10-20%), one call -> tree:
+#   rows      256         512          1024         1536        2048
+#           4.4 -> 3.3  18.0 -> 11.1  51.7 -> 41.7  108 -> 96-100  173 -> 153
+# (two threads alike), so every backward piece from 256 rows takes it (CPU backward tiles
+# have at most 1024). Leaves of 128 rows timed within a few % of 64.
 CPU_CAUSAL_LEAF = 64
-CPU_TREE_FORWARD_ROWS = (384, 640)
+CPU_TREE_FORWARD_ROWS = (512, 2048)
 CPU_TREE_BACKWARD_ROWS = 256
+
+
+def forward_takes_tree(rows: int) -> bool:
+    """Whether a square causal CPU piece of `rows` rows runs its forward as a tree."""
+    lo, hi = CPU_TREE_FORWARD_ROWS
+    return lo <= rows <= hi and causal_tree(rows, CPU_CAUSAL_LEAF)[0] == rows
 
 
 def _piece_forward(q, k, v, scale, causal):
     """One unmasked or square-causal piece through the fused op; bshd in and out."""
-    if causal and q.device.type == "cpu" and CPU_TREE_FORWARD_ROWS[0] <= q.shape[1] <= CPU_TREE_FORWARD_ROWS[1]:
+    if causal and q.device.type == "cpu" and forward_takes_tree(q.shape[1]):
         return causal_tree_forward(_piece_forward, q, k, v, scale, CPU_CAUSAL_LEAF)
     fwd, _ = _sdpa_ops(q.device)
     q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
