@@ -173,30 +173,57 @@ class HeadScatter:
         exchange's `wait()` gives the tensors `[B, n_group, h, D]`, contiguous views of one
         buffer. `chunk` `(j, c)`: only the j-th of c equal chunks of each member's heads.
         The tensors travel in one all-to-all, each token's heads x head dim flattened, so
-        that they may differ in head dim (v's own, in MLA)."""
+        that they may differ in head dim (v's own, in MLA). This member's own share does
+        not travel: `wait()` copies it straight from `tensors` (which the caller keeps:
+        the inputs, or dO), once, instead of into the message, through the backend's local
+        copy and out of it again."""
         b = tensors[0][0].shape[0]
         c = chunk[1]
         shapes = [((self.hq if kind == "q" else self.hkv) // c, t.shape[3]) for t, kind in tensors]
-        rows_me = self.rows[self.me]
-        # one copy of each tensor, straight into its columns of the message
-        send = tensors[0][0].new_empty((self.size, rows_me, b, sum(h * d for h, d in shapes)))
+        rows_me, me = self.rows[self.me], self.me
+        # one copy of each tensor, straight into its columns of the message: the other
+        # members' heads, in member order, this member's slot left out
+        send = tensors[0][0].new_empty((self.size - 1, rows_me, b, sum(h * d for h, d in shapes)))
         start = 0
         for (t, kind), (h, d) in zip(tensors, shapes):
-            send[..., start:start + h * d].view(self.size, rows_me, b, h, d).copy_(self._per_member(t, kind, chunk))
+            target = send[..., start:start + h * d].view(self.size - 1, rows_me, b, h, d)
+            heads = self._per_member(t, kind, chunk)
+            target[:me].copy_(heads[:me])
+            target[me:].copy_(heads[me + 1:])
             start += h * d
-        send = send.view(self.size * rows_me, b, send.shape[3])
-        exchange = post_all_to_all_rows(send, [rows_me] * self.size, self.rows, self.group, op, self.members)
-        return _Landing(exchange, lambda recv: self._unpack_heads(recv, b, shapes))
+        send = send.view((self.size - 1) * rows_me, b, send.shape[3])
+        send_rows = [0 if m == me else rows_me for m in range(self.size)]
+        recv_rows = [0 if m == me else n for m, n in enumerate(self.rows)]
+        exchange = post_all_to_all_rows(send, send_rows, recv_rows, self.group, op, self.members)
+        return _Landing(exchange, lambda recv: self._unpack_heads(recv, b, shapes, tensors, chunk))
 
-    def _unpack_heads(self, recv: torch.Tensor, b: int, shapes) -> List[torch.Tensor]:
+    def _own_share(self, t: torch.Tensor, kind: str, chunk: Tuple[int, int], into: torch.Tensor) -> None:
+        """This member's heads of `t` (its own rows, `[B, n_me, H_x, D]`) into its rows of
+        `into` (`[n_group, B, h, D]`, sequence first)."""
+        own = self._per_member(t, kind, chunk)[self.me]  # [n_me, B, h, D]
+        runs = self.runs[self.me]
+        if runs is None:
+            into.index_copy_(0, self.index[self.me].to(into.device), own)
+            return
+        for src, dst, length in runs:
+            into[dst:dst + length].copy_(own[src:src + length])
+
+    def _unpack_heads(self, recv: torch.Tensor, b: int, shapes, tensors, chunk) -> List[torch.Tensor]:
+        others = [m for m in range(self.size) if m != self.me]
+        pieces = split_rows(recv, [self.rows[m] for m in others])
         if len(shapes) == 1 or len(set(d for _, d in shapes)) == 1:
             # one head dim: one buffer, one copy per member, the tensors' heads side by side
             d = shapes[0][1]
             hc = sum(h for h, _ in shapes)
             full = torch.empty((b, self.n_group, hc, d), dtype=recv.dtype, device=recv.device)
             seq_first = full.permute(1, 0, 2, 3)
-            for piece, index, runs in zip(split_rows(recv, self.rows), self.index, self.runs):
+            start = 0
+            for (t, kind), (h, _) in zip(tensors, shapes):
+                self._own_share(t, kind, chunk, seq_first[:, :, start:start + h])
+                start += h
+            for m, piece in zip(others, pieces):
                 piece = piece.reshape(piece.shape[0], b, hc, d)
+                index, runs = self.index[m], self.runs[m]
                 if runs is None:
                     seq_first.index_copy_(0, index.to(recv.device), piece)
                     continue
@@ -208,10 +235,12 @@ class HeadScatter:
                 start += h
             return out
         out = []
-        for h, d in shapes:
-            out.append(torch.empty((b, self.n_group, h, d), dtype=recv.dtype, device=recv.device))
-        for piece, index in zip(split_rows(recv, self.rows), self.index):
-            index = index.to(recv.device)
+        for (t, kind), (h, d) in zip(tensors, shapes):
+            full = torch.empty((b, self.n_group, h, d), dtype=recv.dtype, device=recv.device)
+            self._own_share(t, kind, chunk, full.permute(1, 0, 2, 3))
+            out.append(full)
+        for m, piece in zip(others, pieces):
+            index = self.index[m].to(recv.device)
             start = 0
             for full, (h, d) in zip(out, shapes):
                 part = piece[:, :, start:start + h * d].reshape(piece.shape[0], b, h, d)
