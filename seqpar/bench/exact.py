@@ -92,50 +92,36 @@ def _dense_fns(cfg: BenchConfig, tensors):
 SINGLE_PROCESS = ("dense", "seqpar kernel")
 
 
-class _WholeKernel(torch.autograd.Function):
-    """seqpar's block kernel over the whole sequence the way a strategy runs its blocks:
-    one block call forward, the backward through `attend_blocks_backward` (in tiles of
-    `BACKWARD_TILE` rows and keys on CPUs), the output saved in the input dtype."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, offset, backend):
-        from ..kernels import block
-
-        fwd, _ = block.kernels(backend, q, k)
-        out, lse = fwd(q, k, v, scale, offset)
-        result = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, result, lse)
-        ctx.args = (scale, offset, backend)
-        return result
-
-    @staticmethod
-    def backward(ctx, do):
-        from ..kernels import block
-        from ..layout import Block
-        from ..strategies.common import attend_blocks_backward
-
-        q, k, v, out, lse = ctx.saved_tensors
-        scale, offset, backend = ctx.args
-        _, bwd = block.kernels(backend, q, k)
-        acc = block.acc_dtype(q.dtype)
-        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
-        whole = Block(0, q.shape[1], 0, k.shape[1], offset)
-        attend_blocks_backward(bwd, [whole], do.contiguous(), q, k, v, out, lse, scale, dq, dk, dv)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
-
-
 def _kernel_fns(cfg: BenchConfig, tensors):
-    """seqpar's block kernel on the whole sequence (`_WholeKernel`), backend as the
+    """seqpar's block kernel on the whole sequence the way a strategy runs its blocks: one
+    block call forward, the backward through `attend_blocks_backward` (in tiles of
+    `BACKWARD_TILE` rows and keys on CPUs), in the strategies' own autograd wrapper
+    (`saved_output_function`: the output saved in the input dtype); backend as the
     strategies resolve it."""
-    from ..kernels.block import resolve_backend
+    from ..kernels import block
+    from ..layout import Block
+    from ..strategies.common import attend_blocks_backward, saved_output_function
 
     q, k, v, do = tensors
     scale = cfg.head_dim ** -0.5
-    backend = resolve_backend(cfg.backend, q.device, q.dtype, cfg.head_dim, scale)
+    backend = block.resolve_backend(cfg.backend, q.device, q.dtype, cfg.head_dim, scale)
     offset = 0 if cfg.causal else None
+    fwd, bwd = block.kernels(backend, q, k)
+
+    def whole_forward(q, k, v):
+        return fwd(q, k, v, scale, offset)
+
+    def whole_backward(do, q, k, v, out, lse):
+        acc = block.acc_dtype(q.dtype)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+        attend_blocks_backward(bwd, [Block(0, q.shape[1], 0, k.shape[1], offset)], do, q, k, v, out, lse, scale,
+                               dq, dk, dv)
+        return dq, dk, dv
+
+    whole_kernel = saved_output_function("WholeKernel", whole_forward, whole_backward)
 
     def forward():
-        return _WholeKernel.apply(q, k, v, scale, offset, backend)
+        return whole_kernel.apply(q, k, v, None, ())
 
     return forward, q, k, v, do
 
