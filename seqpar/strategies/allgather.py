@@ -6,6 +6,7 @@ the wire), then attends its own queries to every rank's keys: one block call per
 masks follow global positions for every scheme. The backward gathers K/V again (nothing
 of size N is kept between the passes) and returns the fp32 dK/dV of each other rank's keys
 to their owner in P-1 rounds of paired exchanges (round j: to rank+j, from rank-j), each
+pair only over the rows of the owner's keys that its queries see (first to last), each
 posted as soon as those gradients are computed, so the return flies while the next
 source's blocks compute, and no rank holds every rank's dK/dV at once. A pair whose
 queries see none of the keys (causal contiguous shards, windows, documents) sends nothing.
@@ -18,12 +19,16 @@ posted as soon as the current one has landed.
 Volume per rank (`n_max` the longest local length, `e` the element size):
     forward:  (P-1) 2 B n_max H_kv D e               (all-gather of K, V)
     backward: (P-1) 2 B n_max H_kv D e               (the same gather again)
-            + sum over ranks s this rank's queries see of 2 B n_s H_kv D 4
-                                                     (their dK, dV in fp32; 8 bytes for
-                                                      fp64 inputs; at most (P-1) 2 B n_max H_kv D 4)
+            + sum over ranks s this rank's queries see of 2 B m_s H_kv D 4
+                                                     (dK, dV in fp32, 8 bytes for fp64
+                                                      inputs, of the m_s rows of s's keys
+                                                      from the first this rank's queries
+                                                      see to the last; at most
+                                                      (P-1) 2 B n_max H_kv D 4)
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -145,31 +150,47 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
             src, frm = (rank + j) % world, (rank - j) % world
             sends, recvs = [], []
             blocks = visible_blocks(layout, rank, src, causal)
-            if blocks:  # what `_sees(layout, rank, src)` tells rank src, which receives them
-                grads = torch.zeros(layout.local_len_of(src), *width, dtype=acc, device=q.device)
-                attend(blocks, *kvs[src], grads)
+            if blocks:  # what `_seen_rows(layout, rank, src)` tells rank src, which receives them
+                lo, hi = _span(blocks)
+                grads = torch.zeros(hi - lo, *width, dtype=acc, device=q.device)
+                k_src, v_src = kvs[src]
+                attend([dataclasses.replace(blk, k_start=blk.k_start - lo) for blk in blocks], k_src[:, lo:hi],
+                       v_src[:, lo:hi], grads)
                 sends.append((grads, src))
                 del grads
-            if _sees(layout, frm, rank, causal):
-                recvs.append((torch.empty(layout.local_len, *width, dtype=acc, device=q.device), frm))
+            seen = _seen_rows(layout, frm, rank, causal)
+            if seen is not None:
+                recvs.append((torch.empty(seen[1] - seen[0], *width, dtype=acc, device=q.device), frm))
             if sends or recvs:
-                flying.append(p2p.post(sends, recvs, layout.group, op="allgather.backward.dkv"))
+                flying.append((p2p.post(sends, recvs, layout.group, op="allgather.backward.dkv"), seen))
             del sends, recvs
             if len(flying) > 1:
-                for part in flying.pop(0).wait():
-                    mine += part
-        for exchange in flying:
-            for part in exchange.wait():
-                mine += part
+                _add_returned(mine, *flying.pop(0))
+        for exchange, seen in flying:
+            _add_returned(mine, exchange, seen)
         del flying, kvs
         dk[:, :, a:c_end] = mine[..., :d].transpose(0, 1)
         dv[:, :, a:c_end] = mine[..., d:].transpose(0, 1)
     return dq, dk, dv
 
 
-def _sees(layout, q_rank: int, k_rank: int, causal) -> bool:
-    """Whether some query of `q_rank` sees some key of `k_rank` (every rank derives the same)."""
-    return bool(visible_blocks(layout, q_rank, k_rank, causal))
+def _span(blocks) -> Tuple[int, int]:
+    """The local key rows `(first, end)` that `blocks` reach, from the first to the last."""
+    return min(blk.k_start for blk in blocks), max(blk.k_start + blk.k_len for blk in blocks)
+
+
+def _seen_rows(layout, q_rank: int, k_rank: int, causal) -> Optional[Tuple[int, int]]:
+    """The rows `(first, end)` of `k_rank`'s keys that some query of `q_rank` sees, from the
+    first to the last, or None when it sees none (every rank derives the same): the rows
+    whose dK/dV `q_rank` returns to `k_rank` (a causal zigzag pair returns half the rows)."""
+    blocks = visible_blocks(layout, q_rank, k_rank, causal)
+    return _span(blocks) if blocks else None
+
+
+def _add_returned(mine, exchange, seen) -> None:
+    """Wait for one round's dK/dV exchange and add what came back into rows `seen` of `mine`."""
+    for part in exchange.wait():
+        mine[seen[0]:seen[1]] += part
 
 
 AllGatherAttention = saved_output_function("AllGatherAttention", _forward, _backward)
@@ -186,7 +207,8 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
     gathered = (world - 1) * max(layout.local_lens) * per_token * element_size
     mask = Mask(bool(causal), tuple(window_size))
     grads = 8 if element_size == 8 else 4
-    returned = sum(layout.local_len_of(s) for s in range(world) if s != rank and _sees(layout, rank, s, mask))
+    seen = [_seen_rows(layout, rank, s, mask) for s in range(world) if s != rank]
+    returned = sum(b - a for a, b in filter(None, seen))
     return {"forward": gathered, "backward": gathered + returned * per_token * grads}
 
 
