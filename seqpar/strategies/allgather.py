@@ -1,34 +1,38 @@
 """All-gather KV (the llama3 context-parallel approach): gather K/V, attend locally.
 
-Every rank all-gathers K and V (with H_kv heads, uneven shards padded to the longest on
-the wire), then attends its own queries to every rank's keys: one block call per
-(source rank, visible block) from `layout.visible_blocks`, merged with the one merge, so
-masks follow global positions for every scheme. The backward gathers K/V again (nothing
-of size N is kept between the passes) and returns the fp32 dK/dV of each other rank's keys
-to their owner in P-1 rounds of paired exchanges (round j: to rank+j, from rank-j), each
-pair only over the rows of the owner's keys that its queries see (first to last), each
-posted as soon as those gradients are computed, so the return flies while the next
-source's blocks compute, and no rank holds every rank's dK/dV at once. A pair whose
-queries see none of the keys (causal contiguous shards, windows, documents) sends nothing.
+Every rank gathers K and V (with H_kv heads) from every other rank, then attends its own
+queries to every rank's keys: one block call per (source rank, visible block) from
+`layout.visible_blocks`, merged with the one merge, so masks follow global positions for
+every scheme. The gather sends each peer only the rows of the keys its queries see, from
+the first to the last, one message per pair (batched point-to-point on every backend):
+all of them without a mask, half of a lower rank's rows under a causal zigzag layout, a
+window's worth next to a sliding window, nothing between documents that do not meet.
+
+The backward gathers K/V again (nothing of size N is kept between the passes) and returns
+the fp32 dK/dV of each other rank's keys, over the same rows, to their owner in P-1
+rounds of paired exchanges (round j: to rank+j, from rank-j), each posted as soon as
+those gradients are computed, so the return flies while the next source's blocks
+compute, and no rank holds every rank's dK/dV at once. A pair whose queries see none of
+the keys (causal contiguous shards, windows, documents) sends nothing either way.
 
 Each pass attends to the rank's own keys first, while the gather flies. `kv_head_chunk=c`
 processes the KV heads c at a time (with their G query heads each): peak memory for
 gathered K/V is `2 B N c D` instead of `2 B N H_kv D`, and the gather of the next chunk is
 posted as soon as the current one has landed.
 
-Volume per rank (`n_max` the longest local length, `e` the element size):
-    forward:  (P-1) 2 B n_max H_kv D e               (all-gather of K, V)
-    backward: (P-1) 2 B n_max H_kv D e               (the same gather again)
-            + sum over ranks s this rank's queries see of 2 B m_s H_kv D 4
+Volume per rank (`n_max` the longest local length, `e` the element size; `m_(r,s)` the
+rows of rank s's keys from the first rank r's queries see to the last, 0 if none):
+    forward:  sum over r != rank of 2 B m_(r,rank) H_kv D e
+                                                     (K, V to each peer; at most
+                                                      (P-1) 2 B n_max H_kv D e)
+    backward: the same gather again
+            + sum over s != rank of 2 B m_(rank,s) H_kv D 4
                                                      (dK, dV in fp32, 8 bytes for fp64
-                                                      inputs, of the m_s rows of s's keys
-                                                      from the first this rank's queries
-                                                      see to the last; at most
-                                                      (P-1) 2 B n_max H_kv D 4)
+                                                      inputs, of the rows this rank saw;
+                                                      at most (P-1) 2 B n_max H_kv D 4)
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -40,7 +44,7 @@ from ..kernels import block as block_kernels
 from ..kernels.memory import unit_stride
 from ..layout import Mask, SeqLayout, visible_blocks
 from ..registry import Strategy, register, run
-from .common import attend_blocks, attend_blocks_backward, saved_output_function
+from .common import attend_blocks, attend_blocks_backward, held_blocks, saved_output_function, seen_span
 
 
 def _chunks(kv_heads: int, chunk: Optional[int]):
@@ -49,40 +53,60 @@ def _chunks(kv_heads: int, chunk: Optional[int]):
 
 
 class _Gather:
-    """All-gather of one KV-head chunk, posted now, waited on by `result()`."""
+    """K/V of one KV-head chunk from every other rank, posted now, waited on by `result()`.
 
-    def __init__(self, k, v, heads, layout: SeqLayout, op: str):
+    Rank s sends rank r only the rows of its keys that r's queries see, from the first to
+    the last (`_seen_rows`; all of them without a mask): one message per pair, straight from
+    one packed buffer of the rows any peer sees; a pair that sees nothing sends nothing."""
+
+    def __init__(self, k, v, heads, layout: SeqLayout, mask, op: str):
         a, b = heads
+        rank, world = layout.rank, layout.world_size
         self.d = k.shape[3]
-        # [n, B, c, D + Dv]: rows are tokens, each token's K then V (their head dims may differ)
-        local = k.new_empty(k.shape[1], k.shape[0], b - a, self.d + v.shape[3])
-        local[..., :self.d].copy_(k[:, :, a:b].transpose(0, 1))  # one copy each, straight into the message
-        local[..., self.d:].copy_(v[:, :, a:b].transpose(0, 1))
-        self.lens = layout.local_lens
-        self.handle, self.buffers = collectives.all_gather_uneven_async(local, self.lens, layout.group, op)
+        width = (k.shape[0], b - a, self.d + v.shape[3])
+        # what this rank's queries see of each source, and what each peer sees of this rank
+        self.seen = [None if s == rank else _seen_rows(layout, rank, s, mask) for s in range(world)]
+        wanted = [(r, _seen_rows(layout, r, rank, mask)) for r in range(world) if r != rank]
+        wanted = [(r, rows) for r, rows in wanted if rows is not None]
+        sends, recvs = [], []
+        if wanted:
+            lo, hi = min(rows[0] for _, rows in wanted), max(rows[1] for _, rows in wanted)
+            # [rows, B, c, D + Dv]: each token's K then V (their head dims may differ), one
+            # copy each straight into the message; a peer's rows are a contiguous slice
+            local = k.new_empty(hi - lo, *width)
+            local[..., :self.d].copy_(k[:, lo:hi, a:b].transpose(0, 1))
+            local[..., self.d:].copy_(v[:, lo:hi, a:b].transpose(0, 1))
+            sends = [(local[first - lo:end - lo], r) for r, (first, end) in wanted]
+            del local
+        self.buffers = [None if rows is None else k.new_empty(rows[1] - rows[0], *width) for rows in self.seen]
+        recvs = [(buf, s) for s, buf in enumerate(self.buffers) if buf is not None]
+        self.handle = (p2p.post(sends, recvs, layout.group, op, tag=collectives.GATHER_TAG, what="K/V gather")
+                       if sends or recvs else None)
         self.on_arrival = None  # called once, when the gather has landed
 
-    def result(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """Per source rank, (K `[B, n_src, c, D]`, V `[B, n_src, c, Dv]`) (views)."""
+    def result(self) -> List[Optional[Tuple[torch.Tensor, torch.Tensor, int]]]:
+        """Per source rank, (K `[B, m, c, D]`, V `[B, m, c, Dv]`, their local rows `(first,
+        end)`) (views) of the m rows this rank sees, or None (this rank, and a rank it sees
+        none of)."""
         if self.handle is not None:
             self.handle.wait()
             self.handle = None
         if self.on_arrival is not None:
             then, self.on_arrival = self.on_arrival, None
             then()
-        return [(buf[:n, ..., :self.d].transpose(0, 1), buf[:n, ..., self.d:].transpose(0, 1))
-                for buf, n in zip(self.buffers, self.lens)]
+        return [None if buf is None else (buf[..., :self.d].transpose(0, 1), buf[..., self.d:].transpose(0, 1), rows)
+                for buf, rows in zip(self.buffers, self.seen)]
 
 
-def _gathered(k, v, layout: SeqLayout, chunk, op: str):
+def _gathered(k, v, layout: SeqLayout, mask, chunk, op: str):
     """Yield (first KV head, end, its posted `_Gather`) per chunk; the next chunk's gather is
     posted as soon as the current one has landed (one gather in flight at a time), so it
     flies while the rest of this chunk and the next chunk's own keys compute."""
     chunks = _chunks(k.shape[2], chunk)
-    posted = {0: _Gather(k, v, chunks[0], layout, op)}
+    posted = {0: _Gather(k, v, chunks[0], layout, mask, op)}
 
     def post(i):
-        posted[i] = _Gather(k, v, chunks[i], layout, op)
+        posted[i] = _Gather(k, v, chunks[i], layout, mask, op)
 
     for i, (a, end) in enumerate(chunks):
         current = posted.pop(i)
@@ -105,16 +129,17 @@ def _forward(q, k, v, layout: SeqLayout, causal, scale, backend, chunk):
     group = h // k.shape[2]
     out = torch.zeros(b, nq, h, v.shape[3], dtype=acc, device=q.device)
     lse = torch.full((b, h, nq), float("-inf"), dtype=torch.float64, device=q.device)
-    for a, c_end, gather in _gathered(k, v, layout, chunk, "allgather.forward.kv"):
+    for a, c_end, gather in _gathered(k, v, layout, causal, chunk, "allgather.forward.kv"):
         heads = slice(a * group, c_end * group)
         q_c, out_c, lse_c = q[:, :, heads], out[:, :, heads], lse[:, heads]
         # this rank's own keys first: they need no gather, which flies meanwhile
         attend_blocks(fwd, q_c, k[:, :, a:c_end], v[:, :, a:c_end], visible_blocks(layout, rank, rank, causal),
                       scale, out_c, lse_c, merge=merge)
         for src, kv in enumerate(gather.result()):
-            if src != rank:
-                attend_blocks(fwd, q_c, kv[0], kv[1], visible_blocks(layout, rank, src, causal), scale, out_c, lse_c,
-                              merge=merge)
+            if kv is not None:
+                k_src, v_src, held = kv
+                attend_blocks(fwd, q_c, k_src, v_src, held_blocks(visible_blocks(layout, rank, src, causal), held),
+                              scale, out_c, lse_c, merge=merge)
     return out, lse.to(acc)
 
 
@@ -125,9 +150,8 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
     group = q.shape[2] // k.shape[2]
     d = k.shape[3]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.empty(k.shape, dtype=acc, device=q.device)
-    dv = torch.empty(v.shape, dtype=acc, device=q.device)
-    for a, c_end, gather in _gathered(k, v, layout, chunk, "allgather.backward.kv"):
+    dk = dv = None  # made once the first chunk's gathered K/V and gradients are freed
+    for a, c_end, gather in _gathered(k, v, layout, causal, chunk, "allgather.backward.kv"):
         heads = slice(a * group, c_end * group)
         rows = (do[:, :, heads], q[:, :, heads])
         tail = (out[:, :, heads], lse[:, heads], scale, dq[:, :, heads])
@@ -149,15 +173,12 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
         for j in range(1, world):
             src, frm = (rank + j) % world, (rank - j) % world
             sends, recvs = [], []
-            blocks = visible_blocks(layout, rank, src, causal)
-            if blocks:  # what `_seen_rows(layout, rank, src)` tells rank src, which receives them
-                lo, hi = _span(blocks)
-                grads = torch.zeros(hi - lo, *width, dtype=acc, device=q.device)
-                k_src, v_src = kvs[src]
-                attend([dataclasses.replace(blk, k_start=blk.k_start - lo) for blk in blocks], k_src[:, lo:hi],
-                       v_src[:, lo:hi], grads)
+            if kvs[src] is not None:  # the rows `_seen_rows(layout, rank, src)`, which src expects back
+                k_src, v_src, held = kvs[src]
+                grads = torch.zeros(k_src.shape[1], *width, dtype=acc, device=q.device)
+                attend(held_blocks(visible_blocks(layout, rank, src, causal), held), k_src, v_src, grads)
                 sends.append((grads, src))
-                del grads
+                del grads, k_src, v_src
             seen = _seen_rows(layout, frm, rank, causal)
             if seen is not None:
                 recvs.append((torch.empty(seen[1] - seen[0], *width, dtype=acc, device=q.device), frm))
@@ -169,22 +190,19 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
         for exchange, seen in flying:
             _add_returned(mine, exchange, seen)
         del flying, kvs
+        if dk is None:
+            dk = torch.empty(k.shape, dtype=acc, device=q.device)
+            dv = torch.empty(v.shape, dtype=acc, device=q.device)
         dk[:, :, a:c_end] = mine[..., :d].transpose(0, 1)
         dv[:, :, a:c_end] = mine[..., d:].transpose(0, 1)
     return dq, dk, dv
 
 
-def _span(blocks) -> Tuple[int, int]:
-    """The local key rows `(first, end)` that `blocks` reach, from the first to the last."""
-    return min(blk.k_start for blk in blocks), max(blk.k_start + blk.k_len for blk in blocks)
-
-
 def _seen_rows(layout, q_rank: int, k_rank: int, causal) -> Optional[Tuple[int, int]]:
     """The rows `(first, end)` of `k_rank`'s keys that some query of `q_rank` sees, from the
     first to the last, or None when it sees none (every rank derives the same): the rows
-    whose dK/dV `q_rank` returns to `k_rank` (a causal zigzag pair returns half the rows)."""
-    blocks = visible_blocks(layout, q_rank, k_rank, causal)
-    return _span(blocks) if blocks else None
+    `k_rank` sends `q_rank` and `q_rank` returns dK/dV of."""
+    return seen_span(visible_blocks(layout, q_rank, k_rank, causal))
 
 
 def _add_returned(mine, exchange, seen) -> None:
@@ -199,17 +217,21 @@ AllGatherAttention = saved_output_function("AllGatherAttention", _forward, _back
 def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, head_dim: int,
                    element_size: int, value_dim: Optional[int] = None, causal: bool = False,
                    window_size: Tuple[int, int] = (-1, -1), **options) -> Dict[str, int]:
-    """Bytes this rank sends in one forward and one backward, exactly (the gathers' padding
-    included; `value_dim`: v's head dim, None for head_dim; the mask `causal`/`window_size`
-    and the layout's documents decide which ranks' keys get gradients back)."""
+    """Bytes this rank sends in one forward and one backward, exactly (`value_dim`: v's head
+    dim, None for head_dim; the mask `causal`/`window_size` and the layout's documents decide
+    which rows of its keys each peer sees, and which rows of each peer's keys it sees and
+    returns gradients of)."""
     rank, world = layout.rank, layout.world_size
     per_token = batch * kv_heads * (head_dim + (head_dim if value_dim is None else value_dim))
-    gathered = (world - 1) * max(layout.local_lens) * per_token * element_size
     mask = Mask(bool(causal), tuple(window_size))
     grads = 8 if element_size == 8 else 4
-    seen = [_seen_rows(layout, rank, s, mask) for s in range(world) if s != rank]
-    returned = sum(b - a for a, b in filter(None, seen))
-    return {"forward": gathered, "backward": gathered + returned * per_token * grads}
+
+    def rows(pairs):
+        return sum(b - a for a, b in filter(None, pairs))
+
+    gathered = rows(_seen_rows(layout, r, rank, mask) for r in range(world) if r != rank) * per_token * element_size
+    returned = rows(_seen_rows(layout, rank, s, mask) for s in range(world) if s != rank) * per_token * grads
+    return {"forward": gathered, "backward": gathered + returned}
 
 
 @dataclass(frozen=True)
@@ -276,23 +298,38 @@ def cost(prob, topo, options):
     return line, nbytes
 
 
+def _gathered_rows(prob) -> int:
+    """The most K/V rows any rank holds of other ranks' keys during a gather: its message
+    (the rows any peer sees of its keys) and what it receives (the rows it sees of each)."""
+    most = 0
+    for r in prob.ranks():
+        layout = prob.layout(r)
+        sent = [_seen_rows(layout, q, r, prob.mask) for q in range(prob.world_size) if q != r]
+        sent = [rows for rows in sent if rows is not None]
+        message = max(b for _, b in sent) - min(a for a, _ in sent) if sent else 0
+        seen = (_seen_rows(layout, r, s, prob.mask) for s in range(prob.world_size) if s != r)
+        most = max(most, message + sum(b - a for a, b in filter(None, seen)))
+    return most
+
+
 def peak_memory(prob, options) -> int:
     """Inputs and output, plus every buffer of the fullest moment of the backward: dO and
-    the fp32 dQ, dK, dV, then the larger of two phases, each with one backward tile
+    the fp32 dQ (and with several chunks the fp32 dK, dV, made at the first chunk's end),
+    then the largest of three phases, the first two with one backward tile
     (`common.backward_tile_bytes`). While the gather lands and the own keys compute: one
-    chunk's K/V of every rank (the own one is the message itself; no backend stages a
-    copy: gloo's gathers go as messages, `collectives.gathers_by_p2p`) and the own keys'
-    fp32 dK/dV. During the rounds that return dK/dV: the gathered chunk, the own keys'
-    dK/dV, the gradients being computed and the previous round's outgoing and incoming
-    ones (P = 2: one round), and with several chunks the next chunk's gather."""
+    chunk's gathered K/V (the rows this rank's message holds and the rows it receives,
+    `_gathered_rows`; the own keys are the input) and the own keys' fp32 dK/dV. During the
+    rounds that return dK/dV: the gathered chunk, the own keys' dK/dV, the gradients being
+    computed and the previous round's outgoing and incoming ones (P = 2: one round; each
+    counted at the full local length), and with several chunks the next chunk's gather.
+    At a chunk's end: its dK/dV and the fp32 dK, dV they are copied into."""
     from .common import backward_tile_bytes
 
     b, h, hkv, d, n = prob.batch, prob.heads, prob.kv_heads, prob.head_dim, prob.longest_local
     e, a, world = prob.element_size, prob.acc_size, prob.world_size
     rows, lse = b * n * h * d, b * h * n
     chunk = min(options.get("kv_head_chunk") or hkv, hkv)
-    local = 2 * b * n * chunk * d * e  # one rank's K/V of a chunk
-    one = world * local  # gathered
+    one = 2 * b * _gathered_rows(prob) * chunk * d * e  # a chunk's K/V: message and received
     following = one if chunk < hkv else 0  # the next chunk's gather in flight
     grads = 2 * b * n * chunk * d * a  # one rank's fp32 dK/dV of a chunk
     tile = backward_tile_bytes(b, n, chunk * (h // hkv), chunk, d, a, element_size=e)
@@ -300,7 +337,8 @@ def peak_memory(prob, options) -> int:
     fwd = one + following + (rows * a if a != e else 0) + lse * 8  # out (fp32 when the inputs are not), lse
     landing = one + grads + tile
     rounds = one + following + grads * (4 if world >= 3 else 2) + tile
-    bwd = rows * e + rows * a + 2 * b * n * hkv * d * a + max(landing, rounds)
+    dkv = 2 * b * n * hkv * d * a
+    bwd = rows * e + rows * a + (dkv if chunk < hkv else 0) + max(landing, rounds, grads + dkv)
     return prob.peak(saved, fwd, bwd)
 
 

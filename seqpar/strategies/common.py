@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -79,6 +79,41 @@ def attend_blocks(fwd, q, k, v, blocks, scale, out, lse, fresh: bool = False, me
             merge(out[:, qs], lse[:, :, qs], part_out, part_lse)
         fresh = False
     return fresh
+
+
+def keys_seen(blk: Block) -> Tuple[int, int]:
+    """The key rows `(a, b)` of a block that some query of it sees: query i sees keys
+    `i + lo .. i + offset` (relative), so over all rows `lo .. q_len - 1 + offset`."""
+    first = 0 if blk.lo is None else max(0, blk.lo)
+    end = blk.k_len if blk.offset is None else min(blk.k_len, blk.q_len + blk.offset)
+    return blk.k_start + first, blk.k_start + max(first, end)
+
+
+def seen_span(blocks: List[Block]) -> Optional[Tuple[int, int]]:
+    """The key rows `(first, end)` that some query of `blocks` sees, from the first such
+    row to the last (`keys_seen` over the blocks), or None for no blocks."""
+    if not blocks:
+        return None
+    seen = [keys_seen(blk) for blk in blocks]
+    return min(a for a, _ in seen), max(b for _, b in seen)
+
+
+def held_blocks(blocks: List[Block], rows: Tuple[int, int]) -> List[Block]:
+    """`blocks` of a source's keys cut to the rows `(a, b)` held of them and counted from
+    `a`. The holder holds every key a block's queries see, so only invisible keys are cut;
+    the mask bounds, relative to a block's first key, move with it."""
+    a, b = rows
+    out = []
+    for blk in blocks:
+        start, end = max(blk.k_start, a), min(blk.k_start + blk.k_len, b)
+        cut = start - blk.k_start
+        if start == blk.k_start and end == blk.k_start + blk.k_len:
+            out.append(blk if not a else dataclasses.replace(blk, k_start=blk.k_start - a))
+            continue
+        out.append(dataclasses.replace(
+            blk, k_start=start - a, k_len=end - start,
+            offset=None if blk.offset is None else blk.offset - cut, lo=None if blk.lo is None else blk.lo - cut))
+    return out
 
 
 # Rows and keys per backward kernel call on CPUs. A call holds its fresh dq, dk, dv and

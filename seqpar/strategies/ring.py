@@ -32,7 +32,7 @@ from ..kernels import block as block_kernels
 from ..kernels.memory import unit_stride
 from ..layout import Mask, SeqLayout, as_mask, visible_blocks
 from ..registry import Strategy, register, run
-from .common import attend_blocks, attend_blocks_backward, fold_sinks, sinks_grad
+from .common import attend_blocks, attend_blocks_backward, fold_sinks, held_blocks, seen_span, sinks_grad
 
 
 def _kv_buffer(k: torch.Tensor, v: torch.Tensor, n: int, dtype=None):
@@ -99,9 +99,9 @@ def _plan(layout, mask: Mask) -> RingPlan:
     for s in range(world):
         need = {}
         for u in range(1, world):
-            seen = [_keys_seen(b) for b in visible_blocks(layout, (s + u) % world, s, mask)]
-            if seen:
-                need[u] = (min(a for a, _ in seen), max(b for _, b in seen))
+            seen = seen_span(visible_blocks(layout, (s + u) % world, s, mask))
+            if seen is not None:
+                need[u] = seen
         farthest = max(need, default=0)
         rows = [(0, layout.local_len_of(s))] + [None] * farthest
         lo = hi = None
@@ -113,14 +113,6 @@ def _plan(layout, mask: Mask) -> RingPlan:
         hops.append(farthest)
         spans.append(tuple(rows))
     return RingPlan(tuple(hops), tuple(spans))
-
-
-def _keys_seen(blk) -> Tuple[int, int]:
-    """The key rows `(a, b)` of a block that some query of it sees: query i sees keys
-    `i + lo .. i + offset` (relative), so over all rows `lo .. q_len - 1 + offset`."""
-    first = 0 if blk.lo is None else max(0, blk.lo)
-    end = blk.k_len if blk.offset is None else min(blk.k_len, blk.q_len + blk.offset)
-    return blk.k_start + first, blk.k_start + max(first, end)
 
 
 def _rows_to_send(held, held_rows: Tuple[int, int], rows: Tuple[int, int], k, v):
@@ -160,24 +152,6 @@ def _rows_buffer(k, v, rows: Tuple[int, int], acc):
     return _kv_buffer(k, v, rows[1] - rows[0], dtype=acc)
 
 
-def _shifted(blocks, rows: Tuple[int, int]):
-    """`blocks` of a source's keys cut to the rows `(a, b)` held of them and counted from
-    `a`. The plan holds every key a block's queries see, so only invisible keys are cut;
-    the mask bounds, relative to a block's first key, move with it."""
-    a, b = rows
-    out = []
-    for blk in blocks:
-        start, end = max(blk.k_start, a), min(blk.k_start + blk.k_len, b)
-        cut = start - blk.k_start
-        if start == blk.k_start and end == blk.k_start + blk.k_len:
-            out.append(blk if not a else dataclasses.replace(blk, k_start=blk.k_start - a))
-            continue
-        out.append(dataclasses.replace(
-            blk, k_start=start - a, k_len=end - start,
-            offset=None if blk.offset is None else blk.offset - cut, lo=None if blk.lo is None else blk.lo - cut))
-    return out
-
-
 def _ring_forward(q, k, v, layout: SeqLayout, causal, scale: float, backend: str,
                   ring_op: str = "ring.forward.kv"):
     """q in any layout (the kernel's is fastest); returns (out [B, n, H, Dv] contiguous, acc
@@ -206,7 +180,7 @@ def _ring_forward(q, k, v, layout: SeqLayout, causal, scale: float, backend: str
         blocks = visible_blocks(layout, rank, src, causal)
         if blocks:
             kv = held[1]
-            empty = attend_blocks(fwd, q, kv[0], kv[1], _shifted(blocks, held_rows), scale, out, lse,
+            empty = attend_blocks(fwd, q, kv[0], kv[1], held_blocks(blocks, held_rows), scale, out, lse,
                                   fresh=empty, merge=merge)
         if exchange is not None:
             exchange.wait()
@@ -295,7 +269,7 @@ def _ring_backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale: floa
                         return travelling[1][0][:, a:b], travelling[1][1][:, a:b]
             if blocks:
                 kv = held[1]
-                attend_blocks_backward(bwd, _shifted(blocks, held_rows), do, q, kv[0], kv[1], out, lse, scale,
+                attend_blocks_backward(bwd, held_blocks(blocks, held_rows), do, q, kv[0], kv[1], out, lse, scale,
                                        dq, *(dkv or (None, None)), ready=ready)
         arrived()
         if kv_exchange is not None:

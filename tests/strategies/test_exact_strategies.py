@@ -99,10 +99,32 @@ BYTES_CASES = [
 def test_moves_exactly_the_analytic_volume(strategy, world_size, seq_len, heads, kv_heads, dtype, options, scheme):
     problem = AttentionProblem(world_size, seq_len, batch=2, heads=heads, kv_heads=kv_heads, head_dim=8,
                                causal=True, scheme=scheme, dtype=dtype)
-    for rank, (expected, measured) in enumerate(world(world_size).run(_measure, problem, strategy, options)):
-        assert measured["forward"] == expected["forward"] > 0, rank
-        assert measured["backward"] == expected["backward"] > 0, rank
+    results = world(world_size).run(_measure, problem, strategy, options)
+    for rank, (expected, measured) in enumerate(results):
+        assert measured["forward"] == expected["forward"], rank
+        assert measured["backward"] == expected["backward"], rank
         assert all(op == "check" or op.startswith(strategy + ".") for op in measured["ops"]), measured["ops"]
+    # every rank moves something, but under a causal contiguous layout all-gather's last
+    # rank, whose keys no other rank's queries see
+    quiet = [world_size - 1] if (strategy, scheme) == ("allgather", "contiguous") else []
+    assert [r for r, (expected, _) in enumerate(results) if expected["forward"] == 0] == quiet
+    assert all(expected["backward"] > 0 for expected, _ in results)
+
+
+@pytest.mark.parametrize("scheme, window, expected", [
+    # rows of each peer's keys each rank's queries see, first to last (N=16, P=2, 8 a rank)
+    ("zigzag", (-1, -1), {0: 4, 1: 8}),  # rank 1 sees chunk 0 of rank 0; rank 0 all of rank 1
+    ("contiguous", (-1, -1), {0: 8, 1: 0}),  # rank 0's keys go to rank 1, nothing comes back
+    ("contiguous", (2, 0), {0: 2, 1: 0}),  # a window of 2 keys back: rank 0's last two rows
+])
+def test_allgather_sends_only_the_rows_peers_see(scheme, window, expected):
+    # hand-counted volumes, not derived from the strategy's own helpers: K and V of
+    # B=1, H_kv=2, D=4, fp32 is 64 bytes a row; dK/dV return the rows the rank saw
+    for rank in (0, 1):
+        layout = SeqLayout.simulated(16, 2, rank=rank, scheme=scheme)
+        got = analytic_bytes("allgather", layout, 1, 4, 2, 4, 4, causal=True, window_size=window)
+        sent, saw = expected[rank], expected[1 - rank]
+        assert got == {"forward": 64 * sent, "backward": 64 * sent + 64 * saw}, (rank, got)
 
 
 def test_ulysses_textbook_volume_equal_lengths():
