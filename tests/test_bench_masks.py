@@ -9,14 +9,17 @@ def test_masks_bench_runs_and_checks_itself():
     report = masks.run(cfg)
     rows = [r for r in report["windows"] + report["documents"] if "bytes_forward" in r]
     assert [r["case"] for r in report["windows"]] == [
-        "dense causal (one process, SDPA)", "ring, no window", "ring, window N/8", "ring, window N/2"]
+        "dense causal (one process, SDPA)", "ring, no window", "ring, window N/8", "ring, window N/2",
+        "allgather, no window", "allgather, window N/8", "allgather, window N/2"]
     assert [r["case"] for r in report["documents"]] == [
         "dense, document mask (one process, SDPA)", "ring, contiguous", "ring, zigzag", "ring, balanced"]
     for row in rows:
         assert row["bytes_equal_analytic"], row
         assert row["error"] < 1e-5, row
-    # a window of N/8 inside shares of N/2 sends an eighth of the unwindowed ring's rows
+    # a window of N/8 inside shares of N/2 sends a quarter of the unwindowed ring's rows,
+    # and all-gather (rank 0 sends its last N/8 rows, and gets their dK/dV back) too
     assert report["windows"][2]["bytes_vs_unwindowed"] == 0.25
+    assert report["windows"][5]["bytes_vs_unwindowed"] == 0.25
     table = masks.format_tables(report)
     assert "| 2 | ring, window N/8 |" in table and "(differs from analytic!)" not in table
 

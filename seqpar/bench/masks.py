@@ -2,12 +2,13 @@
 
 Two tables, each run on local gloo worlds of P ranks (P = 2 and 4), side by side in one run:
 
-- **Windows**: causal ring attention with sliding windows of N/16, N/8 and N/2 against the
-  same ring without a window and against dense attention in one process (PyTorch's SDPA,
-  plain causal: the fastest dense call there is; the windowed dense call would be slower):
-  forward and forward+backward seconds (the slowest rank), the bytes the busiest rank sent
-  (measured, and the analytic count, which must be equal), the bytes over the unwindowed
-  ring's, and the error against float64 dense attention with the window.
+- **Windows**: causal ring and all-gather attention with sliding windows of N/16, N/8 and
+  N/2 against the same strategy without a window and against dense attention in one
+  process (PyTorch's SDPA, plain causal: the fastest dense call there is; the windowed
+  dense call would be slower): forward and forward+backward seconds (the slowest rank),
+  the bytes the busiest rank sent (measured, and the analytic count, which must be equal),
+  the bytes over the same strategy's unwindowed ones, and the error against float64 dense
+  attention with the window.
 - **Packed documents**: a realistic length mix (a few long documents, many short ones), ring
   attention on the contiguous, zigzag (per document) and balanced layouts: the busiest
   rank's causal work over the mean (visible query-key pairs), how many documents span
@@ -39,6 +40,7 @@ class MaskBenchConfig:
     head_dim: int = 64
     dtype: str = "float32"
     windows: Tuple[int, ...] = (16, 8, 2)  # window = N / each
+    window_strategies: Tuple[str, ...] = ("ring", "allgather")
     repeats: int = 3
     warmup: int = 1
     seed: int = 0
@@ -198,7 +200,9 @@ def run(cfg: MaskBenchConfig) -> Dict:
     documents = cfg.documents or length_mix(cfg.seq_len, cfg.seed)
     n = cfg.seq_len
     report: Dict = {"config": {**asdict(cfg), "documents": list(documents)}, "windows": [], "documents": []}
-    window_cases = [("ring, no window", (-1, -1))] + [(f"ring, window N/{w}", (n // w, 0)) for w in cfg.windows]
+    window_cases = [(strategy, f"{strategy}, {name}", window) for strategy in cfg.window_strategies
+                    for name, window in [("no window", (-1, -1))] + [(f"window N/{w}", (n // w, 0))
+                                                                      for w in cfg.windows]]
     doc_cases = [(scheme, scheme) for scheme in ("contiguous", "zigzag", "balanced")]
     total = len(cfg.world_sizes) * (2 + len(window_cases) + len(doc_cases))
     done = 0
@@ -212,9 +216,9 @@ def run(cfg: MaskBenchConfig) -> Dict:
                      "forward_s": _slowest(dense, "forward"), "forward_backward_s": _slowest(dense, "forward_backward")}
         report["windows"].append(dense_row)
         full_bytes = None
-        for name, window in window_cases:
+        for strategy, name, window in window_cases:
             progress(f"[{done + 1}/{total}] P={p}: {name}")
-            results = w.run(_on_rank, cfg, "contiguous", window, None, "ring", timeout=3600)
+            results = w.run(_on_rank, cfg, "contiguous", window, None, strategy, timeout=3600)
             done += 1
             if window not in refs:
                 refs[window] = _reference(cfg, window, None)
@@ -264,7 +268,7 @@ def _mib(n) -> str:
 
 def format_tables(report: Dict) -> str:
     cfg = report["config"]
-    lines = [f"Windows: causal ring, contiguous layout, N={cfg['seq_len']}, H={cfg['heads']}/{cfg['kv_heads']}, "
+    lines = [f"Windows: causal {' and '.join(cfg['window_strategies'])}, contiguous layout, N={cfg['seq_len']}, H={cfg['heads']}/{cfg['kv_heads']}, "
              f"D={cfg['head_dim']}, {cfg['dtype']}; bytes: the busiest rank's, forward and fwd+bwd "
              f"(measured = analytic for every row marked =)", "",
              "| P | case | fwd s | fwd+bwd s | fwd / dense | fwd+bwd / dense | MiB fwd | MiB fwd+bwd | bytes / no window "
@@ -307,6 +311,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--kv-heads", type=int, default=defaults.kv_heads)
     parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
     parser.add_argument("--dtype", default=defaults.dtype, choices=("float32", "bfloat16", "float64"))
+    parser.add_argument("--window-strategies", nargs="+", default=list(defaults.window_strategies),
+                        help="the strategies of the windows table (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=defaults.repeats)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--quick", action="store_true", help="N=1024, P=2 only: a smoke run")
@@ -315,7 +321,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     cfg = MaskBenchConfig(world_sizes=tuple(args.world_sizes), seq_len=args.seq_len, heads=args.heads,
                           kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype, repeats=args.repeats,
-                          warmup=args.warmup)
+                          warmup=args.warmup, window_strategies=tuple(args.window_strategies))
     if args.quick:
         cfg.world_sizes, cfg.seq_len, cfg.repeats = (2,), 1024, 1
     started = time.perf_counter()
