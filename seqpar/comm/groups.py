@@ -39,6 +39,7 @@ _MODES = ("always", "first")
 _mode = "always"
 _seen: Dict[object, Set[tuple]] = {}
 _host_groups: Dict[object, object] = {}
+_started: Set[object] = set()
 
 
 def _runs_on_host(group) -> bool:
@@ -96,6 +97,26 @@ def _is_member(group) -> bool:
     return group is not None and group != dist.GroupMember.NON_GROUP_MEMBER
 
 
+def start(group) -> None:
+    """Run one collective on a device group's own backend, once per group, with every
+    member: NCCL creates a communicator lazily in the group's first call, and PyTorch's
+    `batch_isend_irecv` must not be that call unless every member posts in it, which the
+    strategies' point-to-point exchanges do not promise (a rank that sees none of its
+    peers' keys, and none of them its own, posts nothing). `agree` calls this before any
+    exchange of every public entry point; on a device backend it is a one-element
+    all-reduce queued on the stream (no host wait), on gloo nothing."""
+    key = "world" if group is None or group is dist.group.WORLD else group
+    if key in _started:
+        return
+    _started.add(key)
+    if not _runs_on_host(group):
+        _first_collective(group)
+
+
+def _first_collective(group) -> None:
+    dist.all_reduce(torch.zeros(1, device=collectives.device_of(group)), group=group)
+
+
 def set_validation(mode: str) -> None:
     """"always" (default): agree on every call; "first": skip signatures agreed on before."""
     global _mode
@@ -126,7 +147,8 @@ def agree(group, world_size: int, signature: Tuple[Tuple[str, object], ...], err
         return
     seen = _seen.setdefault(group, set())
     if error is None and _mode == "first" and signature in seen:
-        return
+        return  # after a first call, which started the group
+    start(group)  # every rank of a first call gets here (none has seen a signature yet)
     # a failed rank's digest is odd-signed and rank-specific: it equals nobody's
     mine = _digest(signature) if error is None else -(1 + dist.get_rank(group))
     host = host_group(group)

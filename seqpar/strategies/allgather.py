@@ -84,18 +84,22 @@ class _Gather:
                        if sends or recvs else None)
         self.on_arrival = None  # called once, when the gather has landed
 
-    def result(self) -> List[Optional[Tuple[torch.Tensor, torch.Tensor, int]]]:
+    def result(self) -> Optional[List[Optional[Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]]]]:
         """Per source rank, (K `[B, m, c, D]`, V `[B, m, c, Dv]`, their local rows `(first,
         end)`) (views) of the m rows this rank sees, or None (this rank, and a rank it sees
-        none of)."""
+        none of). The first call hands the buffers over (the gather keeps no reference, so
+        they are freed with the caller's views); later calls only wait and return None."""
         if self.handle is not None:
             self.handle.wait()
             self.handle = None
         if self.on_arrival is not None:
             then, self.on_arrival = self.on_arrival, None
             then()
+        if self.buffers is None:
+            return None
+        buffers, self.buffers = self.buffers, None
         return [None if buf is None else (buf[..., :self.d].transpose(0, 1), buf[..., self.d:].transpose(0, 1), rows)
-                for buf, rows in zip(self.buffers, self.seen)]
+                for buf, rows in zip(buffers, self.seen)]
 
 
 def _gathered(k, v, layout: SeqLayout, mask, chunk, op: str):
@@ -150,7 +154,7 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
     group = q.shape[2] // k.shape[2]
     d = k.shape[3]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = dv = None  # made once the first chunk's gathered K/V and gradients are freed
+    dk = dv = None  # made once the first chunk's gathered K/V and gradients are freed (`_Gather.result`)
     for a, c_end, gather in _gathered(k, v, layout, causal, chunk, "allgather.backward.kv"):
         heads = slice(a * group, c_end * group)
         rows = (do[:, :, heads], q[:, :, heads])
@@ -338,7 +342,7 @@ def peak_memory(prob, options) -> int:
     landing = one + grads + tile
     rounds = one + following + grads * (4 if world >= 3 else 2) + tile
     dkv = 2 * b * n * hkv * d * a
-    bwd = rows * e + rows * a + (dkv if chunk < hkv else 0) + max(landing, rounds, grads + dkv)
+    bwd = rows * e + rows * a + (dkv if chunk < hkv else 0) + max(landing, rounds, grads + (dkv if chunk == hkv else 0))
     return prob.peak(saved, fwd, bwd)
 
 

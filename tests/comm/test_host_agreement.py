@@ -15,6 +15,12 @@ def _ring_on_device_groups(device_groups, group, odd_rank):
     `group`, causal only on `odd_rank` (None: everywhere alike). The output, or the error."""
     groups._runs_on_host = lambda g: g not in device_groups
     collectives.device_of = lambda g: torch.device("cuda") if g in device_groups else torch.device("cpu")
+    # the one collective that starts a device group, once per group: recorded, not run
+    # (it needs a device tensor; every rank calls it alike, before any exchange)
+    started = getattr(groups, "_test_started", None)
+    if started is None:
+        started = groups._test_started = []
+        groups._first_collective = started.append
     layout = seqpar.SeqLayout(8, scheme="zigzag", group=group)
     q = torch.randn(1, layout.local_len, 2, 4, dtype=torch.float64)
     try:
@@ -28,14 +34,17 @@ def _as_if_nccl(mismatch: bool):
     out = _ring_on_device_groups((None, dist.group.WORLD), None, 1 if mismatch else None)
     if isinstance(out, str):
         return out
-    return (tuple(out.shape), len(groups._host_groups), out.device.type)
+    return (tuple(out.shape), len(groups._host_groups), out.device.type, len(groups._test_started))
 
 
 def test_agreement_uses_a_host_group_on_device_groups():
     # a fresh world: the patches above must not leak into the shared worlds
     w = LocalWorld(2, threads_per_rank=1)
     try:
-        assert w.run(_as_if_nccl, False, timeout=120) == [((1, 4, 2, 4), 1, "cpu")] * 2
+        # the device group is started once (its first collective joins every rank), and
+        # the agreement runs on the host group; a second call starts nothing
+        assert w.run(_as_if_nccl, False, timeout=120) == [((1, 4, 2, 4), 1, "cpu", 1)] * 2
+        assert w.run(_as_if_nccl, False, timeout=120) == [((1, 4, 2, 4), 1, "cpu", 1)] * 2
         for message in w.run(_as_if_nccl, True, timeout=120):
             assert message.startswith("raised: ") and "causal must be the same on every rank" in message, message
     finally:
