@@ -36,8 +36,9 @@ The model (all per rank; the busiest rank sets the pace):
   `max(compute, exchange)` (plus `1 - Topology.overlap` of the shorter: on CPUs the
   transfers share the cores) (the next exchange is posted before the current block);
   all-to-alls are fully exposed;
-  the all-gather of the first KV-head chunk is exposed and the next chunk's gather hides
-  behind the current chunk's work; reduce-scatters of dK/dV are exposed; TokenRing's
+  all-gather's first KV-head chunk's gather hides behind the rank's own keys' blocks and
+  the next chunk's behind the current chunk's work, and the last of its P-1 rounds of
+  dK/dV returns is exposed; TokenRing's
   first rows and last returns are exposed (`route="ring"`: the whole return stream).
 - **Memory** (each strategy's `peak_memory`) is the peak of the buffers a strategy
   holds (inputs, gathered or in-flight K/V or queries, fp32 accumulators, and in training

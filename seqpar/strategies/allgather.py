@@ -357,11 +357,14 @@ def _apply(q, k, v, layout, causal, scale, backend, options: Options, sinks=None
 
 def allgather_attention(q, k, v, *, layout=None, causal=False, softmax_scale=None, backend="auto",
                         kv_head_chunk: Optional[int] = None, **options):
-    """Exact attention by all-gathering K/V (llama3 CP); dK/dV return by reduce-scatter.
+    """Exact attention by gathering K/V (llama3 CP); dK/dV return to their owners.
 
-    `q` `[B, S/P, H, D]`, `k`/`v` `[B, S/P, H_kv, D]` of `layout` (any scheme, uneven
-    lengths). `kv_head_chunk`: gather and process this many KV heads at a time to bound
-    peak memory (default: all at once). Returns `[B, S/P, H, D]` in the input dtype.
+    Each rank receives from each peer only the rows of its keys that its queries see
+    (first to last: everything without a mask, a window's worth next to a sliding window)
+    and returns the dK/dV of those rows. `q` `[B, S/P, H, D]`, `k`/`v` `[B, S/P, H_kv, D]`
+    of `layout` (any scheme, uneven lengths). `kv_head_chunk`: gather and process this many
+    KV heads at a time to bound peak memory (default: all at once). Returns
+    `[B, S/P, H, D]` in the input dtype.
     """
     return run("allgather", q, k, v, layout=layout, causal=causal, softmax_scale=softmax_scale,
                         backend=backend, kv_head_chunk=kv_head_chunk, **options)
