@@ -66,17 +66,18 @@ class _Gather:
         width = (k.shape[0], b - a, self.d + v.shape[3])
         # what this rank's queries see of each source, and what each peer sees of this rank
         self.seen = [None if s == rank else _seen_rows(layout, rank, s, mask) for s in range(world)]
-        wanted = [(r, _seen_rows(layout, r, rank, mask)) for r in range(world) if r != rank]
-        wanted = [(r, rows) for r, rows in wanted if rows is not None]
-        sends, recvs = [], []
-        if wanted:
-            lo, hi = min(rows[0] for _, rows in wanted), max(rows[1] for _, rows in wanted)
+        # per peer that sees any of this rank's keys, those rows: what it gets, and (in the
+        # backward) the rows whose dK/dV it returns
+        self.sent = _peers_seeing(layout, rank, mask)
+        sends = []
+        if self.sent:
+            lo, hi = _hull(self.sent.values())
             # [rows, B, c, D + Dv]: each token's K then V (their head dims may differ), one
             # copy each straight into the message; a peer's rows are a contiguous slice
             local = k.new_empty(hi - lo, *width)
             local[..., :self.d].copy_(k[:, lo:hi, a:b].transpose(0, 1))
             local[..., self.d:].copy_(v[:, lo:hi, a:b].transpose(0, 1))
-            sends = [(local[first - lo:end - lo], r) for r, (first, end) in wanted]
+            sends = [(local[first - lo:end - lo], r) for r, (first, end) in self.sent.items()]
             del local
         self.buffers = [None if rows is None else k.new_empty(rows[1] - rows[0], *width) for rows in self.seen]
         recvs = [(buf, s) for s, buf in enumerate(self.buffers) if buf is not None]
@@ -183,7 +184,7 @@ def _backward(do, q, k, v, out, lse, layout: SeqLayout, causal, scale, backend, 
                 attend(held_blocks(visible_blocks(layout, rank, src, causal), held), k_src, v_src, grads)
                 sends.append((grads, src))
                 del grads, k_src, v_src
-            seen = _seen_rows(layout, frm, rank, causal)
+            seen = gather.sent.get(frm)  # the rows of this rank's keys it sent rank frm
             if seen is not None:
                 recvs.append((torch.empty(seen[1] - seen[0], *width, dtype=acc, device=q.device), frm))
             if sends or recvs:
@@ -207,6 +208,18 @@ def _seen_rows(layout, q_rank: int, k_rank: int, causal) -> Optional[Tuple[int, 
     first to the last, or None when it sees none (every rank derives the same): the rows
     `k_rank` sends `q_rank` and `q_rank` returns dK/dV of."""
     return seen_span(visible_blocks(layout, q_rank, k_rank, causal))
+
+
+def _peers_seeing(layout, rank: int, causal) -> Dict[int, Tuple[int, int]]:
+    """Per other rank that sees some of `rank`'s keys, the rows it sees (`_seen_rows`)."""
+    seen = {r: _seen_rows(layout, r, rank, causal) for r in range(layout.world_size) if r != rank}
+    return {r: rows for r, rows in seen.items() if rows is not None}
+
+
+def _hull(spans) -> Tuple[int, int]:
+    """`(first, end)` over row spans `(a, b)` (at least one)."""
+    spans = list(spans)
+    return min(a for a, _ in spans), max(b for _, b in spans)
 
 
 def _add_returned(mine, exchange, seen) -> None:
@@ -233,7 +246,7 @@ def analytic_bytes(layout: SeqLayout, batch: int, heads: int, kv_heads: int, hea
     def rows(pairs):
         return sum(b - a for a, b in filter(None, pairs))
 
-    gathered = rows(_seen_rows(layout, r, rank, mask) for r in range(world) if r != rank) * per_token * element_size
+    gathered = rows(_peers_seeing(layout, rank, mask).values()) * per_token * element_size
     returned = rows(_seen_rows(layout, rank, s, mask) for s in range(world) if s != rank) * per_token * grads
     return {"forward": gathered, "backward": gathered + returned}
 
@@ -308,9 +321,9 @@ def _gathered_rows(prob) -> int:
     most = 0
     for r in prob.ranks():
         layout = prob.layout(r)
-        sent = [_seen_rows(layout, q, r, prob.mask) for q in range(prob.world_size) if q != r]
-        sent = [rows for rows in sent if rows is not None]
-        message = max(b for _, b in sent) - min(a for a, _ in sent) if sent else 0
+        sent = _peers_seeing(layout, r, prob.mask)
+        lo, hi = _hull(sent.values()) if sent else (0, 0)
+        message = hi - lo
         seen = (_seen_rows(layout, r, s, prob.mask) for s in range(prob.world_size) if s != r)
         most = max(most, message + sum(b - a for a, b in filter(None, seen)))
     return most
